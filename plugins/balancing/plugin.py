@@ -1,0 +1,1 @@
+"""Placeholder until the balancing plugin lands."""

@@ -1,0 +1,1 @@
+"""Placeholder until the openai_compat plugin lands."""

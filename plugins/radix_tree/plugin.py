@@ -1,0 +1,1 @@
+"""Placeholder until the radix_tree plugin lands."""

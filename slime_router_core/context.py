@@ -1,0 +1,47 @@
+"""RequestContext: what the request-path hooks see and change."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .workers import Worker
+
+
+class RequestContext:
+    """One client request on its way through the router.
+
+    ``body`` is the JSON object that will be sent upstream; ``pre_request`` hooks may mutate or
+    replace it. ``state`` is scratch space for plugins (use your plugin's name as key prefix).
+    """
+
+    __slots__ = (
+        "route", "upstream_path", "body", "raw_body", "headers", "stream", "state", "worker",
+        "tried", "attempts", "status", "error", "response", "inspect_stream", "started",
+        "timings", "sent_to_client", "request_id",
+    )
+
+    def __init__(self, route: str, body: Any, raw_body: bytes | None = None,
+                 headers: dict[str, str] | None = None, upstream_path: str | None = None) -> None:
+        self.route = route
+        self.upstream_path = upstream_path or route
+        self.body = body
+        self.raw_body = raw_body
+        self.headers = headers or {}
+        self.stream = bool(body.get("stream")) if isinstance(body, dict) else False
+        self.state: dict[str, Any] = {}
+        self.worker: Worker | None = None
+        self.tried: list[Worker] = []
+        self.attempts = 0
+        self.status = 0
+        self.error: str | None = None
+        self.response: Any = None
+        self.inspect_stream = False
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.sent_to_client = False
+        self.request_id: str | None = None
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"<RequestContext {self.route} status={self.status} worker={getattr(self.worker, 'url', None)}>"

@@ -1,0 +1,159 @@
+"""Plugin discovery and loading.
+
+- Every plugin, first-party or not, comes from the ``slime_router`` entry-point group.
+- No selection: every installed plugin loads (as pytest does). ``--plugin NAME`` (repeatable)
+  loads only the named ones; ``--no-plugin NAME`` blocks one; ``SLIME_ROUTER_PLUGINS=a,b``
+  selects from the environment.
+- ``--slime-router-middleware-paths a.b.C`` loads extra plugins by dotted path; the original
+  slime names of the radix middleware are aliases for the ``radix_tree`` plugin.
+- A plugin that fails to import or register stops start-up with a message naming it and the cause.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginLoadError
+
+ENTRY_POINT_GROUP = "slime_router"
+
+# The original slime router's middleware paths, accepted for compatibility.
+MIDDLEWARE_ALIASES = {
+    "slime.router.middleware_hub.radix_tree_middleware.RadixTreeMiddleware": "radix_tree",
+    "slime.router.middleware_hub.radix_tree_middleware": "radix_tree",
+    "slime_router.middleware_hub.radix_tree_middleware.RadixTreeMiddleware": "radix_tree",
+}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "entry point <module> (<dist> <version>)" or "dotted path ..."
+    obj: Any = None
+    hooks: tuple[str, ...] = ()
+
+
+def discover() -> dict[str, Any]:
+    """All installed plugins' entry points by name (not imported yet)."""
+    found: dict[str, Any] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def _describe_ep(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    where = f" ({dist.name} {dist.version})" if dist is not None else ""
+    return f"entry point {ep.value}{where}"
+
+
+def import_dotted(path: str) -> Any:
+    """Import ``pkg.module`` or ``pkg.module.Attr``; classes are instantiated with no arguments."""
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if "." not in path or (e.name and not path.startswith(e.name)):
+            raise
+        module_path, _, attr = path.rpartition(".")
+        obj = getattr(importlib.import_module(module_path), attr)
+        return obj() if inspect.isclass(obj) else obj
+
+
+class PluginManager:
+    """pluggy's manager plus which plugins were loaded and from where."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def register(self, obj: Any, name: str, source: str = "registered in code") -> None:
+        if name in self.infos:
+            raise PluginLoadError(f"Plugin {name!r} is loaded twice ({self.infos[name].source} and {source})")
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as e:  # pluggy validation: unknown hook, bad signature...
+            raise PluginLoadError(f"Plugin {name!r} ({source}) failed to register: {type(e).__name__}: {e}") from e
+        hooks = tuple(sorted(h.name for h in (self.pm.get_hookcallers(obj) or [])))
+        self.infos[name] = PluginInfo(name=name, source=source, obj=obj, hooks=hooks)
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def has_impls(self, hook_name: str) -> bool:
+        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
+    def name_of(self, obj: Any) -> str:
+        return self.pm.get_name(obj) or repr(obj)
+
+
+def load_plugins(select: list[str] | None = None, block: list[str] | None = None,
+                 dotted_paths: list[str] | None = None, extra: list[tuple[str, Any]] | None = None) -> PluginManager:
+    """Build a PluginManager from installed entry points and the selection flags.
+
+    ``select``: None or empty = every installed plugin; else only these names.
+    ``block``: names never loaded. ``dotted_paths``: extra plugins by import path.
+    ``extra``: ``(name, object)`` pairs registered directly (used by tests and embedding code).
+    """
+    manager = PluginManager()
+    block_set = set(block or [])
+    available = discover()
+    wanted: list[str] = []
+    dotted: list[str] = []
+    for path in dotted_paths or []:
+        path = path.strip()
+        if not path:
+            continue
+        alias = MIDDLEWARE_ALIASES.get(path)
+        if alias:
+            wanted.append(alias)
+        else:
+            dotted.append(path)
+    if select:
+        unknown = [n for n in select if n not in available]
+        if unknown:
+            raise PluginLoadError(
+                f"Unknown plugin(s) {unknown}: not installed. Installed plugins: {sorted(available)} "
+                f"(a plugin is installed by a package that declares a '{ENTRY_POINT_GROUP}' entry point)"
+            )
+        names = list(dict.fromkeys(list(select) + wanted))
+    else:
+        names = list(available)
+        names += [n for n in wanted if n not in names]
+    for name in names:
+        if name in block_set:
+            continue
+        ep = available.get(name)
+        if ep is None:
+            raise PluginLoadError(f"Plugin {name!r} is not installed. Installed plugins: {sorted(available)}")
+        source = _describe_ep(ep)
+        try:
+            obj = ep.load()
+            if inspect.isclass(obj):
+                obj = obj()
+        except Exception as e:
+            raise PluginLoadError(f"Plugin {name!r} ({source}) failed to import: {type(e).__name__}: {e}") from e
+        manager.register(obj, name, source)
+    for path in dotted:
+        if path in block_set:
+            continue
+        try:
+            obj = import_dotted(path)
+        except Exception as e:
+            raise PluginLoadError(f"Plugin {path!r} (dotted path) failed to import: {type(e).__name__}: {e}") from e
+        manager.register(obj, path, "dotted path")
+    for name, obj in extra or []:
+        if name not in block_set:
+            manager.register(obj, name, "registered in code")
+    return manager

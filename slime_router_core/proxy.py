@@ -1,0 +1,248 @@
+"""The ``/generate`` hot path as a lean raw-ASGI handler.
+
+No framework work per request: read the body, validate it, run the hooks that exist, forward
+the original bytes when nothing rewrote them, and pass the worker's answer (or stream) through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import orjson
+
+from .context import RequestContext
+from .errors import HTTPError
+from .router import CONNECTION_ERRORS, Router, UpstreamError
+
+log = logging.getLogger("slime_router")
+
+Send = Callable[[dict], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict]]
+
+PROMPT_KEYS = ("text", "input_ids", "input_embeds")
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+async def send_bytes(send: Send, status: int, body: bytes, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers or JSON_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_body(e: HTTPError) -> bytes:
+    return orjson.dumps(e.to_dict())
+
+
+async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    raise HTTPError(413, f"Request body of {int(value)} bytes exceeds the limit of {limit} bytes "
+                                         f"(raise it with --max-body-size)")
+            except ValueError:
+                raise HTTPError(400, "Invalid Content-Length header") from None
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionAbortedError("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"Request body exceeds the limit of {limit} bytes (raise it with --max-body-size)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(type(x) is int for x in v)
+
+
+def validate_generate(body: Any) -> None:
+    """The checks SGLang would make, answered before a worker is bothered."""
+    if not isinstance(body, dict):
+        raise HTTPError(400, "Request body must be a JSON object like {\"text\": \"...\", \"sampling_params\": {...}}")
+    given = [k for k in PROMPT_KEYS if body.get(k) is not None]
+    if not given:
+        raise HTTPError(400, "Either text, input_ids or input_embeds should be provided.", param="text")
+    if len(given) > 1:
+        raise HTTPError(400, f"Provide exactly one of text, input_ids or input_embeds (got {given}).", param=given[1])
+    text = body.get("text")
+    if text is not None and not (isinstance(text, str) or (isinstance(text, list) and text
+                                                            and all(isinstance(t, str) for t in text))):
+        raise HTTPError(400, "'text' must be a string or a non-empty list of strings.", param="text")
+    ids = body.get("input_ids")
+    if ids is not None and not (_is_int_list(ids) and ids or (isinstance(ids, list) and ids and all(
+            _is_int_list(x) and x for x in ids))):
+        raise HTTPError(400, "'input_ids' must be a non-empty list of integers or a list of such lists.",
+                        param="input_ids")
+    sp = body.get("sampling_params")
+    if sp is not None and not isinstance(sp, dict) and not (isinstance(sp, list) and all(isinstance(x, dict)
+                                                                                         for x in sp)):
+        raise HTTPError(400, "'sampling_params' must be an object (or a list of objects for a batch).",
+                        param="sampling_params")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise HTTPError(400, "'stream' must be a boolean.", param="stream")
+    for key in ("return_logprob", "return_text_in_logprobs"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise HTTPError(400, f"'{key}' must be a boolean.", param=key)
+    rid = body.get("rid")
+    if rid is not None and not isinstance(rid, (str, list)):
+        raise HTTPError(400, "'rid' must be a string (or a list of strings for a batch).", param="rid")
+
+
+def parse_json(raw: bytes) -> Any:
+    if not raw:
+        raise HTTPError(400, "Empty request body: send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise HTTPError(400, f"Malformed JSON body: {e}") from None
+
+
+class GenerateHandler:
+    """Raw ASGI handler for ``POST /generate``."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        router = self.router
+        ctx: RequestContext | None = None
+        status = 500
+        error: str | None = None
+        try:
+            raw = await read_body(scope, receive, router.settings.max_body_size)
+            body = parse_json(raw)
+            validate_generate(body)
+            ctx = RequestContext("/generate", body, raw, headers=_headers(scope))
+            if router.has["pre_request"]:
+                await router.run_pre_request(ctx)
+                payload = orjson.dumps(ctx.body)  # what the hooks made of it is what is sent
+            else:
+                payload = raw
+            if ctx.stream:
+                status = await self._stream(ctx, payload, receive, send)
+            else:
+                status = await self._plain(ctx, payload, send)
+        except UpstreamError as e:
+            status, error = e.status, e.message
+            if not (ctx and ctx.sent_to_client):
+                await send_bytes(send, e.status, e.body or error_body(e))
+        except HTTPError as e:
+            status, error = e.status, e.message
+            if not (ctx and ctx.sent_to_client):
+                await send_bytes(send, e.status, error_body(e))
+        except ConnectionAbortedError as e:
+            status, error = 499, str(e)
+        except asyncio.CancelledError:
+            status, error = 499, "client disconnected"
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "uncancel", None):
+                task.uncancel()
+        except Exception as e:  # a plugin bug: answer 500 with the cause, keep serving
+            log.exception("error handling /generate")
+            status, error = 500, f"{type(e).__name__}: {e}"
+            if not (ctx and ctx.sent_to_client):
+                await send_bytes(send, 500, error_body(HTTPError(500, f"Internal error: {error}",
+                                                                 type="internal_error")))
+        finally:
+            if ctx is not None:
+                router.finish(ctx, status, error)
+
+    async def _plain(self, ctx: RequestContext, payload: bytes, send: Send) -> int:
+        router = self.router
+        status, data, _ = await router.send_json(ctx, payload)
+        if router.has["post_response"]:
+            response = await router.run_post_response(ctx, orjson.loads(data))
+            data = orjson.dumps(response)
+        ctx.sent_to_client = True
+        await send_bytes(send, status, data)
+        return status
+
+    async def _stream(self, ctx: RequestContext, payload: bytes, receive: Receive, send: Send) -> int:
+        router = self.router
+        resp, worker = await router.open_stream(ctx, payload)
+        # A client that goes away cancels this task; closing the upstream connection then makes
+        # the worker abort the generation.
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, asyncio.current_task()))
+        completed = False
+        chunks: list[dict] = []
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": SSE_HEADERS})
+            ctx.sent_to_client = True
+            try:
+                if not ctx.inspect_stream:
+                    async for data in resp.content.iter_any():
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                else:
+                    await self._relay_inspected(ctx, resp, send, chunks)
+                completed = True
+            except CONNECTION_ERRORS as e:
+                worker.failures += 1
+                ctx.error = f"worker {worker.url} failed mid-stream: {type(e).__name__}: {e}"
+                err = {"error": {"message": ctx.error, "type": "upstream_error"}}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(err)
+                            + b"\n\ndata: [DONE]\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            router.release_stream(resp, worker, completed)
+        if completed:
+            await router.run_post_response(ctx, chunks)
+        return resp.status
+
+    async def _relay_inspected(self, ctx: RequestContext, resp: Any, send: Send, chunks: list[dict]) -> None:
+        """Parse each SSE event, let ``stream_chunk`` hooks see (and edit) it, re-serialize it."""
+        router = self.router
+        has_hook = router.has["stream_chunk"]
+        buf = b""
+        async for data in resp.content.iter_any():
+            buf += data
+            out: list[bytes] = []
+            while True:
+                end = buf.find(b"\n\n")
+                if end < 0:
+                    break
+                event, buf = buf[:end], buf[end + 2:]
+                if not event.startswith(b"data:"):
+                    out.append(event + b"\n\n")
+                    continue
+                body = event[5:].strip()
+                if body == b"[DONE]":
+                    out.append(b"data: [DONE]\n\n")
+                    continue
+                try:
+                    obj = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    out.append(event + b"\n\n")
+                    continue
+                if has_hook:
+                    router.hook.stream_chunk(ctx=ctx, chunk=obj)
+                chunks.append(obj)
+                out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        if buf.strip():
+            await send({"type": "http.response.body", "body": buf, "more_body": True})
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task | None) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if task is not None:
+                task.cancel()
+            return
+
+
+def _headers(scope: dict) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

@@ -1,0 +1,350 @@
+"""The router runtime: worker pool, registry, one upstream connection pool, and the request path.
+
+route -> pre_request hooks (may rewrite the body that is sent) -> select worker -> upstream
+      -> post_response hooks (record, reshape) -> client
+
+Plugins use ``Router.generate`` / ``Router.generate_stream`` / ``Router.broadcast`` to reach
+workers through the same selection, in-flight accounting, retries and hooks as ``/generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+
+from .context import RequestContext
+from .errors import HTTPError
+from .plugins import PluginManager
+from .registry import ComponentRegistry
+from .settings import Settings
+from .workers import Worker, WorkerPool
+
+log = logging.getLogger("slime_router")
+
+# Hooks on the request path: whether any plugin implements them is computed once.
+REQUEST_HOOKS = ("pre_request", "select_worker", "worker_selected", "should_retry", "upstream_failed",
+                 "stream_chunk", "post_response", "request_finished")
+
+JSON_CT = "application/json"
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+
+
+def error_message(data: bytes | Any) -> str:
+    """The human message in an upstream error body (SGLang's several shapes), or the raw text."""
+    try:
+        obj = orjson.loads(data) if isinstance(data, (bytes, bytearray, str)) else data
+    except orjson.JSONDecodeError:
+        return data.decode(errors="replace")[:500] if isinstance(data, (bytes, bytearray)) else str(data)[:500]
+    if isinstance(obj, dict):
+        err = obj.get("error", obj.get("detail", obj.get("message")))
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err is not None:
+            return str(err)
+    return str(obj)[:500]
+
+
+class UpstreamError(HTTPError):
+    """A worker's own error answer (status and body passed on to the client)."""
+
+    def __init__(self, status: int, body: bytes, worker: Worker) -> None:
+        super().__init__(status, f"Worker {worker.url} answered {status}: {error_message(body)}",
+                         type="upstream_error")
+        self.body = body
+        self.worker = worker
+
+
+async def maybe_await(results: list[Any]) -> None:
+    for r in results:
+        if inspect.isawaitable(r):
+            await r
+
+
+class Router:
+    def __init__(self, settings: Settings, plugins: PluginManager) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.hook = plugins.hook
+        self.registry = ComponentRegistry()
+        self.pool = WorkerPool()
+        self.session: aiohttp.ClientSession | None = None
+        self.has = {name: plugins.has_impls(name) for name in REQUEST_HOOKS}
+        self.started_at = time.time()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.session is None:
+            # One long-lived pool for every upstream call. No total timeout: generations take
+            # as long as they take; connecting to a dead worker fails fast and is retried.
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+            timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout,
+                                            sock_connect=self.settings.connect_timeout)
+            self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                                 skip_auto_headers=("User-Agent",), json_serialize=lambda o: orjson.dumps(o).decode())
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # --- worker pool -------------------------------------------------------------------------
+
+    def add_worker(self, url: str) -> tuple[Worker, bool]:
+        worker, created = self.pool.add(url)
+        if created:
+            log.info("worker added: %s", worker.url)
+            self.hook.worker_added(worker=worker, router=self)
+        return worker, created
+
+    def remove_worker(self, url: str) -> Worker:
+        worker = self.pool.remove(url)
+        log.info("worker removed: %s (in flight: %d)", worker.url, worker.inflight)
+        self.hook.worker_removed(worker=worker, router=self)
+        return worker
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    async def run_pre_request(self, ctx: RequestContext) -> None:
+        if self.has["pre_request"]:
+            t = time.perf_counter()
+            await maybe_await(self.hook.pre_request(ctx=ctx))
+            ctx.timings["pre_request"] = time.perf_counter() - t
+
+    async def run_post_response(self, ctx: RequestContext, response: Any) -> Any:
+        """Run post_response hooks; returns the (possibly replaced) response."""
+        ctx.response = response
+        if self.has["post_response"]:
+            t = time.perf_counter()
+            await maybe_await(self.hook.post_response(ctx=ctx, response=response))
+            ctx.timings["post_response"] = time.perf_counter() - t
+        return ctx.response
+
+    def finish(self, ctx: RequestContext, status: int, error: str | None = None) -> None:
+        """Close the books on a request: exactly once per request."""
+        ctx.status = status
+        if error is not None:
+            ctx.error = error
+        ctx.timings["total"] = time.perf_counter() - ctx.started
+        if self.has["request_finished"]:
+            try:
+                self.hook.request_finished(ctx=ctx)
+            except Exception:  # a metrics bug must not turn a served request into an error
+                log.exception("request_finished hook failed")
+        if self.settings.verbose:
+            log.info("%s status=%s worker=%s attempts=%d timings=%s", ctx.route, status,
+                     ctx.worker.url if ctx.worker else None, ctx.attempts,
+                     {k: round(v * 1000, 3) for k, v in ctx.timings.items()})
+
+    # --- selection and retries -----------------------------------------------------------------
+
+    def select(self, ctx: RequestContext) -> Worker:
+        """Pick a worker not yet tried by this request and count it in flight (no await inside)."""
+        candidates = [w for w in self.pool.available() if w not in ctx.tried]
+        if not candidates:
+            if len(self.pool) == 0:
+                raise HTTPError(503, "No workers registered. Add one with POST /add_worker?url=http://HOST:PORT "
+                                     "or start the router with --worker-url.")
+            raise HTTPError(503, f"No available worker: all {len(self.pool)} registered workers are unhealthy, "
+                                 f"removed or already failed this request ({[w.url for w in ctx.tried]}).")
+        worker = None
+        if self.has["select_worker"]:
+            worker = self.hook.select_worker(ctx=ctx, workers=candidates)
+        if worker is None:
+            worker = self.pool.round_robin(candidates)
+        worker.acquire()
+        ctx.worker = worker
+        ctx.tried.append(worker)
+        ctx.attempts += 1
+        if self.has["worker_selected"]:
+            self.hook.worker_selected(ctx=ctx, worker=worker)
+        return worker
+
+    async def _retry_or_raise(self, ctx: RequestContext, worker: Worker, status: int | None,
+                              error: BaseException | None, final: HTTPError) -> None:
+        """After a failed attempt: return to retry (maybe after a delay), or raise ``final``."""
+        worker.failures += 1
+        if self.has["upstream_failed"]:
+            self.hook.upstream_failed(ctx=ctx, worker=worker, status=status, error=error)
+        decision: bool | float | None = False
+        if ctx.attempts < self.settings.max_attempts and not ctx.sent_to_client:
+            decision = None
+            if self.has["should_retry"]:
+                decision = self.hook.should_retry(ctx=ctx, worker=worker, status=status, error=error,
+                                                  attempt=ctx.attempts)
+            if decision is None:
+                decision = error is not None  # core default: only unreachable workers are retried
+        if decision is False or decision is None:
+            raise final
+        if not any(w.available and w not in ctx.tried for w in self.pool):
+            raise final
+        log.warning("attempt %d on %s failed (%s); retrying on another worker", ctx.attempts, worker.url,
+                    status if status is not None else f"{type(error).__name__}: {error}")
+        if decision is not True and float(decision) > 0:
+            await asyncio.sleep(float(decision))
+
+    @staticmethod
+    def _unreachable(worker: Worker, e: BaseException) -> HTTPError:
+        return HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}", type="upstream_error")
+
+    async def send_json(self, ctx: RequestContext, payload: bytes) -> tuple[int, bytes, Worker]:
+        """POST ``payload`` to a selected worker with retries; returns (status, body, worker).
+
+        Non-2xx answers that are not retried are raised as ``UpstreamError``.
+        """
+        assert self.session is not None, "router not started"
+        while True:
+            worker = self.select(ctx)
+            t = time.perf_counter()
+            try:
+                async with self.session.post(worker.url + ctx.upstream_path, data=payload,
+                                             headers={"Content-Type": JSON_CT}) as resp:
+                    data = await resp.read()
+                    status = resp.status
+            except CONNECTION_ERRORS as e:
+                worker.release()
+                await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
+                continue
+            except BaseException:
+                worker.release()
+                raise
+            worker.release()
+            ctx.timings["upstream"] = time.perf_counter() - t
+            if status < 400:
+                return status, data, worker
+            err = UpstreamError(status, data, worker)
+            if status >= 500:
+                await self._retry_or_raise(ctx, worker, status, None, err)
+                continue
+            raise err
+
+    async def open_stream(self, ctx: RequestContext, payload: bytes) -> tuple[aiohttp.ClientResponse, Worker]:
+        """Open a streaming POST with retries. The caller must ``release_stream`` in a finally."""
+        assert self.session is not None, "router not started"
+        while True:
+            worker = self.select(ctx)
+            t = time.perf_counter()
+            try:
+                resp = await self.session.post(worker.url + ctx.upstream_path, data=payload,
+                                               headers={"Content-Type": JSON_CT})
+            except CONNECTION_ERRORS as e:
+                worker.release()
+                await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
+                continue
+            except BaseException:
+                worker.release()
+                raise
+            ctx.timings["upstream_headers"] = time.perf_counter() - t
+            if resp.status < 400:
+                return resp, worker
+            try:
+                data = await resp.read()
+            except CONNECTION_ERRORS:
+                data = b""
+            finally:
+                resp.release()
+                worker.release()
+            err = UpstreamError(resp.status, data, worker)
+            if resp.status >= 500:
+                await self._retry_or_raise(ctx, worker, resp.status, None, err)
+                continue
+            raise err
+
+    @staticmethod
+    def release_stream(resp: aiohttp.ClientResponse, worker: Worker, completed: bool) -> None:
+        if completed:
+            resp.release()
+        else:
+            resp.close()  # drop the connection: the worker sees the disconnect and aborts the request
+        worker.release()
+
+    # --- the API plugins use -------------------------------------------------------------------
+
+    async def generate(self, ctx: RequestContext) -> Any:
+        """Send ``ctx.body`` (non-streaming) through hooks, selection and retries; returns the reply."""
+        await self.run_pre_request(ctx)
+        _, data, _ = await self.send_json(ctx, orjson.dumps(ctx.body))
+        return await self.run_post_response(ctx, orjson.loads(data))
+
+    async def generate_stream(self, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        """Stream ``ctx.body`` upstream; yields each parsed SSE object (after ``stream_chunk``).
+
+        ``ctx.inspect_stream`` is forced on so that hooks and the caller see every chunk. A worker
+        error after the stream began is yielded as ``{"error": {...}}``. Closing the generator early
+        (client gone) closes the upstream connection, which aborts the request in the worker.
+        """
+        await self.run_pre_request(ctx)
+        ctx.inspect_stream = True
+        resp, worker = await self.open_stream(ctx, orjson.dumps(ctx.body))
+        completed = False
+        chunks: list[dict[str, Any]] = []
+        try:
+            async for obj in iter_sse(resp):
+                if obj is None:
+                    break
+                if self.has["stream_chunk"]:
+                    self.hook.stream_chunk(ctx=ctx, chunk=obj)
+                chunks.append(obj)
+                ctx.sent_to_client = True
+                yield obj
+            completed = True
+        except CONNECTION_ERRORS as e:
+            worker.failures += 1
+            yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
+                             "type": "upstream_error"}}
+        finally:
+            self.release_stream(resp, worker, completed)
+        if completed:
+            await self.run_post_response(ctx, chunks)
+
+    async def broadcast(self, method: str, path: str, body: Any = None,
+                        urls: list[str] | None = None) -> dict[str, tuple[int, Any]]:
+        """Send one request to every worker (or ``urls``) concurrently: {url: (status, parsed body)}.
+
+        Unreachable workers are reported with status 502 and a message, not raised.
+        """
+        assert self.session is not None, "router not started"
+        targets = urls if urls is not None else self.pool.urls()
+
+        async def one(url: str) -> tuple[str, tuple[int, Any]]:
+            try:
+                async with self.session.request(method, url + path, json=body) as resp:
+                    data = await resp.read()
+                    try:
+                        parsed: Any = orjson.loads(data) if data else None
+                    except orjson.JSONDecodeError:
+                        parsed = data.decode(errors="replace")
+                    return url, (resp.status, parsed)
+            except CONNECTION_ERRORS as e:
+                return url, (502, {"error": {"message": f"Worker {url} unreachable: {type(e).__name__}: {e}"}})
+
+        return dict(await asyncio.gather(*(one(u) for u in targets)))
+
+
+async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | None]:
+    """Parse an SGLang SSE stream: yields each ``data:`` JSON object, ``None`` for ``[DONE]``."""
+    buf = b""
+    async for data in resp.content.iter_any():
+        buf += data
+        while True:
+            end = buf.find(b"\n\n")
+            if end < 0:
+                break
+            event, buf = buf[:end], buf[end + 2:]
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    yield None
+                    return
+                try:
+                    yield orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    log.warning("unparseable SSE data from worker: %r", payload[:200])

@@ -1,0 +1,79 @@
+"""Settings: the core's and the plugins' flags, read from the command line or the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Option:
+    flag: str  # "--radix-tree-max-size"
+    type: Callable[[str], Any] = str
+    default: Any = None
+    help: str = ""
+    aliases: tuple[str, ...] = ()
+    is_flag: bool = False  # a boolean switch
+    multiple: bool = False  # repeatable
+    envvar: str = ""
+    owner: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+class OptionRegistry:
+    """Collects flags declared by plugins through the ``add_options`` hook."""
+
+    def __init__(self, owner: str = "") -> None:
+        self.options: dict[str, Option] = {}
+        self.owner = owner
+
+    def add(self, flag: str, *, type: Callable[[str], Any] = str, default: Any = None, help: str = "",
+            aliases: list[str] | tuple[str, ...] = (), is_flag: bool = False, multiple: bool = False,
+            envvar: str | None = None) -> None:
+        if not flag.startswith("--"):
+            raise ValueError(f"Option {flag!r} must start with '--'")
+        opt = Option(flag=flag, type=type, default=default, help=help, aliases=tuple(aliases), is_flag=is_flag,
+                     multiple=multiple, owner=self.owner)
+        opt.envvar = envvar or "SLIME_ROUTER_" + opt.dest.upper()
+        if opt.dest in self.options:
+            raise ValueError(f"Option {flag} is declared twice ({self.options[opt.dest].owner!r} and {self.owner!r})")
+        self.options[opt.dest] = opt
+
+
+@dataclass
+class Settings:
+    """All settings. Core fields are attributes; plugin flags live in ``extra`` and read as attributes."""
+
+    host: str = "0.0.0.0"
+    port: int = 30000
+    worker_urls: list[str] = field(default_factory=list)
+    hf_checkpoint: str | None = None
+    verbose: bool = False
+    max_body_size: int = 64 * 1024 * 1024
+    max_attempts: int = 3
+    connect_timeout: float = 5.0
+    request_timeout: float | None = None  # None: generations may take as long as they take
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: plugin options.
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"No setting {name!r} (is the plugin that declares it loaded?)")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            return default
+
+    def with_defaults(self, options: OptionRegistry) -> "Settings":
+        """Fill in defaults for plugin options not given (used when building apps in code/tests)."""
+        for dest, opt in options.options.items():
+            if dest not in self.extra:
+                self.extra[dest] = list(opt.default or []) if opt.multiple else opt.default
+        return self
