@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -182,6 +183,8 @@ class GenerateHandler:
             try:
                 if not ctx.inspect_stream:
                     async for data in resp.content.iter_any():
+                        if "first_chunk" not in ctx.timings:
+                            ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                         await send({"type": "http.response.body", "body": data, "more_body": True})
                 else:
                     await self._relay_inspected(ctx, resp, send, chunks)
@@ -230,6 +233,8 @@ class GenerateHandler:
                 chunks.append(obj)
                 out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
             if out:
+                if "first_chunk" not in ctx.timings:
+                    ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         if buf.strip():
             await send({"type": "http.response.body", "body": buf, "more_body": True})

@@ -291,6 +291,8 @@ class Router:
                 if self.has["stream_chunk"]:
                     self.hook.stream_chunk(ctx=ctx, chunk=obj)
                 chunks.append(obj)
+                if not ctx.sent_to_client:
+                    ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                 ctx.sent_to_client = True
                 yield obj
             completed = True
