@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 
 from .errors import PluginLoadError
 from .plugins import load_plugins
-from .settings import Option, Settings
+from .settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="slime-router: a rollout gateway for RL post-training in front of SGLang workers.")
@@ -54,7 +55,6 @@ def _prescan(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     return _split(select), _split(block), _split(dotted)
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def serve(
     host: str = typer.Option("0.0.0.0", "--host", "--sglang-router-ip", envvar=ENV + "HOST",
                              help="Address to listen on."),
@@ -82,8 +82,8 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar=ENV + "VERBOSE",
                                  help="Log every request with its timing breakdown."),
 ) -> None:
-    """Run the router. Plugin flags are listed below the core ones."""
-    raise RuntimeError("replaced in main()")  # pragma: no cover
+    """Run the router (no workers and no --hf-checkpoint: the embedded demo). Plugin flags have their own panels."""
+    raise NotImplementedError  # pragma: no cover - only its signature is used, see _serve_command
 
 
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
@@ -172,7 +172,7 @@ def plugins_command(
 ) -> None:
     """List discovered plugins, where they come from and the hooks they implement."""
     try:
-        pm = load_plugins(_split(plugin), _split(no_plugin))
+        pm = load_plugins(_split(plugin) or None, _split(no_plugin))
     except PluginLoadError as e:
         _fail(str(e))
     if not pm.infos:
@@ -181,55 +181,52 @@ def plugins_command(
         typer.echo(f"{info.name}\n  source: {info.source}\n  hooks:  {', '.join(info.hooks) or '-'}")
 
 
-def _mock_worker_command() -> Any:
-    from .mock_worker import mock_worker_command
+def _serve_command(plugins: Any, options: Any) -> Any:
+    """The ``serve`` command: the core flags of ``serve`` plus every loaded plugin's flags.
 
-    return mock_worker_command
+    Typer builds commands from function signatures, so this one gets a generated signature.
+    """
+    hints = typing.get_type_hints(serve)
+    params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(serve).parameters.values()]
+    annotations = {p.name: p.annotation for p in params}
+    for dest, opt in options.options.items():
+        kind: Any = bool if opt.is_flag else opt.type
+        annotation = list[kind] if opt.multiple else (kind if opt.default is not None or opt.is_flag
+                                                      else Optional[kind])
+        default = list(opt.default or []) if opt.multiple else opt.default
+        info = typer.Option(default, opt.flag, *opt.aliases, envvar=opt.envvar, help=opt.help,
+                            rich_help_panel=f"Plugin {opt.owner}", show_default=True)
+        params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+        annotations[dest] = annotation
 
-
-def _click_option(opt: Option) -> click.Option:
-    decls = [opt.flag, *opt.aliases, opt.dest]
-    help_text = f"{opt.help} [plugin: {opt.owner}]"
-    if opt.is_flag:
-        return click.Option(decls, is_flag=True, default=bool(opt.default), help=help_text, envvar=opt.envvar,
-                            show_envvar=True)
-    return click.Option(decls, type=opt.type, default=opt.default, multiple=opt.multiple, help=help_text,
-                        envvar=opt.envvar, show_default=True, show_envvar=True)
-
-
-def build_cli(argv: list[str]) -> click.Command:
-    """The click command with the selected plugins' flags added to ``serve``."""
-    try:
-        app.command("mock-worker", help="Run the bundled mock SGLang worker (for tests and demos).")(
-            _mock_worker_command())
-    except ImportError:  # pragma: no cover - the mock worker ships with the package
-        pass
-    command = typer.main.get_command(app)
-    serve_cmd = command.commands["serve"]  # type: ignore[attr-defined]
-    if "serve" not in argv:
-        return command
-    select, block, dotted = _prescan(argv[argv.index("serve") + 1:])
-    try:
-        plugins = load_plugins(select, block, dotted)
-        from .app import collect_options
-
-        options = collect_options(plugins)
-    except PluginLoadError as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise SystemExit(2)
-    for opt in options.options.values():
-        serve_cmd.params.append(_click_option(opt))
-    plugin_dests = set(options.options)
-
-    def callback(**kwargs: Any) -> None:
-        plugin_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in plugin_dests}
-        for k, v in plugin_opts.items():
-            if options.options[k].multiple:
-                plugin_opts[k] = list(v)
+    def command(**kwargs: Any) -> None:
+        plugin_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in options.options}
         _run_serve(plugins, plugin_opts, **kwargs)
 
-    serve_cmd.callback = callback
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    command.__doc__ = serve.__doc__
+    command.__name__ = "serve"
     return command
+
+
+def build_cli(argv: list[str]) -> Any:
+    """The click command, with ``serve`` carrying the selected plugins' flags."""
+    from .app import collect_options
+    from .mock_worker import mock_worker_command
+
+    app.command("mock-worker", help="Run the bundled mock SGLang worker (for tests and demos).")(mock_worker_command)
+    select, block, dotted = _prescan(argv[argv.index("serve") + 1:] if "serve" in argv else [])
+    try:
+        plugins = load_plugins(select or None, block, dotted)
+        options = collect_options(plugins)
+    except PluginLoadError as e:
+        if "serve" in argv:
+            typer.echo(f"Error: {e}", err=True)
+            raise SystemExit(2)
+        plugins, options = load_plugins([]), collect_options(load_plugins([]))
+    app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})(_serve_command(plugins, options))
+    return typer.main.get_command(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,11 +19,12 @@ class RequestContext:
     __slots__ = (
         "route", "upstream_path", "body", "raw_body", "headers", "stream", "state", "worker",
         "tried", "attempts", "status", "error", "response", "inspect_stream", "started",
-        "timings", "sent_to_client", "request_id",
+        "timings", "sent_to_client", "request_id", "router",
     )
 
     def __init__(self, route: str, body: Any, raw_body: bytes | None = None,
-                 headers: dict[str, str] | None = None, upstream_path: str | None = None) -> None:
+                 headers: dict[str, str] | None = None, upstream_path: str | None = None,
+                 router: Any = None) -> None:
         self.route = route
         self.upstream_path = upstream_path or route
         self.body = body
@@ -42,6 +43,7 @@ class RequestContext:
         self.timings: dict[str, float] = {}
         self.sent_to_client = False
         self.request_id: str | None = None
+        self.router = router  # the Router serving this request (set by the core when not given)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"<RequestContext {self.route} status={self.status} worker={getattr(self.worker, 'url', None)}>"

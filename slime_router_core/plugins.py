@@ -102,7 +102,7 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
                  dotted_paths: list[str] | None = None, extra: list[tuple[str, Any]] | None = None) -> PluginManager:
     """Build a PluginManager from installed entry points and the selection flags.
 
-    ``select``: None or empty = every installed plugin; else only these names.
+    ``select``: None = every installed plugin; else only these names (``[]``: none).
     ``block``: names never loaded. ``dotted_paths``: extra plugins by import path.
     ``extra``: ``(name, object)`` pairs registered directly (used by tests and embedding code).
     """
@@ -120,7 +120,7 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
             wanted.append(alias)
         else:
             dotted.append(path)
-    if select:
+    if select is not None:
         unknown = [n for n in select if n not in available]
         if unknown:
             raise PluginLoadError(

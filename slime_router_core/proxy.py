@@ -124,7 +124,7 @@ class GenerateHandler:
             raw = await read_body(scope, receive, router.settings.max_body_size)
             body = parse_json(raw)
             validate_generate(body)
-            ctx = RequestContext("/generate", body, raw, headers=_headers(scope))
+            ctx = RequestContext("/generate", body, raw, headers=_headers(scope), router=router)
             if router.has["pre_request"]:
                 await router.run_pre_request(ctx)
                 payload = orjson.dumps(ctx.body)  # what the hooks made of it is what is sent

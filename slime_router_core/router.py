@@ -112,6 +112,7 @@ class Router:
     # --- hooks ---------------------------------------------------------------------------------
 
     async def run_pre_request(self, ctx: RequestContext) -> None:
+        ctx.router = self
         if self.has["pre_request"]:
             t = time.perf_counter()
             await maybe_await(self.hook.pre_request(ctx=ctx))
@@ -128,6 +129,7 @@ class Router:
 
     def finish(self, ctx: RequestContext, status: int, error: str | None = None) -> None:
         """Close the books on a request: exactly once per request."""
+        ctx.router = self
         ctx.status = status
         if error is not None:
             ctx.error = error

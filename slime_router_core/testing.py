@@ -125,14 +125,7 @@ def start_router(settings: Any = None, plugins: list[str] | None = None, block: 
     from .settings import Settings
 
     settings = settings or Settings(**settings_kw)
-    if plugins is not None and not plugins:
-        from .plugins import PluginManager
-
-        pm = PluginManager()
-        for name, obj in extra or []:
-            pm.register(obj, name)
-    else:
-        pm = load_plugins(plugins, block, extra=extra)
+    pm = load_plugins(plugins, block, extra=extra)
     app = build_app(settings, pm)
     server = ServerThread(app, port=port)
     server.app = app  # type: ignore[attr-defined]

@@ -1,0 +1,8 @@
+"""``python -m slime_router_core.mock_worker --port P ...``"""
+
+from .cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Command-line entry points for the mock worker.
+
+* ``main(argv)``: argparse, used by ``python -m slime_router_core.mock_worker``.
+* ``mock_worker_command(...)``: a typer-friendly function (``app.command("mock-worker")(mock_worker_command)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+import typer
+
+from ..tokenizers import BUILTIN_CHECKPOINT
+from .app import MODES, STREAM_MODES, MockWorkerConfig, serve_mock_worker
+
+__all__ = ["build_parser", "main", "mock_worker_command"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = MockWorkerConfig()
+    p = argparse.ArgumentParser(prog="python -m slime_router_core.mock_worker", description="Mock SGLang worker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--hf-checkpoint", default=d.hf_checkpoint, help=f"tokenizer dir, or {BUILTIN_CHECKPOINT}")
+    p.add_argument("--model-path", default=d.model_path)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--weight-version", default=d.weight_version)
+    p.add_argument("--stream-mode", choices=STREAM_MODES, default=d.stream_mode)
+    p.add_argument("--mode", choices=MODES, default=d.mode)
+    p.add_argument("--reply-text", default=None)
+    p.add_argument("--think-text", default=None)
+    p.add_argument("--tool-name", default=d.tool_name)
+    p.add_argument("--tool-arguments", default=None, help="JSON object")
+    p.add_argument("--stop-at-eos", type=float, default=d.stop_at_eos)
+    p.add_argument("--max-random-tokens", type=int, default=d.max_random_tokens)
+    p.add_argument("--no-strict-sampling-params", action="store_true")
+    p.add_argument("--latency", type=float, default=d.latency)
+    p.add_argument("--token-latency", type=float, default=d.token_latency)
+    p.add_argument("--prefill-time-per-token", type=float, default=d.prefill_time_per_token)
+    p.add_argument("--fail-first-n", type=int, default=d.fail_first_n)
+    p.add_argument("--failure-rate", type=float, default=d.failure_rate)
+    p.add_argument("--fail-status", type=int, default=d.fail_status)
+    p.add_argument("--crash-after-n", type=int, default=d.crash_after_n)
+    p.add_argument("--health-status", type=int, default=d.health_status)
+    p.add_argument("--unhealthy-after", type=float, default=None)
+    return p
+
+
+def _make_config(**kw) -> MockWorkerConfig:
+    args = kw.pop("tool_arguments", None)
+    cfg = MockWorkerConfig(**kw)
+    if args:
+        cfg.tool_arguments = json.loads(args) if isinstance(args, str) else args
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    cfg = _make_config(
+        hf_checkpoint=a.hf_checkpoint, model_path=a.model_path, seed=a.seed, weight_version=a.weight_version,
+        stream_mode=a.stream_mode, mode=a.mode, reply_text=a.reply_text, think_text=a.think_text,
+        tool_name=a.tool_name, tool_arguments=a.tool_arguments, stop_at_eos=a.stop_at_eos,
+        max_random_tokens=a.max_random_tokens, strict_sampling_params=not a.no_strict_sampling_params,
+        latency=a.latency, token_latency=a.token_latency, prefill_time_per_token=a.prefill_time_per_token,
+        fail_first_n=a.fail_first_n, failure_rate=a.failure_rate, fail_status=a.fail_status,
+        crash_after_n=a.crash_after_n, health_status=a.health_status, unhealthy_after=a.unhealthy_after,
+    )
+    serve_mock_worker(a.host, a.port, cfg)
+
+
+def mock_worker_command(
+    port: int = typer.Option(30000, "--port", envvar="SLIME_MOCK_PORT", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="SLIME_MOCK_HOST", help="Host to bind."),
+    hf_checkpoint: str = typer.Option(BUILTIN_CHECKPOINT, "--hf-checkpoint", envvar="SLIME_MOCK_HF_CHECKPOINT",
+                                      help=f"Tokenizer directory, or {BUILTIN_CHECKPOINT}."),
+    model_path: str = typer.Option("mock-qwen3", "--model-path", envvar="SLIME_MOCK_MODEL_PATH"),
+    seed: int = typer.Option(0, "--seed", envvar="SLIME_MOCK_SEED"),
+    weight_version: str = typer.Option("default", "--weight-version", envvar="SLIME_MOCK_WEIGHT_VERSION"),
+    stream_mode: str = typer.Option("cumulative", "--stream-mode", envvar="SLIME_MOCK_STREAM_MODE",
+                                    help="cumulative | incremental | legacy"),
+    mode: str = typer.Option("random", "--mode", envvar="SLIME_MOCK_MODE",
+                             help="random | think | tool_call | reply_text"),
+    reply_text: Optional[str] = typer.Option(None, "--reply-text", envvar="SLIME_MOCK_REPLY_TEXT"),
+    think_text: Optional[str] = typer.Option(None, "--think-text", envvar="SLIME_MOCK_THINK_TEXT"),
+    tool_name: str = typer.Option("get_weather", "--tool-name", envvar="SLIME_MOCK_TOOL_NAME"),
+    tool_arguments: Optional[str] = typer.Option(None, "--tool-arguments", envvar="SLIME_MOCK_TOOL_ARGUMENTS",
+                                                 help="JSON object."),
+    stop_at_eos: float = typer.Option(1.0, "--stop-at-eos", envvar="SLIME_MOCK_STOP_AT_EOS"),
+    max_random_tokens: int = typer.Option(48, "--max-random-tokens", envvar="SLIME_MOCK_MAX_RANDOM_TOKENS"),
+    strict_sampling_params: bool = typer.Option(True, "--strict-sampling-params/--no-strict-sampling-params",
+                                                envvar="SLIME_MOCK_STRICT_SAMPLING_PARAMS"),
+    latency: float = typer.Option(0.0, "--latency", envvar="SLIME_MOCK_LATENCY"),
+    token_latency: float = typer.Option(0.0, "--token-latency", envvar="SLIME_MOCK_TOKEN_LATENCY"),
+    prefill_time_per_token: float = typer.Option(0.0, "--prefill-time-per-token",
+                                                 envvar="SLIME_MOCK_PREFILL_TIME_PER_TOKEN"),
+    fail_first_n: int = typer.Option(0, "--fail-first-n", envvar="SLIME_MOCK_FAIL_FIRST_N"),
+    failure_rate: float = typer.Option(0.0, "--failure-rate", envvar="SLIME_MOCK_FAILURE_RATE"),
+    fail_status: int = typer.Option(500, "--fail-status", envvar="SLIME_MOCK_FAIL_STATUS"),
+    crash_after_n: int = typer.Option(0, "--crash-after-n", envvar="SLIME_MOCK_CRASH_AFTER_N"),
+    health_status: int = typer.Option(200, "--health-status", envvar="SLIME_MOCK_HEALTH_STATUS"),
+    unhealthy_after: Optional[float] = typer.Option(None, "--unhealthy-after", envvar="SLIME_MOCK_UNHEALTHY_AFTER"),
+) -> None:
+    """Run a mock SGLang worker (real Qwen3 tokenizer, deterministic text, failure knobs)."""
+    cfg = _make_config(
+        hf_checkpoint=hf_checkpoint, model_path=model_path, seed=seed, weight_version=weight_version,
+        stream_mode=stream_mode, mode=mode, reply_text=reply_text, think_text=think_text, tool_name=tool_name,
+        tool_arguments=tool_arguments, stop_at_eos=stop_at_eos, max_random_tokens=max_random_tokens,
+        strict_sampling_params=strict_sampling_params, latency=latency, token_latency=token_latency,
+        prefill_time_per_token=prefill_time_per_token, fail_first_n=fail_first_n, failure_rate=failure_rate,
+        fail_status=fail_status, crash_after_n=crash_after_n, health_status=health_status,
+        unhealthy_after=unhealthy_after,
+    )
+    serve_mock_worker(host, port, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: real servers on free loopback ports, torn down after each test."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from slime_router_core.testing import ServerThread, start_mock_worker_process, start_router
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, builtin_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    """The bundled Qwen3 tokenizer, built offline once."""
+    return str(builtin_tokenizer_dir())
+
+
+@pytest.fixture
+def mock_worker(tokenizer_dir: str) -> Iterator[Callable[..., ServerThread]]:
+    """Factory: ``mock_worker(**MockWorkerConfig fields)`` → an in-thread mock SGLang worker with ``.url``."""
+    from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
+
+    started: list[ServerThread] = []
+
+    def make(**config: Any) -> ServerThread:
+        config.setdefault("hf_checkpoint", BUILTIN_CHECKPOINT)
+        server = ServerThread(create_mock_worker_app(MockWorkerConfig(**config))).start()
+        started.append(server)
+        return server
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def mock_worker_process(tokenizer_dir: str) -> Iterator[Callable[..., Any]]:
+    """Factory: a mock worker in its own process (can be killed)."""
+    started: list[Any] = []
+
+    def make(**knobs: Any) -> Any:
+        proc = start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, **knobs)
+        started.append(proc)
+        return proc
+
+    yield make
+    for p in started:
+        p.kill()
+
+
+@pytest.fixture
+def router() -> Iterator[Callable[..., ServerThread]]:
+    """Factory: ``router(plugins=[...], worker_urls=[...], **Settings fields)`` → a served router."""
+    started: list[ServerThread] = []
+
+    def make(**kw: Any) -> ServerThread:
+        server = start_router(**kw)
+        started.append(server)
+        return server
+
+    yield make
+    for s in started:
+        s.stop()
