@@ -193,12 +193,13 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
         handler.__doc__ = f"Sent to every worker: {method} {path}; answers per worker."
         return handler
 
-    for path in FORWARD_TO_ONE:
-        api.add_api_route(path, forward_one(path), methods=["GET"])
-
     hook.register_routes(app=api, router=router)
 
+    # Worker endpoints a plugin doesn't serve itself are forwarded.
     existing = {getattr(r, "path", None) for r in api.routes}
+    for path in FORWARD_TO_ONE:
+        if path not in existing:
+            api.add_api_route(path, forward_one(path), methods=["GET"])
     for path, method in BROADCAST.items():
         if path not in existing:  # a plugin (balancing) may serve these more precisely
             api.add_api_route(path, broadcast(path, method), methods=[method])
