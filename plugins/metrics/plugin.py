@@ -1,1 +1,201 @@
-"""Placeholder until the metrics plugin lands."""
+"""The metrics plugin: ``GET /metrics`` (the seed guide's JSON, or Prometheus text when asked).
+
+Routes:
+- ``GET /metrics`` — JSON ``{"router": {...}, "cache": {...}, ...}``; Prometheus text exposition
+  instead when the ``Accept`` header asks for ``text/plain`` or ``application/openmetrics-text``
+  (as Prometheus' scraper does) or with ``?format=prometheus``.
+- ``GET /metrics/prometheus`` — always the Prometheus exposition (OpenMetrics if accepted).
+- ``GET /metrics/requests`` — the per-request timing breakdowns of the last N requests.
+
+Options: ``--metrics-max-weight-versions`` (label bound), ``--metrics-recent-requests`` (N).
+With the core's ``--verbose`` every request's breakdown (queueing, retrying, tokenization,
+upstream, time to first token, recording, total) is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client.exposition import choose_encoder
+
+from slime_router_core import hookimpl
+
+from .collector import K_FIRST_CHUNK, MetricsState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slime_router_core.context import RequestContext
+    from slime_router_core.router import Router
+    from slime_router_core.workers import Worker
+
+COMPONENT = "metrics"
+
+# Request-path hooks receive only ``ctx``; these find the app's MetricsState from it. Keyed per
+# app (one entry per worker / per serving event loop), never shared between apps.
+_BY_WORKER: dict[int, MetricsState] = {}
+_BY_LOOP: dict[int, MetricsState] = {}
+
+
+def _state(ctx: RequestContext) -> MetricsState | None:
+    router = getattr(ctx, "router", None)  # if the core ever links contexts to their router
+    if router is not None and router.registry.has(COMPONENT):
+        return router.registry.get(COMPONENT)
+    worker = ctx.worker
+    if worker is not None:
+        state = _BY_WORKER.get(id(worker))
+        if state is not None:
+            return state
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return _BY_LOOP.get(id(loop))
+
+
+def _forget(state: MetricsState) -> None:
+    for table in (_BY_WORKER, _BY_LOOP):
+        for key in [k for k, v in table.items() if v is state]:
+            del table[key]
+
+
+# --- configuration and start-up ----------------------------------------------------------------
+
+
+@hookimpl
+def add_options(options: Any) -> None:
+    options.add("--metrics-max-weight-versions", type=int, default=20,
+                help="Distinct weight versions kept as Prometheus label values; older ones are counted as 'other'.")
+    options.add("--metrics-recent-requests", type=int, default=100,
+                help="How many recent per-request timing breakdowns GET /metrics/requests keeps (0: off).")
+
+
+@hookimpl
+def register_components(registry: Any, router: Router) -> None:
+    settings = router.settings
+    registry.register(COMPONENT, MetricsState(router, max_versions=settings.get("metrics_max_weight_versions", 20),
+                                              recent=settings.get("metrics_recent_requests", 100)),
+                      owner="metrics")
+
+
+@hookimpl
+def register_routes(app: FastAPI, router: Router) -> None:
+    state: MetricsState = router.registry.get(COMPONENT)
+    state.app = app  # type: ignore[attr-defined]  # read at startup for the route label set
+
+    @app.get("/metrics", response_model=None)
+    async def metrics(request: Request) -> Response:
+        """Router, worker and trajectory-cache metrics as JSON; Prometheus text when the Accept
+        header asks for ``text/plain`` / ``application/openmetrics-text`` or with ``?format=prometheus``."""
+        accept = request.headers.get("accept", "")
+        fmt = request.query_params.get("format")
+        if fmt in ("prometheus", "openmetrics") or (fmt is None and wants_prometheus(accept)):
+            if fmt == "openmetrics" and "openmetrics" not in accept:
+                accept = "application/openmetrics-text; version=1.0.0"
+            return prometheus_response(state, accept)
+        return Response(orjson.dumps(state.snapshot(), option=orjson.OPT_NON_STR_KEYS),
+                        media_type="application/json")
+
+    @app.get("/metrics/prometheus", response_model=None)
+    async def metrics_prometheus(request: Request) -> Response:
+        """Prometheus text exposition (OpenMetrics when the Accept header asks for it)."""
+        return prometheus_response(state, request.headers.get("accept", ""))
+
+    @app.get("/metrics/requests")
+    async def metrics_requests(limit: int | None = None) -> dict:
+        """The per-request timing breakdowns (milliseconds) of the most recent requests, newest last."""
+        capacity = state.recent.maxlen if state.recent is not None else 0
+        return {"capacity": capacity, "requests": state.recent_requests(limit)}
+
+
+def wants_prometheus(accept: str) -> bool:
+    """True when the Accept header prefers Prometheus text over JSON (``*/*`` alone means JSON)."""
+    best: tuple[float, int, bool] | None = None
+    for i, part in enumerate(accept.split(",")):
+        fields = [f.strip() for f in part.split(";")]
+        media = fields[0].lower()
+        if media in ("text/plain", "application/openmetrics-text"):
+            prom = True
+        elif media == "application/json":
+            prom = False
+        else:
+            continue
+        q = 1.0
+        for f in fields[1:]:
+            if f.startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    pass
+        if best is None or q > best[0]:
+            best = (q, i, prom)
+    return best is not None and best[2]
+
+
+def prometheus_response(state: MetricsState, accept: str) -> Response:
+    encoder, content_type = choose_encoder(accept)
+    return Response(encoder(state.registry), media_type=None, headers={"Content-Type": content_type})
+
+
+@hookimpl
+def startup(router: Router) -> None:
+    state: MetricsState = router.registry.get(COMPONENT)
+    app = getattr(state, "app", None)
+    if app is not None:
+        state.set_known_routes(getattr(r, "path", None) for r in app.routes)
+    _BY_LOOP[id(asyncio.get_running_loop())] = state
+    for worker in router.pool:
+        _BY_WORKER[id(worker)] = state
+
+
+@hookimpl
+def shutdown(router: Router) -> None:
+    if router.registry.has(COMPONENT):
+        _forget(router.registry.get(COMPONENT))
+
+
+@hookimpl
+def worker_added(worker: Worker, router: Router) -> None:
+    if router.registry.has(COMPONENT):
+        _BY_WORKER[id(worker)] = router.registry.get(COMPONENT)
+
+
+# --- the request path (each hook: a few dict updates) ----------------------------------------------
+
+
+@hookimpl
+def worker_selected(ctx: RequestContext, worker: Worker) -> None:
+    state = _BY_WORKER.get(id(worker)) or _state(ctx)
+    if state is not None:
+        state.on_worker_selected(ctx)
+
+
+@hookimpl
+def upstream_failed(ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None) -> None:
+    state = _BY_WORKER.get(id(worker)) or _state(ctx)
+    if state is not None:
+        state.on_upstream_failed(status, error)
+
+
+@hookimpl
+def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
+    # Only called for streams some plugin inspects; the first call marks the first token.
+    if K_FIRST_CHUNK not in ctx.state:
+        ctx.state[K_FIRST_CHUNK] = time.perf_counter() - ctx.started
+
+
+@hookimpl
+def post_response(ctx: RequestContext, response: Any) -> None:
+    state = _state(ctx)
+    if state is not None:
+        state.on_response(ctx, response)
+
+
+@hookimpl
+def request_finished(ctx: RequestContext) -> None:
+    state = _state(ctx)
+    if state is not None:
+        state.on_finished(ctx)

@@ -1,1 +1,1 @@
-"""openai_compat plugin."""
+"""openai_compat plugin: OpenAI-compatible chat/completions routes over SGLang workers (see README.md)."""

@@ -1,0 +1,698 @@
+"""The OpenAI-compatible service: one instance per router app (registered as component "openai_compat")."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from jinja2 import TemplateError
+
+from slime_router_core import HTTPError, RequestContext
+
+from .parse import OutputParser, ParsedOutput, collect, parse_output
+from .render import HistoryEntry, HistoryStore, Renderer, SpliceError
+from .schema import bad
+from .stream import DONE, ChoiceAccumulator, IncrementalDecoder, sse
+
+try:  # the lead's shared helper; a local equivalent is used until it exists
+    from slime_router_core.sglang import merge_stream
+except ImportError:  # pragma: no cover
+    merge_stream = None  # type: ignore[assignment]
+
+log = logging.getLogger("slime_router.openai_compat")
+
+SYSTEM_FINGERPRINT = "slime-router"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def served_model_name(settings: Any) -> str:
+    name = settings.get("served_model_name")
+    if name:
+        return str(name)
+    ckpt = settings.get("hf_checkpoint")
+    if ckpt:
+        return os.path.basename(str(ckpt).rstrip("/\\")) or str(ckpt)
+    return "default"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level BPE's byte → printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class TokenText:
+    """Token id → (text, bytes) for OpenAI logprobs (byte-level BPE pieces turned back into bytes)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+        self.byte_decoder = {v: k for k, v in _bytes_to_unicode().items()}
+        self.added = {int(k) for k in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
+
+    def __call__(self, tid: int) -> tuple[str, list[int]]:
+        got = self.cache.get(tid)
+        if got is None:
+            piece = self.tok.convert_ids_to_tokens(int(tid))
+            if piece is None:
+                b = b""
+            elif tid in self.added:
+                b = piece.encode()
+            else:
+                try:
+                    b = bytes(self.byte_decoder[c] for c in piece)
+                except KeyError:
+                    b = piece.encode()
+            got = self.cache[tid] = (b.decode("utf-8", errors="replace"), list(b))
+        return got
+
+
+def finish_reason_of(meta: dict, has_tool_calls: bool) -> tuple[str, Any]:
+    fr = meta.get("finish_reason")
+    if not isinstance(fr, dict):
+        return ("stop" if fr is None else str(fr)), None
+    kind = fr.get("type")
+    matched = fr.get("matched")
+    if kind == "length":
+        return "length", None
+    if kind == "abort":
+        return "abort", None
+    return ("tool_calls" if has_tool_calls else "stop"), matched
+
+
+class Counters(dict):
+    def inc(self, key: str, n: int = 1) -> None:
+        self[key] = self.get(key, 0) + n
+
+
+class OpenAIService:
+    def __init__(self, router: Any) -> None:
+        self.router = router
+        self.settings = router.settings
+        self.tokenizer = router.registry.get("tokenizer")
+        self.model_name = served_model_name(self.settings)
+        self.history_mode = self.settings.get("openai_history") or "template"
+        if self.history_mode not in ("template", "raw"):
+            raise ValueError(f"--openai-history must be 'template' or 'raw', got {self.history_mode!r}")
+        self.reasoning_parser = (self.settings.get("openai_reasoning_parser") or "qwen3") != "none"
+        self.tool_parser = (self.settings.get("openai_tool_parser") or "qwen") != "none"
+        self.default_max_tokens = self.settings.get("openai_default_max_tokens")
+        self.store = HistoryStore(int(self.settings.get("openai_history_size") or 100_000))
+        self.renderer = Renderer(self.tokenizer, self.store, self.history_mode)
+        self.token_text = TokenText(self.tokenizer)
+        self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
+                                 recorded=0, not_recorded_incomplete=0, record_errors=0, retrievals=0,
+                                 history_rewritten=0, rewritten_turns=0, unverified_turns=0, spliced_turns=0)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._encode = (lambda t: backend.encode(t, add_special_tokens=False).ids) if backend is not None else \
+            (lambda t: self.tokenizer.encode(t, add_special_tokens=False))
+
+    # --- shared -------------------------------------------------------------------------------
+
+    @property
+    def cache(self) -> Any:
+        reg = self.router.registry
+        return reg.get("radix_tree") if reg.has("radix_tree") else None
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "history_entries": len(self.store), "history_mode": self.history_mode,
+                "model": self.model_name}
+
+    async def tokenize(self, text: str) -> tuple[list[int], Any]:
+        cache = self.cache
+        if cache is not None:
+            prepared = await cache.prepare(text)
+            return list(prepared.input_ids), prepared
+        return self._encode(text), None
+
+    def sampling_params(self, body: dict) -> dict[str, Any]:
+        sp: dict[str, Any] = {}
+        for key in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "stop_token_ids", "n", "ignore_eos", "regex", "ebnf"):
+            if body.get(key) is not None:
+                sp[key] = body[key]
+        mt = body.get("max_completion_tokens")
+        if mt is None:
+            mt = body.get("max_tokens")
+        if mt is None:
+            mt = self.default_max_tokens
+        if mt is not None:
+            sp["max_new_tokens"] = int(mt)
+        if body.get("min_tokens") is not None:
+            sp["min_new_tokens"] = body["min_tokens"]
+        stop = body.get("stop")
+        if stop:
+            sp["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        if body.get("seed") is not None:
+            sp["sampling_seed"] = body["seed"]
+        if body.get("logit_bias"):
+            sp["logit_bias"] = {str(k): float(v) for k, v in body["logit_bias"].items()}
+        rf = body.get("response_format")
+        if isinstance(rf, dict):
+            if rf.get("type") == "json_object":
+                sp["json_schema"] = json.dumps({"type": "object"})
+            elif rf.get("type") == "json_schema":
+                schema = (rf.get("json_schema") or {}).get("schema") or {}
+                sp["json_schema"] = json.dumps(schema)
+        return sp
+
+    def _context(self, route: str, body: dict, gen: dict, prepared: Any, headers: dict) -> RequestContext:
+        ctx = RequestContext(route, gen, headers=headers, upstream_path="/generate")
+        if body.get("user"):
+            ctx.state["session_key"] = body["user"]
+        if prepared is not None and getattr(prepared, "worker_url", None):
+            ctx.state["affinity_worker"] = prepared.worker_url
+        ctx.state["openai_compat"] = True
+        return ctx
+
+    async def record(self, prepared: Any, reply: dict, worker_url: str | None) -> bool:
+        """Record one finished generation in the trajectory cache (never an aborted/unfinished one)."""
+        cache = self.cache
+        if cache is None or prepared is None:
+            return False
+        fr = (reply.get("meta_info") or {}).get("finish_reason")
+        if not isinstance(fr, dict) or fr.get("type") not in ("stop", "length"):
+            self.counters.inc("not_recorded_incomplete")
+            return False
+        try:
+            record_async = getattr(cache, "record_async", None)
+            if record_async is not None:  # large records are done off the event loop
+                await record_async(prepared, reply, worker_url)
+            else:
+                cache.record(prepared, reply, worker_url)
+        except Exception:
+            self.counters.inc("record_errors")
+            log.exception("recording a trajectory failed")
+            return False
+        self.counters.inc("recorded")
+        return True
+
+    def logprob_entries(self, ids: list[int], lps: list, tops: list | None, want_top: int) -> list[dict]:
+        out = []
+        for k, (tid, lp) in enumerate(zip(ids, lps)):
+            text, b = self.token_text(tid)
+            e: dict[str, Any] = {"token": text, "bytes": b, "logprob": lp if lp is not None else 0.0,
+                                 "top_logprobs": []}
+            if want_top and tops is not None and k < len(tops) and tops[k]:
+                for t in tops[k][:want_top]:
+                    tt, tb = self.token_text(int(t[1]))
+                    e["top_logprobs"].append({"token": tt, "bytes": tb, "logprob": t[0] if t[0] is not None else 0.0})
+            out.append(e)
+        return out
+
+    @staticmethod
+    def _replies(reply: Any) -> list[dict]:
+        if isinstance(reply, list):
+            return sorted(reply, key=lambda r: int(r.get("index", 0) or 0)) if all(
+                isinstance(r, dict) and "index" in r for r in reply) else list(reply)
+        return [reply]
+
+    async def _generate(self, ctx: RequestContext) -> Any:
+        try:
+            return await self.router.generate(ctx)
+        except HTTPError as e:
+            self.router.finish(ctx, e.status, e.message)
+            raise
+        except Exception as e:
+            self.router.finish(ctx, 502, f"{type(e).__name__}: {e}")
+            raise HTTPError(502, f"Upstream call failed: {type(e).__name__}: {e}", type="upstream_error") from e
+
+    # --- /v1/chat/completions -------------------------------------------------------------------
+
+    def render_prompt(self, body: dict, mode: str) -> tuple[str, list | None]:
+        tools = body.get("tools") or None
+        if body.get("tool_choice") == "none":
+            tools = None
+        try:
+            text = self.renderer.render(body["messages"], tools, body.get("chat_template_kwargs"),
+                                        add_generation_prompt=True, mode=mode)
+        except (TemplateError, SpliceError, TypeError, ValueError) as e:
+            raise bad(f"The chat template could not render these messages: {e}", "messages") from e
+        return text, tools
+
+    async def chat(self, body: dict, headers: dict) -> Any:
+        self.counters.inc("chat_requests")
+        mode = body.get("history_mode") or self.history_mode
+        prompt, tools = self.render_prompt(body, mode)
+        ids, prepared = await self.tokenize(prompt)
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        stream = bool(body.get("stream"))
+        gen: dict[str, Any] = {"input_ids": ids, "sampling_params": self.sampling_params(body),
+                               "return_logprob": True, "rid": rid}
+        top_n = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
+        if top_n:
+            gen["top_logprobs_num"] = top_n
+        if stream:
+            gen["stream"] = True
+        ctx = self._context("/v1/chat/completions", body, gen, prepared, headers)
+        opts = {
+            "id": rid, "model": body.get("model") or self.model_name, "created": _now(),
+            "reasoning": self.reasoning_parser and body.get("separate_reasoning", True) is not False,
+            "tools": bool(tools) and self.tool_parser,
+            "in_reasoning": prompt.rstrip("\n").endswith("<think>"),
+            "logprobs": bool(body.get("logprobs")), "top_logprobs": top_n,
+            "messages": body["messages"], "prompt_tokens": len(ids), "prepared": prepared,
+            "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
+            "n": int(body.get("n") or 1),
+        }
+        if stream:
+            self.counters.inc("streams")
+            return await self.open_stream(ctx, opts, self.chat_events)
+        reply = await self._generate(ctx)
+        worker_url = ctx.worker.url if ctx.worker is not None else None
+        choices, completion_tokens, cached, version = [], 0, None, None
+        for i, r in enumerate(self._replies(reply)):
+            meta = r.get("meta_info") or {}
+            parsed = parse_output(r.get("text") or "", opts["reasoning"], opts["tools"], opts["in_reasoning"])
+            message = self.message_of(parsed)
+            finish, matched = finish_reason_of(meta, bool(parsed.tool_calls))
+            choice: dict[str, Any] = {"index": i, "message": message, "logprobs": None, "finish_reason": finish,
+                                      "matched_stop": matched}
+            ids_i, lps = self._ids_lps(r)
+            if opts["logprobs"]:
+                choice["logprobs"] = {"content": self.logprob_entries(ids_i, lps, meta.get("output_top_logprobs"),
+                                                                      top_n), "refusal": None}
+            choices.append(choice)
+            completion_tokens += int(meta.get("completion_tokens", len(ids_i)) or 0)
+            cached = meta.get("cached_tokens", cached) if cached is None else cached
+            version = meta.get("weight_version", version)
+            await self.record(prepared, r, worker_url)
+            self.remember(body["messages"], message, r.get("text") or "", parsed.reasoning, finish)
+        self.router.finish(ctx, 200)
+        return {
+            "id": rid, "object": "chat.completion", "created": opts["created"], "model": opts["model"],
+            "choices": choices, "usage": self.usage(len(ids), completion_tokens, cached, prepared),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "metadata": self.metadata(version), "trajectory": self.trajectory(prepared),
+        }
+
+    @staticmethod
+    def _ids_lps(r: dict) -> tuple[list[int], list]:
+        meta = r.get("meta_info") or {}
+        triples = meta.get("output_token_logprobs")
+        if triples:
+            return [int(t[1]) for t in triples], [t[0] for t in triples]
+        ids = [int(x) for x in r.get("output_ids") or []]
+        return ids, [None] * len(ids)
+
+    @staticmethod
+    def message_of(parsed: ParsedOutput) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant",
+                               "content": parsed.content if (parsed.content or not parsed.tool_calls) else None,
+                               "reasoning_content": parsed.reasoning}
+        if parsed.tool_calls:
+            msg["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
+        return msg
+
+    def remember(self, messages: list, message: dict, raw: str, reasoning: str | None, finish: str) -> None:
+        if finish == "abort":
+            return
+        self.store.put(messages, message, HistoryEntry(raw=raw, reasoning=reasoning))
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int, cached: Any, prepared: Any) -> dict[str, Any]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": int(cached or 0)}}
+
+    @staticmethod
+    def metadata(version: Any) -> dict[str, Any]:
+        return {"weight_version": str(version) if version is not None else "default"}
+
+    @staticmethod
+    def trajectory(prepared: Any) -> dict[str, Any] | None:
+        if prepared is None:
+            return None
+        return {"cached_tokens": int(getattr(prepared, "cached_tokens", 0) or 0),
+                "fresh_tokens": int(getattr(prepared, "fresh_tokens", 0) or 0)}
+
+    # --- streaming --------------------------------------------------------------------------------
+
+    async def open_stream(self, ctx: RequestContext, opts: dict, events_fn: Any) -> "StreamJob":
+        """Open the upstream stream now (so that failures before the first chunk are HTTP errors)."""
+        agen = self.router.generate_stream(ctx)
+        try:
+            first = await agen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except HTTPError as e:
+            await agen.aclose()
+            self.router.finish(ctx, e.status, e.message)
+            raise
+        except Exception as e:
+            await agen.aclose()
+            self.router.finish(ctx, 502, f"{type(e).__name__}: {e}")
+            raise HTTPError(502, f"Upstream call failed: {type(e).__name__}: {e}", type="upstream_error") from e
+        return StreamJob(self, ctx, opts, agen, first, events_fn)
+
+    def chat_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
+        obj: dict[str, Any] = {"id": opts["id"], "object": "chat.completion.chunk", "created": opts["created"],
+                               "model": opts["model"], "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+        if opts["include_usage"]:
+            obj["usage"] = usage if usage is not False else None
+        return sse(obj)
+
+    async def chat_events(self, job: "StreamJob") -> AsyncIterator[bytes]:
+        opts = job.opts
+        n = opts["n"]
+        states: dict[int, dict[str, Any]] = {}
+        for i in range(n):
+            states[i] = {"acc": ChoiceAccumulator(), "dec": IncrementalDecoder(self.tokenizer, job.holdback),
+                         "parser": OutputParser(opts["reasoning"], opts["tools"], opts["in_reasoning"]),
+                         "parsed": ParsedOutput(), "ncalls": 0, "done": False}
+            yield self.chat_chunk(opts, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}])
+        async for obj in job.chunks():
+            idx = int(obj.get("index", 0) or 0)
+            if n == 1:
+                idx = 0
+            st = states.get(idx)
+            if st is None or st["done"]:
+                continue
+            acc: ChoiceAccumulator = st["acc"]
+            before, after = acc.update(obj)
+            finished = acc.finish_reason is not None
+            if finished:
+                merged = job.merge(acc.chunks)
+                text = st["dec"].finish(merged.get("text"), acc.ids)
+            else:
+                text = st["dec"].feed(acc.ids)
+            evs = st["parser"].feed(text) if text else []
+            if finished:
+                evs += st["parser"].finish()
+            collect(evs, st["parsed"])
+            lp = None
+            if opts["logprobs"] and after > before:
+                lp = {"content": self.logprob_entries(acc.ids[before:after], acc.lps[before:after],
+                                                      acc.tops[before:after] if acc.tops else None,
+                                                      opts["top_logprobs"]), "refusal": None}
+            deltas = self._deltas(evs, st)
+            if lp is not None and not deltas:
+                deltas = [{"content": ""}]
+            for k, d in enumerate(deltas):
+                yield self.chat_chunk(opts, [{"index": idx, "delta": d, "logprobs": lp if k == 0 else None,
+                                              "finish_reason": None}])
+            if finished:
+                st["done"] = True
+                parsed: ParsedOutput = st["parsed"]
+                finish, matched = finish_reason_of(acc.meta, bool(parsed.tool_calls))
+                yield self.chat_chunk(opts, [{"index": idx, "delta": {}, "logprobs": None, "finish_reason": finish,
+                                              "matched_stop": matched}])
+                job.finished_choice(merged, acc)
+                if finish != "abort":
+                    self.remember(opts["messages"], self.message_of(parsed), merged.get("text") or "",
+                                  parsed.reasoning, finish)
+        if job.error is None and opts["include_usage"]:
+            yield self.chat_chunk(opts, [], usage=self.usage(opts["prompt_tokens"], job.completion_tokens,
+                                                             job.cached, opts["prepared"]))
+
+    @staticmethod
+    def _deltas(evs: list, st: dict) -> list[dict]:
+        """Coalesce parser events into OpenAI deltas (consecutive same-kind text merged)."""
+        out: list[dict] = []
+        for kind, value in evs:
+            if kind == "tool_call":
+                out.append({"tool_calls": [value.to_openai(index=st["ncalls"])]})
+                st["ncalls"] += 1
+                continue
+            if not value:
+                continue
+            key = "content" if kind == "content" else "reasoning_content"
+            if out and key in out[-1] and len(out[-1]) == 1:
+                out[-1][key] += value
+            else:
+                out.append({key: value})
+        return out
+
+    # --- /v1/completions ------------------------------------------------------------------------
+
+    async def completion(self, body: dict, headers: dict) -> Any:
+        self.counters.inc("completion_requests")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids, prepared = await self.tokenize(prompt)
+        else:  # token ids: sent as they are; recorded when the cache can line ids up with text
+            ids, prepared = list(prompt), None
+            cache = self.cache
+            if cache is not None and hasattr(cache, "prepare_ids"):
+                prepared = cache.prepare_ids(ids)
+        rid = "cmpl-" + uuid.uuid4().hex
+        gen: dict[str, Any] = {"input_ids": ids, "sampling_params": self.sampling_params(body),
+                               "return_logprob": True, "rid": rid}
+        top_n = body.get("logprobs")
+        if top_n:
+            gen["top_logprobs_num"] = int(top_n)
+        stream = bool(body.get("stream"))
+        if stream:
+            gen["stream"] = True
+        ctx = self._context("/v1/completions", body, gen, prepared, headers)
+        opts = {"id": rid, "model": body.get("model") or self.model_name, "created": _now(),
+                "logprobs": top_n is not None, "top_logprobs": int(top_n or 0), "prompt_tokens": len(ids),
+                "prepared": prepared, "n": int(body.get("n") or 1),
+                "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}
+        if stream:
+            self.counters.inc("streams")
+            return await self.open_stream(ctx, opts, self.completion_events)
+        reply = await self._generate(ctx)
+        worker_url = ctx.worker.url if ctx.worker is not None else None
+        choices, completion_tokens, cached, version = [], 0, None, None
+        for i, r in enumerate(self._replies(reply)):
+            meta = r.get("meta_info") or {}
+            ids_i, lps = self._ids_lps(r)
+            finish, matched = finish_reason_of(meta, False)
+            choices.append({"index": i, "text": r.get("text") or "", "finish_reason": finish,
+                            "matched_stop": matched,
+                            "logprobs": self.legacy_logprobs(ids_i, lps, meta.get("output_top_logprobs"),
+                                                             opts["top_logprobs"]) if opts["logprobs"] else None})
+            completion_tokens += int(meta.get("completion_tokens", len(ids_i)) or 0)
+            cached = meta.get("cached_tokens") if cached is None else cached
+            version = meta.get("weight_version", version)
+            await self.record(prepared, r, worker_url)
+        self.router.finish(ctx, 200)
+        return {"id": rid, "object": "text_completion", "created": opts["created"], "model": opts["model"],
+                "choices": choices, "usage": self.usage(len(ids), completion_tokens, cached, prepared),
+                "system_fingerprint": SYSTEM_FINGERPRINT, "metadata": self.metadata(version),
+                "trajectory": self.trajectory(prepared)}
+
+    def legacy_logprobs(self, ids: list[int], lps: list, tops: list | None, top_n: int) -> dict[str, Any]:
+        tokens, offsets, top = [], [], []
+        pos = 0
+        for k, tid in enumerate(ids):
+            t, _ = self.token_text(tid)
+            tokens.append(t)
+            offsets.append(pos)
+            pos += len(t)
+            if top_n and tops is not None and k < len(tops) and tops[k]:
+                top.append({self.token_text(int(x[1]))[0]: x[0] for x in tops[k][:top_n]})
+            else:
+                top.append(None)
+        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top, "text_offset": offsets}
+
+    def completion_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
+        obj: dict[str, Any] = {"id": opts["id"], "object": "text_completion", "created": opts["created"],
+                               "model": opts["model"], "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+        if opts["include_usage"]:
+            obj["usage"] = usage if usage is not False else None
+        return sse(obj)
+
+    async def completion_events(self, job: "StreamJob") -> AsyncIterator[bytes]:
+        opts = job.opts
+        states = {i: {"acc": ChoiceAccumulator(), "dec": IncrementalDecoder(self.tokenizer, job.holdback),
+                      "done": False} for i in range(opts["n"])}
+        async for obj in job.chunks():
+            idx = 0 if opts["n"] == 1 else int(obj.get("index", 0) or 0)
+            st = states.get(idx)
+            if st is None or st["done"]:
+                continue
+            acc: ChoiceAccumulator = st["acc"]
+            before, after = acc.update(obj)
+            finished = acc.finish_reason is not None
+            if finished:
+                merged = job.merge(acc.chunks)
+                text = st["dec"].finish(merged.get("text"), acc.ids)
+            else:
+                text = st["dec"].feed(acc.ids)
+            lp = None
+            if opts["logprobs"] and after > before:
+                lp = self.legacy_logprobs(acc.ids[before:after], acc.lps[before:after],
+                                          acc.tops[before:after] if acc.tops else None, opts["top_logprobs"])
+            if text or lp is not None:
+                yield self.completion_chunk(opts, [{"index": idx, "text": text, "logprobs": lp,
+                                                    "finish_reason": None}])
+            if finished:
+                st["done"] = True
+                finish, matched = finish_reason_of(acc.meta, False)
+                yield self.completion_chunk(opts, [{"index": idx, "text": "", "logprobs": None,
+                                                    "finish_reason": finish, "matched_stop": matched}])
+                job.finished_choice(merged, acc)
+        if job.error is None and opts["include_usage"]:
+            yield self.completion_chunk(opts, [], usage=self.usage(opts["prompt_tokens"], job.completion_tokens,
+                                                                   job.cached, opts["prepared"]))
+
+    # --- /retrieve_from_messages -------------------------------------------------------------------
+
+    def retrieve_messages(self, body: dict) -> dict[str, Any]:
+        cache = self.cache
+        if cache is None:
+            raise HTTPError(501, "/retrieve_from_messages needs the trajectory cache: load the radix_tree plugin.",
+                            type="invalid_request_error")
+        self.counters.inc("retrievals")
+        messages = body["messages"]
+        mode = body.get("history_mode") or self.history_mode
+        tools = body.get("tools") or None
+        kwargs = body.get("chat_template_kwargs")
+        strict = bool(body.get("strict", False))
+        add_gen = bool(body.get("add_generation_prompt", False))
+        entries = self.renderer.entries(messages)
+        try:
+            text = self.renderer.render(messages, tools, kwargs, add_generation_prompt=add_gen, mode=mode,
+                                        splice_last=True)
+            turns = []
+            for i in sorted(entries):
+                prompt_i = self.renderer.render(messages[:i], tools, kwargs, add_generation_prompt=True, mode=mode)
+                turns.append((i, prompt_i + entries[i].raw))
+        except (TemplateError, SpliceError, TypeError, ValueError) as e:
+            raise bad(f"The chat template could not render these messages: {e}", "messages") from e
+        assistant_idx = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        unverified = [i for i in assistant_idx if i not in entries]
+        rewritten = []
+        for i, traj in turns:
+            if not text.startswith(traj):
+                pos = next((k for k, (a, b) in enumerate(zip(traj, text)) if a != b), min(len(traj), len(text)))
+                rewritten.append({
+                    "message_index": i,
+                    "reason": "the chat template renders this assistant turn differently in the later conversation "
+                              "(e.g. earlier <think> blocks dropped, tool calls re-serialized); its generated tokens "
+                              "are not part of the returned sequence",
+                    "diverges_at_char": pos,
+                    "generated": traj[pos:pos + 80],
+                    "rendered": text[pos:pos + 80],
+                })
+        result = dict(cache.retrieve(text, strict=strict))
+        if mode == "raw":
+            self.counters.inc("spliced_turns", len(entries))
+        result.update({
+            "history_mode": mode,
+            "history_rewritten": bool(rewritten),
+            "mismatch": "template" if rewritten else None,
+            "rewritten_turns": rewritten,
+            "unverified_turns": unverified,
+        })
+        if unverified:
+            self.counters.inc("unverified_turns", len(unverified))
+        if rewritten:
+            self.counters.inc("history_rewritten")
+            self.counters.inc("rewritten_turns", len(rewritten))
+            # Each rewritten turn's own trajectory (its prompt + the exact generated text) is still exact:
+            segments = []
+            for i, traj in turns:
+                if any(r["message_index"] == i for r in rewritten):
+                    seg_text = self.renderer.render(messages[:i + 1], tools, kwargs, add_generation_prompt=False,
+                                                    mode=mode, splice_last=True)
+                    seg = dict(cache.retrieve(seg_text, strict=False))
+                    seg["message_indices"] = list(range(i + 1))
+                    segments.append(seg)
+            result["segments"] = segments
+        if body.get("return_text"):
+            result["text"] = text
+        return result
+
+
+class StreamJob:
+    """One client stream: pulls upstream chunks, records at the end, closes books exactly once."""
+
+    def __init__(self, svc: OpenAIService, ctx: RequestContext, opts: dict, agen: Any, first: Any,
+                 events_fn: Any) -> None:
+        self.svc = svc
+        self.ctx = ctx
+        self.opts = opts
+        self.agen = agen
+        self.first = first
+        self.events_fn = events_fn
+        self.error: str | None = None
+        self.closed = False
+        self.finished_replies: list[tuple[dict, ChoiceAccumulator]] = []
+        self.completion_tokens = 0
+        self.cached: Any = None
+        stops = ((ctx.body.get("sampling_params") or {}).get("stop")) or []
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+
+    @staticmethod
+    def merge(chunks: list[dict]) -> dict:
+        if merge_stream is not None:
+            return merge_stream(chunks)
+        last = chunks[-1] if chunks else {}
+        return {"text": last.get("text", ""), "output_ids": last.get("output_ids", []),
+                "meta_info": last.get("meta_info", {})}
+
+    def finished_choice(self, merged: dict, acc: ChoiceAccumulator) -> None:
+        self.finished_replies.append((merged, acc))
+        meta = acc.meta
+        self.completion_tokens += int(meta.get("completion_tokens", len(acc.ids)) or 0)
+        if self.cached is None:
+            self.cached = meta.get("cached_tokens")
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        pending = [self.first] if self.first is not None else []
+        for obj in pending:
+            if "error" in obj:
+                self.error = str((obj["error"] or {}).get("message", obj["error"])) if isinstance(obj["error"], dict) \
+                    else str(obj["error"])
+                return
+            yield obj
+        async for obj in self.agen:
+            if isinstance(obj, dict) and "error" in obj:
+                err = obj["error"]
+                self.error = str(err.get("message", err)) if isinstance(err, dict) else str(err)
+                return
+            yield obj
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            async for b in self.events_fn(self):
+                yield b
+            if self.error is not None:
+                yield sse({"error": {"message": self.error, "type": "upstream_error", "param": None, "code": None}})
+            else:
+                # record before [DONE]: a client may send its next turn as soon as it sees [DONE]
+                await self.close(True)
+            yield DONE
+        finally:
+            await self.close(False)
+
+    async def close(self, ok: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.agen.aclose()  # early close drops the upstream connection: the worker aborts
+        except Exception:  # pragma: no cover
+            log.exception("closing the upstream stream failed")
+        svc, ctx = self.svc, self.ctx
+        if ok:
+            url = ctx.worker.url if ctx.worker is not None else None
+            if len(self.finished_replies) == self.opts["n"]:
+                for merged, _ in self.finished_replies:
+                    await svc.record(self.opts["prepared"], merged, url)
+            svc.router.finish(ctx, 200)
+        elif self.error is not None:
+            svc.router.finish(ctx, 502, self.error)
+        else:
+            svc.counters.inc("client_disconnects")
+            svc.router.finish(ctx, 499, "client disconnected")
