@@ -125,9 +125,13 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     if demo:
         from .testing import start_mock_worker_process
 
-        for _i in range(demo_workers):
-            proc = start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT)
-            procs.append(proc)
+        from .testing import wait_http
+
+        # started together, waited for together: each imports transformers and loads the tokenizer
+        procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, seed=i)
+                 for i in range(demo_workers)]
+        for proc in procs:
+            wait_http(proc.url + "/get_model_info", timeout=120, proc=proc.proc)
             settings.worker_urls.append(proc.url)
     try:
         application = build_app(settings, plugins)

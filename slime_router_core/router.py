@@ -74,8 +74,13 @@ class Router:
         self.registry = ComponentRegistry()
         self.pool = WorkerPool()
         self.session: aiohttp.ClientSession | None = None
-        self.has = {name: plugins.has_impls(name) for name in REQUEST_HOOKS}
+        self.has: dict[str, bool] = {}
+        self.refresh_hooks()
         self.started_at = time.time()
+
+    def refresh_hooks(self) -> None:
+        """Recompute which request-path hooks have implementations (after plugins register more)."""
+        self.has = {name: self.plugins.has_impls(name) for name in REQUEST_HOOKS}
 
     # --- lifecycle ---------------------------------------------------------------------------
 

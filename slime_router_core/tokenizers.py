@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# Only tokenizers are used: transformers' advice that PyTorch is missing is noise here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 __all__ = [
     "BUILTIN_CHECKPOINT",
     "QWEN3_CHAT_TEMPLATE",
