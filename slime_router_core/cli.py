@@ -139,6 +139,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
         for p in procs:
             p.stop()
         _fail(str(e))
+    application.router.on_close.extend(p.stop for p in procs)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     typer.echo(f"slime-router serving on http://{shown}:{port}  plugins: {', '.join(plugins.names()) or 'none'}")
     typer.echo(f"workers: {', '.join(settings.worker_urls) or 'none yet (POST /add_worker?url=...)'}")

@@ -74,6 +74,7 @@ class Router:
         self.registry = ComponentRegistry()
         self.pool = WorkerPool()
         self.session: aiohttp.ClientSession | None = None
+        self.on_close: list[Any] = []  # sync callables run at shutdown (e.g. stop the demo's workers)
         self.has: dict[str, bool] = {}
         self.refresh_hooks()
         self.started_at = time.time()
@@ -95,6 +96,8 @@ class Router:
                                                  skip_auto_headers=("User-Agent",), json_serialize=lambda o: orjson.dumps(o).decode())
 
     async def close(self) -> None:
+        for callback in self.on_close:
+            callback()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -76,6 +76,17 @@ class ServerThread:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when the parent dies, so no mock worker outlives its router."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux: the parent stops its workers itself
+        pass
+
+
 class WorkerProcess:
     def __init__(self, proc: subprocess.Popen, port: int) -> None:
         self.proc = proc
@@ -110,7 +121,7 @@ def start_mock_worker_process(port: int | None = None, hf_checkpoint: str | None
         cmd.append("--" + key.replace("_", "-"))
         if value is not True:
             cmd.append(str(value))
-    proc = subprocess.Popen(cmd, env=dict(os.environ), stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     worker = WorkerProcess(proc, port)
     if wait:
         wait_http(worker.url + "/get_model_info", proc=proc)
