@@ -17,7 +17,7 @@ class RequestContext:
     """
 
     __slots__ = (
-        "route", "upstream_path", "body", "raw_body", "headers", "stream", "state", "worker",
+        "route", "upstream_path", "body", "raw_body", "_headers", "_raw_headers", "stream", "state", "worker",
         "tried", "attempts", "status", "error", "response", "inspect_stream", "started",
         "timings", "sent_to_client", "request_id", "router",
     )
@@ -29,7 +29,8 @@ class RequestContext:
         self.upstream_path = upstream_path or route
         self.body = body
         self.raw_body = raw_body
-        self.headers = headers or {}
+        self._headers = headers
+        self._raw_headers: list[tuple[bytes, bytes]] | None = None
         self.stream = bool(body.get("stream")) if isinstance(body, dict) else False
         self.state: dict[str, Any] = {}
         self.worker: Worker | None = None
@@ -44,6 +45,14 @@ class RequestContext:
         self.sent_to_client = False
         self.request_id: str | None = None
         self.router = router  # the Router serving this request (set by the core when not given)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Request headers, lower-case names (decoded on first use: most requests never need them)."""
+        if self._headers is None:
+            raw = self._raw_headers or []
+            self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+        return self._headers
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"<RequestContext {self.route} status={self.status} worker={getattr(self.worker, 'url', None)}>"

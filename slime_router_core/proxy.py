@@ -124,7 +124,8 @@ class GenerateHandler:
             raw = await read_body(scope, receive, router.settings.max_body_size)
             body = parse_json(raw)
             validate_generate(body)
-            ctx = RequestContext("/generate", body, raw, headers=_headers(scope), router=router)
+            ctx = RequestContext("/generate", body, raw, router=router)
+            ctx._raw_headers = scope["headers"]
             if router.has["pre_request"]:
                 await router.run_pre_request(ctx)
                 payload = orjson.dumps(ctx.body)  # what the hooks made of it is what is sent
@@ -247,7 +248,3 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task | None) -> 
             if task is not None:
                 task.cancel()
             return
-
-
-def _headers(scope: dict) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
