@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from .context import RequestContext
 from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
 from .proxy import GenerateHandler, parse_json
@@ -155,25 +156,31 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
 
     def forward_one(path: str):
         async def handler() -> Response:
-            from .context import RequestContext
-
-            ctx = RequestContext(path, None)
+            ctx = RequestContext(path, None, router=router)
             assert router.session is not None
             last: HTTPError | None = None
             while True:
                 try:
                     worker = router.select(ctx)
                 except HTTPError as e:
-                    raise (last or e) from None
+                    err = last or e
+                    router.finish(ctx, err.status, err.message)
+                    raise err from None
                 try:
                     async with router.session.get(worker.url + path) as resp:
                         data = await resp.read()
-                        return Response(data, status_code=resp.status,
-                                        media_type=resp.headers.get("Content-Type", "application/json"))
+                        status = resp.status
                 except Exception as e:
                     last = HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}")
+                    worker.failures += 1
+                    if router.has["upstream_failed"]:
+                        router.hook.upstream_failed(ctx=ctx, worker=worker, status=None, error=e)
+                    continue
                 finally:
                     worker.release()
+                router.finish(ctx, status)
+                return Response(data, status_code=status,
+                                media_type=resp.headers.get("Content-Type", "application/json"))
         handler.__name__ = "forward" + path.replace("/", "_")
         handler.__doc__ = f"Forwarded to one available worker: GET {path}."
         return handler

@@ -191,7 +191,7 @@ class GenerateHandler:
                     await self._relay_inspected(ctx, resp, send, chunks)
                 completed = True
             except CONNECTION_ERRORS as e:
-                worker.failures += 1
+                router.stream_failed(ctx, worker, e)
                 ctx.error = f"worker {worker.url} failed mid-stream: {type(e).__name__}: {e}"
                 err = {"error": {"message": ctx.error, "type": "upstream_error"}}
                 await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(err)

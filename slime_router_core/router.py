@@ -266,6 +266,12 @@ class Router:
                 continue
             raise err
 
+    def stream_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
+        """A worker broke a stream after it began: too late to retry, but it counts as a failure."""
+        worker.failures += 1
+        if self.has["upstream_failed"]:
+            self.hook.upstream_failed(ctx=ctx, worker=worker, status=None, error=error)
+
     @staticmethod
     def release_stream(resp: aiohttp.ClientResponse, worker: Worker, completed: bool) -> None:
         if completed:
@@ -307,7 +313,7 @@ class Router:
                 yield obj
             completed = True
         except CONNECTION_ERRORS as e:
-            worker.failures += 1
+            self.stream_failed(ctx, worker, e)
             yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
                              "type": "upstream_error"}}
         finally:

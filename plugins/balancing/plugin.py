@@ -1,1 +1,586 @@
-"""Placeholder until the balancing plugin lands."""
+"""The balancing plugin: policies, health checks, circuit breaker, retries, rid tracking, drain, RL routes.
+
+Shape: this module declares the flags (``add_options``) and, in ``register_components``, builds one
+``Balancer`` per router app. The Balancer is registered as component ``"balancing"`` (read by the metrics
+plugin: ``worker_stats()``, ``retries``, ``policy``) **and** as a pluggy plugin named ``balancing.runtime``
+whose hook methods carry that app's state. So nothing is shared between two apps built in one process.
+
+Hooks of the runtime:
+- ``pre_request`` (tryfirst): the pause/drain gate (waits, or 503 with ``--drain-mode reject``).
+- ``select_worker`` (trylast, so a third-party policy plugin can override it): the ``--policy``.
+- ``worker_selected``: rid -> worker tracking (for ``/abort_request``), circuit half-open probe.
+- ``upstream_failed``: circuit breaker failures. ``should_retry`` (trylast): retry codes + backoff.
+- ``request_finished``: successes (closes circuits, latency EMA), rid clean-up, drain accounting.
+- ``startup`` / ``shutdown``: the health checker task. ``worker_added`` / ``worker_removed``.
+- ``register_routes``: ``POST /abort_request``, ``/update_weights_from_disk``, ``/update_weight_version``,
+  ``/pause``, ``/resume``, ``GET /workers/state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from slime_router_core import HTTPError, hookimpl
+
+from . import POLICIES
+from .base import Policy
+from .health import CircuitBreaker, HealthChecker, init_worker_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+    from slime_router_core.context import RequestContext
+    from slime_router_core.registry import ComponentRegistry
+    from slime_router_core.router import Router
+    from slime_router_core.settings import OptionRegistry
+    from slime_router_core.workers import Worker
+
+log = logging.getLogger("slime_router.balancing")
+
+DEFAULT_POLICY = "cache_aware"
+RUNTIME_PLUGIN_NAME = "balancing.runtime"
+MAX_TRACKED_RIDS = 200_000
+LATENCY_EMA_ALPHA = 0.2
+
+# ctx.state keys owned by this plugin
+_ADMITTED = "balancing_admitted"
+_RIDS = "balancing_rids"
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+@hookimpl
+def add_options(options: OptionRegistry) -> None:
+    choices = ", ".join(sorted(POLICIES))
+    options.add("--policy", default=DEFAULT_POLICY, aliases=["--balancing-policy"],
+                help=f"Worker-selection policy: {choices}. cache_aware keeps multi-turn trajectories on the worker "
+                     "holding their KV prefix (via the radix_tree plugin or an X-Session-ID header / OpenAI 'user') "
+                     "and falls back to least in-flight.")
+    options.add("--cache-aware-abs-threshold", type=int, default=32, aliases=["--balance-abs-threshold"],
+                help="cache_aware: the preferred worker is overloaded (request goes to the least loaded one) when "
+                     "its in-flight count exceeds the least loaded worker's by more than this ...")
+    options.add("--cache-aware-rel-threshold", type=float, default=1.5, aliases=["--balance-rel-threshold"],
+                help="... and is more than this many times the least loaded worker's in-flight count.")
+    options.add("--cache-aware-min-match", type=float, default=0.3, aliases=["--cache-threshold"],
+                help="cache_aware: use the trajectory affinity only when the recorded prefix covers at least this "
+                     "fraction of the prompt (when the trajectory cache reports the match length).")
+    options.add("--health-check-path", default="/health", aliases=["--health-check-endpoint"],
+                help="Path probed on every worker by the background health checker.")
+    options.add("--health-check-interval", type=float, default=5.0, aliases=["--health-check-interval-secs"],
+                help="Seconds between health-check rounds (0 disables active health checks).")
+    options.add("--health-check-timeout", type=float, default=5.0, aliases=["--health-check-timeout-secs"],
+                help="Timeout of one health probe, in seconds.")
+    options.add("--health-failure-threshold", type=int, default=3,
+                help="Consecutive failed probes that take a worker out of rotation.")
+    options.add("--health-success-threshold", type=int, default=2,
+                help="Consecutive good probes that put an unhealthy worker back into rotation.")
+    options.add("--circuit-failure-threshold", type=int, default=5, aliases=["--cb-failure-threshold"],
+                help="Consecutive failed requests (connection error or 5xx) that open a worker's circuit "
+                     "(0 disables the circuit breaker).")
+    options.add("--circuit-cooldown", type=float, default=10.0, aliases=["--cb-timeout-duration-secs"],
+                help="Seconds an open circuit waits before letting one probe request through (half-open).")
+    options.add("--retry-status-codes", default="502,503,504",
+                help="Comma-separated 5xx worker statuses retried on another worker (connection errors always "
+                     "are), while nothing was streamed. The attempt bound is the core's --max-attempts.")
+    options.add("--retry-backoff-base", type=float, default=0.05,
+                help="First retry delay in seconds; doubles per attempt (with jitter), capped by "
+                     "--retry-backoff-max.")
+    options.add("--retry-backoff-max", type=float, default=2.0, help="Largest retry delay in seconds.")
+    options.add("--drain-mode", default="wait",
+                help="While paused (POST /pause): 'wait' holds new requests until POST /resume; 'reject' answers "
+                     "them 503.")
+    options.add("--drain-timeout", type=float, default=60.0,
+                help="POST /pause answers when in-flight requests reach 0 or after this many seconds.")
+
+
+@dataclass
+class BalancingConfig:
+    policy: str = DEFAULT_POLICY
+    cache_aware_abs_threshold: float = 32
+    cache_aware_rel_threshold: float = 1.5
+    cache_aware_min_match: float = 0.3
+    health_check_path: str = "/health"
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 5.0
+    health_failure_threshold: int = 3
+    health_success_threshold: int = 2
+    circuit_failure_threshold: int = 5
+    circuit_cooldown: float = 10.0
+    retry_status_codes: frozenset = frozenset({502, 503, 504})
+    retry_backoff_base: float = 0.05
+    retry_backoff_max: float = 2.0
+    drain_mode: str = "wait"
+    drain_timeout: float = 60.0
+    max_attempts: int = 3
+    seed: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "BalancingConfig":
+        d = cls()
+
+        def get(name: str, conv: Any) -> Any:
+            value = settings.get(name, None)
+            if value is None:
+                return getattr(d, name)
+            try:
+                return conv(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--{name.replace('_', '-')}: invalid value {value!r}") from None
+
+        policy = str(get("policy", str)).strip().replace("-", "_")
+        if policy not in POLICIES:
+            raise ValueError(f"Unknown --policy {policy!r}; choose one of {sorted(POLICIES)}")
+        drain_mode = str(get("drain_mode", str)).strip().lower()
+        if drain_mode not in ("wait", "reject"):
+            raise ValueError(f"--drain-mode must be 'wait' or 'reject', got {drain_mode!r}")
+        cfg = cls(
+            policy=policy,
+            cache_aware_abs_threshold=get("cache_aware_abs_threshold", float),
+            cache_aware_rel_threshold=get("cache_aware_rel_threshold", float),
+            cache_aware_min_match=get("cache_aware_min_match", float),
+            health_check_path=str(get("health_check_path", str)),
+            health_check_interval=get("health_check_interval", float),
+            health_check_timeout=get("health_check_timeout", float),
+            health_failure_threshold=get("health_failure_threshold", int),
+            health_success_threshold=get("health_success_threshold", int),
+            circuit_failure_threshold=get("circuit_failure_threshold", int),
+            circuit_cooldown=get("circuit_cooldown", float),
+            retry_status_codes=parse_status_codes(settings.get("retry_status_codes", None) or "502,503,504"),
+            retry_backoff_base=get("retry_backoff_base", float),
+            retry_backoff_max=get("retry_backoff_max", float),
+            drain_mode=drain_mode,
+            drain_timeout=get("drain_timeout", float),
+            max_attempts=int(settings.get("max_attempts", 3) or 3),
+            seed=settings.get("balancing_seed", None),
+        )
+        if cfg.cache_aware_abs_threshold < 0 or cfg.cache_aware_rel_threshold < 1:
+            raise ValueError("--cache-aware-abs-threshold must be >= 0 and --cache-aware-rel-threshold >= 1")
+        if not 0 <= cfg.cache_aware_min_match <= 1:
+            raise ValueError("--cache-aware-min-match must be within [0, 1]")
+        return cfg
+
+
+def parse_status_codes(value: Any) -> frozenset:
+    """``"502,503 504"`` or ``[502, "503"]`` -> ``frozenset({502, 503, 504})``; only 5xx can be retried."""
+    items = value if isinstance(value, (list, tuple, set, frozenset)) else str(value).replace(",", " ").split()
+    codes = set()
+    for item in items:
+        for part in str(item).replace(",", " ").split():
+            try:
+                code = int(part)
+            except ValueError:
+                raise ValueError(f"--retry-status-codes: {part!r} is not an HTTP status code") from None
+            if not 500 <= code <= 599:
+                raise ValueError(f"--retry-status-codes: {code} cannot be retried: only 5xx worker answers are "
+                                 "(the core passes 4xx answers straight to the client)")
+            codes.add(code)
+    return frozenset(codes)
+
+
+@hookimpl
+def register_components(registry: ComponentRegistry, router: Router) -> None:
+    balancer = Balancer(router, BalancingConfig.from_settings(router.settings))
+    registry.register("balancing", balancer, owner="balancing")
+    # the core refreshes its request-hook map after registration, so this runtime's hooks are seen
+    router.plugins.register(balancer, RUNTIME_PLUGIN_NAME, source="per-app runtime of the balancing plugin")
+
+
+# --- the runtime ---------------------------------------------------------------------------------
+
+
+class Balancer:
+    """Per-app state and hook methods. Component ``"balancing"``.
+
+    Public: ``policy`` (name), ``retries`` (count of retries granted), ``worker_stats()``, ``state()``,
+    ``paused``, ``active`` (admitted requests not finished), ``workers_for_rid(rid)``.
+    """
+
+    def __init__(self, router: Router, config: BalancingConfig) -> None:
+        self.router = router
+        self.config = config
+        self.policy: str = config.policy
+        self.policy_impl: Policy = POLICIES[config.policy](config)
+        self.retries = 0
+        self.health = HealthChecker(router, path=config.health_check_path, interval=config.health_check_interval,
+                                    timeout=config.health_check_timeout,
+                                    failure_threshold=config.health_failure_threshold,
+                                    success_threshold=config.health_success_threshold)
+        self.breaker = CircuitBreaker(config.circuit_failure_threshold, config.circuit_cooldown)
+        self.rids: dict[str, Worker] = {}
+        self.random = random.Random(config.seed)
+        # drain
+        self.paused = False
+        self.drain_mode = config.drain_mode
+        self.active = 0  # requests admitted by the gate and not finished yet
+        self.waiting = 0  # requests held at the gate
+        self._resumed: asyncio.Event | None = None
+        self.paused_at: float | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def _known(self, worker: Worker) -> None:
+        if "circuit" not in worker.state:
+            init_worker_state(worker)
+            self.policy_impl.worker_added(worker)
+
+    @hookimpl
+    def startup(self, router: Router) -> None:
+        if router is not self.router:
+            return
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        for w in router.pool:
+            self._known(w)
+        self.health.start()
+
+    @hookimpl
+    async def shutdown(self, router: Router) -> None:
+        if router is not self.router:
+            return
+        self.breaker.close()
+        self.paused = False  # release held requests (they fail or finish as the server stops)
+        if self._resumed is not None:
+            self._resumed.set()
+        await self.health.stop()
+
+    @hookimpl
+    def worker_added(self, worker: Worker, router: Router) -> None:
+        if router is self.router:
+            self._known(worker)
+
+    @hookimpl
+    def worker_removed(self, worker: Worker, router: Router) -> None:
+        if router is self.router:
+            self.policy_impl.worker_removed(worker)
+            self.breaker.forget(worker)
+
+    # --- request path ----------------------------------------------------------------------------
+
+    @hookimpl(tryfirst=True)
+    def pre_request(self, ctx: RequestContext) -> Any:
+        if not self.paused:  # fast path: no coroutine per request
+            self.active += 1
+            ctx.state[_ADMITTED] = True
+            return None
+        if self.drain_mode == "reject":
+            raise HTTPError(503, "The router is paused (draining for a weight update); retry after POST /resume.",
+                            type="service_unavailable", code="router_paused")
+        return self._wait_until_resumed(ctx)
+
+    async def _wait_until_resumed(self, ctx: RequestContext) -> None:
+        self.waiting += 1
+        try:
+            while self.paused and self._resumed is not None:
+                await self._resumed.wait()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        ctx.state[_ADMITTED] = True
+
+    @hookimpl(trylast=True)
+    def select_worker(self, ctx: RequestContext, workers: list[Worker]) -> Worker | None:
+        return self.policy_impl.select(ctx, workers)
+
+    @hookimpl
+    def worker_selected(self, ctx: RequestContext, worker: Worker) -> None:
+        body = ctx.body
+        if isinstance(body, dict):  # a generation (not the core's GET forwarding, which has no body)
+            self.breaker.on_selected(worker)
+            rid = body.get("rid")
+            if rid:
+                rids = ctx.state.get(_RIDS)
+                if rids is None:
+                    rids = ctx.state[_RIDS] = [rid] if isinstance(rid, str) else [r for r in rid if isinstance(r, str)]
+                for r in rids:
+                    self.rids.pop(r, None)  # re-insert: keeps insertion order = age
+                    self.rids[r] = worker
+                if len(self.rids) > MAX_TRACKED_RIDS:  # a caller that never finishes its contexts
+                    for r in list(self.rids)[: len(self.rids) - MAX_TRACKED_RIDS]:
+                        del self.rids[r]
+
+    @hookimpl
+    def upstream_failed(self, ctx: RequestContext, worker: Worker, status: int | None,
+                        error: BaseException | None) -> None:
+        worker.state["last_failure"] = status if status is not None else type(error).__name__
+        self.breaker.on_failure(worker)
+
+    @hookimpl(trylast=True)
+    def should_retry(self, ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None,
+                     attempt: int) -> bool | float:
+        if ctx.sent_to_client:
+            return False
+        if error is None and status not in self.config.retry_status_codes:
+            return False
+        if attempt >= self.router.settings.max_attempts:
+            return False
+        if not any(w.available and w not in ctx.tried for w in self.router.pool):
+            return False  # nowhere else to go: the worker's own answer reaches the client now
+        self.retries += 1
+        delay = min(self.config.retry_backoff_max, self.config.retry_backoff_base * (2 ** (attempt - 1)))
+        delay *= 0.5 + 0.5 * self.random.random()  # jitter: no synchronized retry waves
+        return delay if delay > 0 else True
+
+    @hookimpl
+    def request_finished(self, ctx: RequestContext) -> None:
+        state = ctx.state
+        if state.pop(_ADMITTED, False):
+            self.active -= 1
+        worker = ctx.worker
+        rids = state.pop(_RIDS, None)
+        if rids:
+            for r in rids:
+                if self.rids.get(r) is worker:
+                    del self.rids[r]
+        if worker is None:
+            return
+        status = ctx.status
+        if status == 499 or status >= 500:
+            # 5xx: the failed attempt was already counted by upstream_failed (or it was the router's own error)
+            self.breaker.on_neutral(worker)
+            return
+        if ctx.error and status < 400:  # the stream broke after it began
+            self.breaker.on_failure(worker)
+            return
+        self.breaker.on_success(worker)
+        if status < 400:
+            t = ctx.timings
+            latency = t.get("total") if ctx.stream else t.get("upstream", t.get("total"))
+            if latency is not None:
+                old = worker.state.get("latency_ema_s")
+                worker.state["latency_ema_s"] = latency if old is None else \
+                    old + LATENCY_EMA_ALPHA * (latency - old)
+
+    # --- stats (for the metrics plugin and GET /workers/state) -------------------------------------
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        for w in self.router.pool:
+            st = w.state
+            checked = st.get("last_health_check")
+            out.append({
+                "url": w.url,
+                "in_flight": w.inflight,
+                "requests": w.requests,
+                "failures": w.failures,
+                "healthy": w.healthy,
+                "available": w.available,
+                "health": st.get("health", "healthy" if w.healthy else "unhealthy"),
+                "health_failures": st.get("health_failures", 0),
+                "last_health_status": st.get("last_health_status"),
+                "last_health_check_age_s": None if checked is None else round(now - checked, 3),
+                "circuit": st.get("circuit", "closed"),
+                "circuit_open": bool(st.get("circuit_open", False)),
+                "circuit_opens": st.get("circuit_opens", 0),
+                "consecutive_failures": st.get("consecutive_failures", 0),
+                "last_failure": st.get("last_failure"),
+                "latency_ema_s": st.get("latency_ema_s"),
+            })
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "policy_stats": dict(self.policy_impl.stats),
+            "paused": self.paused,
+            "drain_mode": self.drain_mode,
+            "active_requests": self.active,
+            "waiting_requests": self.waiting,
+            "in_flight": self.router.pool.total_inflight(),
+            "retries": self.retries,
+            "tracked_rids": len(self.rids),
+            "health_check": {"path": self.health.path, "interval_s": self.health.interval,
+                             "timeout_s": self.health.timeout, "rounds": self.health.rounds,
+                             "failure_threshold": self.health.failure_threshold,
+                             "success_threshold": self.health.success_threshold},
+            "circuit_breaker": {"failure_threshold": self.breaker.threshold, "cooldown_s": self.breaker.cooldown},
+            "workers": self.worker_stats(),
+        }
+
+    # --- rid lookup --------------------------------------------------------------------------------
+
+    def workers_for_rid(self, rid: str) -> list[str]:
+        """URLs of the workers holding requests whose rid matches ``rid`` (SGLang matches by prefix).
+
+        A tracked batch rid ``abc`` becomes ``abc_0``, ``abc_1``... inside the worker, so ``abc_1`` also
+        matches the tracked ``abc``.
+        """
+        urls: dict[str, None] = {}
+        exact = self.rids.get(rid)
+        if exact is not None:
+            urls[exact.url] = None
+        for r, w in self.rids.items():
+            if r.startswith(rid) or rid.startswith(r):
+                urls[w.url] = None
+        return list(urls)
+
+    # --- drain ---------------------------------------------------------------------------------------
+
+    def pause(self, mode: str | None = None) -> None:
+        if mode is not None:
+            self.drain_mode = mode
+        if not self.paused:
+            self.paused = True
+            self.paused_at = time.time()
+            if self._resumed is not None:
+                self._resumed.clear()
+            log.warning("router paused (%s mode): draining %d in-flight requests", self.drain_mode, self.active)
+
+    def resume(self) -> int:
+        released = self.waiting
+        self.paused = False
+        self.paused_at = None
+        self.drain_mode = self.config.drain_mode
+        if self._resumed is not None:
+            self._resumed.set()
+        log.warning("router resumed: releasing %d held requests", released)
+        return released
+
+    def drained(self) -> bool:
+        return self.active <= 0 and self.router.pool.total_inflight() == 0
+
+    async def wait_drained(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while not self.drained():
+            if loop.time() >= deadline or not self.paused:
+                return self.drained()
+            await asyncio.sleep(0.01)
+        return True
+
+    # --- routes --------------------------------------------------------------------------------------
+
+    @hookimpl
+    def register_routes(self, app: FastAPI, router: Router) -> None:
+        if router is not self.router:
+            return
+        balancer = self
+
+        @app.post("/abort_request")
+        async def abort_request(request: Request) -> Response:
+            """Abort by rid (SGLang prefix match), sent only to the worker(s) holding it.
+
+            JSON ``{"rid": "...", "abort_all": false}``. An untracked rid, or ``abort_all``, goes to every
+            worker. Answers per worker.
+            """
+            body = await _json_object(request)
+            rid, abort_all = body.get("rid"), bool(body.get("abort_all", False))
+            if rid is not None and not isinstance(rid, str):
+                raise HTTPError(400, "'rid' must be a string (it is matched as a prefix).", param="rid")
+            if not abort_all and not rid:
+                raise HTTPError(400, "Give 'rid' (matched as a prefix of request ids) or 'abort_all': true.",
+                                param="rid")
+            _require_workers(balancer.router)
+            targets = [] if abort_all else balancer.workers_for_rid(rid)
+            routed = "tracked" if targets else "broadcast"
+            results = await balancer.router.broadcast("POST", "/abort_request", body, urls=targets or None)
+            ok = all(200 <= s < 300 for s, _ in results.values())
+            return _json({"success": ok, "rid": rid, "abort_all": abort_all, "routed": routed,
+                          "workers": {u: {"status": s, "response": r} for u, (s, r) in results.items()}},
+                         200 if ok else 502)
+
+        async def all_or_nothing(path: str, request: Request) -> Response:
+            raw = await request.body()
+            body = _parse(raw) if raw else None
+            _require_workers(balancer.router)
+            results = await balancer.router.broadcast("POST", path, body)
+            workers, failed = {}, []
+            for url, (status, resp) in results.items():
+                ok = 200 <= status < 300 and not (isinstance(resp, dict) and resp.get("success") is False)
+                workers[url] = {"status": status, "success": ok, "response": resp}
+                if not ok:
+                    failed.append(url)
+            if not failed:
+                code = 200
+            else:
+                statuses = {results[u][0] for u in failed}
+                same_client_error = len(failed) == len(results) and len(statuses) == 1 and \
+                    400 <= next(iter(statuses)) < 500
+                code = next(iter(statuses)) if same_client_error else 502
+                log.warning("%s failed on %d/%d workers: %s", path, len(failed), len(results), failed)
+            return _json({"success": not failed, "failed": failed, "workers": workers}, code)
+
+        @app.post("/update_weights_from_disk")
+        async def update_weights_from_disk(request: Request) -> Response:
+            """Broadcast to every worker; 200 only if all succeeded, else 502 with each worker's result."""
+            return await all_or_nothing("/update_weights_from_disk", request)
+
+        @app.post("/update_weight_version")
+        async def update_weight_version(request: Request) -> Response:
+            """Broadcast ``{"new_version": ...}`` to every worker; 200 only if all succeeded."""
+            return await all_or_nothing("/update_weight_version", request)
+
+        @app.post("/pause")
+        async def pause(request: Request) -> Response:
+            """Stop admitting requests and wait for in-flight ones (drain).
+
+            Optional JSON: ``{"timeout": seconds, "mode": "wait"|"reject", "wait": true}``. New requests are
+            held (``wait``) or answered 503 (``reject``) until ``POST /resume``. Answers when in-flight
+            reaches 0 (``drained: true``) or at the timeout (``drained: false``; still paused).
+            """
+            raw = await request.body()
+            body = _parse(raw) if raw else {}
+            if not isinstance(body, dict):
+                raise HTTPError(400, "Body must be a JSON object like {\"timeout\": 30, \"mode\": \"wait\"}")
+            mode = body.get("mode")
+            if mode is not None and mode not in ("wait", "reject"):
+                raise HTTPError(400, "'mode' must be 'wait' or 'reject'.", param="mode")
+            try:
+                timeout = float(body.get("timeout", balancer.config.drain_timeout))
+            except (TypeError, ValueError):
+                raise HTTPError(400, "'timeout' must be a number of seconds.", param="timeout") from None
+            balancer.pause(mode)
+            started = time.perf_counter()
+            drained = balancer.drained() if body.get("wait") is False else await balancer.wait_drained(timeout)
+            return _json({"paused": balancer.paused, "drained": drained, "mode": balancer.drain_mode,
+                          "in_flight": max(balancer.active, balancer.router.pool.total_inflight()),
+                          "waiting_requests": balancer.waiting,
+                          "waited_s": round(time.perf_counter() - started, 4)})
+
+        @app.post("/resume")
+        async def resume() -> Response:
+            """Admit requests again (releases the ones held by ``/pause``)."""
+            released = balancer.resume()
+            return _json({"paused": False, "released": released})
+
+        @app.get("/workers/state")
+        async def workers_state() -> Response:
+            """Per-worker balancing state: in-flight, requests, failures, health, circuit, latency EMA..."""
+            return _json(balancer.state())
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise HTTPError(400, f"Malformed JSON body: {e}") from None
+
+
+async def _json_object(request: Request) -> dict:
+    raw = await request.body()
+    body = _parse(raw) if raw else {}
+    if not isinstance(body, dict):
+        raise HTTPError(400, "Body must be a JSON object.")
+    return body
+
+
+def _require_workers(router: Router) -> None:
+    if not len(router.pool):
+        raise HTTPError(503, "No workers registered. Add one with POST /add_worker?url=http://HOST:PORT")

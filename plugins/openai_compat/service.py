@@ -176,6 +176,7 @@ class OpenAIService:
             ctx.state["session_key"] = body["user"]
         if prepared is not None and getattr(prepared, "worker_url", None):
             ctx.state["affinity_worker"] = prepared.worker_url
+            ctx.state["affinity_tokens"] = prepared.cached_tokens
         ctx.state["openai_compat"] = True
         return ctx
 

@@ -1,1 +1,254 @@
-"""Placeholder until the radix_tree plugin lands."""
+"""radix_tree plugin: the trajectory cache on /generate, and POST /retrieve_from_text.
+
+Per app, ``register_components`` builds one ``TrajectoryCache`` (component ``"radix_tree"``) and one
+``RadixRuntime`` registered as the pluggy plugin ``radix_tree.runtime`` whose hook methods carry that
+app's state (nothing is shared between two apps built in one process).
+
+/generate (route "/generate" only; other routes, e.g. openai_compat's, prepare/record themselves):
+- pre_request: text prompts -> longest recorded prefix ids + tokens of the new text only; ``text`` is
+  replaced by ``input_ids`` in the body that is sent; ``return_logprob`` is forced on (and what the
+  client did not ask for is stripped from the reply); ``ctx.state["affinity_worker"]`` is set.
+  Prompts given as ``input_ids`` pass through unchanged and are recorded under their decoded text.
+  Batches (list of texts / ids) and ``n > 1`` are handled per item.
+- post_response: records every finished sequence (streams: merged from the chunks when the stream
+  completed). Aborted / failed generations record only their prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from slime_router_core import HTTPError, hookimpl
+
+from .cache import OFFLOAD_CHARS, TrajectoryCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+    from slime_router_core.context import RequestContext
+    from slime_router_core.registry import ComponentRegistry
+    from slime_router_core.router import Router
+    from slime_router_core.settings import OptionRegistry
+
+log = logging.getLogger("slime_router.radix_tree")
+
+RUNTIME_PLUGIN_NAME = "radix_tree.runtime"
+STATE_KEY = "radix_tree"
+LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs", "input_top_logprobs",
+                "output_token_ids_logprobs", "input_token_ids_logprobs")
+
+
+@hookimpl
+def add_options(options: OptionRegistry) -> None:
+    options.add("--radix-tree-max-size", type=int, default=10000,
+                help="Trajectory cache bound, in tokens; least-recently-used leaves are evicted beyond it.")
+    options.add("--radix-tree-gc-k", type=int, default=5,
+                help="Keep trajectories of the newest K weight versions (ordered by first observation); "
+                     "older ones are garbage-collected when a new version appears.")
+
+
+@hookimpl
+def required_components() -> list[str]:
+    return ["tokenizer"]
+
+
+@hookimpl
+def register_components(registry: ComponentRegistry, router: Router) -> None:
+    if not registry.has("tokenizer"):
+        return  # start-up then fails with required_components' clear message
+    s = router.settings
+    cache = TrajectoryCache(registry.get("tokenizer"), max_size=int(s.get("radix_tree_max_size", 10000) or 10000),
+                            gc_k=int(s.get("radix_tree_gc_k", 5) or 5), verbose=bool(s.get("verbose", False)))
+    registry.register("radix_tree", cache, owner="radix_tree")
+    router.plugins.register(RadixRuntime(cache), RUNTIME_PLUGIN_NAME,
+                            source="per-app runtime of the radix_tree plugin")
+
+
+def _cache(router: Router) -> TrajectoryCache:
+    return router.registry.get("radix_tree")
+
+
+@hookimpl
+def register_routes(app: FastAPI, router: Router) -> None:
+    if not router.registry.has("radix_tree"):
+        return
+
+    @app.post("/retrieve_from_text")
+    async def retrieve_from_text(request: Request) -> Response:
+        """Recorded tokens, loss mask, rollout logprobs and weight versions for a trajectory text.
+
+        Body ``{"text": str, "strict": bool = false}``. Text never produced through the router (or
+        evicted) is tokenized fresh with loss_mask 0 and counted in ``fresh_tokens``; with
+        ``strict`` the answer is 404 instead.
+        """
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as e:
+            raise HTTPError(400, f"Malformed JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, 'Body must be a JSON object like {"text": "...", "strict": false}')
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise HTTPError(400, f"'text' must be a non-empty string (got {type(text).__name__})", param="text")
+        if not text:
+            raise HTTPError(400, "'text' must be a non-empty string", param="text")
+        strict = body.get("strict", False)
+        if not isinstance(strict, bool):
+            raise HTTPError(400, "'strict' must be a boolean", param="strict")
+        cache = _cache(router)
+        if len(text) > OFFLOAD_CHARS:
+            result = await asyncio.to_thread(cache.retrieve, text, strict)
+        else:
+            result = cache.retrieve(text, strict)
+        return Response(orjson.dumps(result), media_type="application/json")
+
+    @app.get("/radix_tree/stats")
+    async def radix_tree_stats() -> dict:
+        """Trajectory cache statistics (entries, hits/misses per lookup, size, evictions, GC, versions)."""
+        return _cache(router).stats()
+
+
+# --- the runtime ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _ReqState:
+    prepared: list[Any]  # one PreparedPrompt per prompt
+    n: int  # samples per prompt
+    batch: bool
+    want_logprob: bool
+    saved_chunks: list[dict] = field(default_factory=list)
+    recorded: set[int] = field(default_factory=set)
+
+
+def _strip_logprobs(obj: Any) -> None:
+    if isinstance(obj, dict):
+        meta = obj.get("meta_info")
+        if isinstance(meta, dict):
+            for k in LOGPROB_KEYS:
+                meta.pop(k, None)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(type(x) is int for x in v)
+
+
+class RadixRuntime:
+    def __init__(self, cache: TrajectoryCache) -> None:
+        self.cache = cache
+
+    @hookimpl
+    async def pre_request(self, ctx: RequestContext) -> None:
+        if ctx.route != "/generate" or not isinstance(ctx.body, dict):
+            return
+        body = ctx.body
+        text, ids = body.get("text"), body.get("input_ids")
+        sp = body.get("sampling_params")
+        if isinstance(sp, list):
+            ns = [int((x or {}).get("n", 1) or 1) if isinstance(x, dict) else 1 for x in sp]
+            n = ns[0] if ns and all(v == ns[0] for v in ns) else 0
+        else:
+            n = int((sp or {}).get("n", 1) or 1) if isinstance(sp, dict) else 1
+        cache = self.cache
+        try:
+            if isinstance(text, str):
+                prepared, batch = [await cache.prepare(text)], False
+                body.pop("text")
+                body["input_ids"] = list(prepared[0].input_ids)
+            elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+                prepared, batch = [await cache.prepare(t) for t in text], True
+                body.pop("text")
+                body["input_ids"] = [list(p.input_ids) for p in prepared]
+            elif _is_int_list(ids):
+                prepared, batch = [cache.prepare_ids(ids)], False
+            elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
+                prepared, batch = [cache.prepare_ids(x) for x in ids], True
+            else:
+                return  # input_embeds etc.: not ours
+        except HTTPError:
+            raise
+        except Exception:  # a cache bug must not break generation: pass the request through untouched
+            log.exception("radix_tree: preparing the prompt failed; request passed through unrecorded")
+            return
+        rl = body.get("return_logprob")
+        want = any(bool(x) for x in rl) if isinstance(rl, list) else bool(rl)
+        body["return_logprob"] = True
+        if n > 1:
+            batch = True
+        ctx.state[STATE_KEY] = _ReqState(prepared, n, batch, want)
+        if prepared[0].worker_url and "affinity_worker" not in ctx.state:
+            ctx.state["affinity_worker"] = prepared[0].worker_url
+            ctx.state["affinity_tokens"] = prepared[0].cached_tokens
+        if ctx.stream:
+            ctx.inspect_stream = True
+
+    @hookimpl
+    def stream_chunk(self, ctx: RequestContext, chunk: dict) -> None:
+        st: _ReqState | None = ctx.state.get(STATE_KEY)
+        if st is None or not isinstance(chunk, dict):
+            return
+        meta = chunk.get("meta_info")
+        saved = dict(chunk)
+        if isinstance(meta, dict):
+            saved["meta_info"] = dict(meta)
+        st.saved_chunks.append(saved)
+        if not st.want_logprob:
+            _strip_logprobs(chunk)
+        # Record as soon as a sequence finishes, *before* its last chunk reaches the client: a client
+        # that sends the next turn right after the stream ends must find this turn recorded.
+        if isinstance(meta, dict) and meta.get("finish_reason") is not None and "error" not in chunk:
+            idx = int(chunk.get("index", 0) or 0) if st.batch else 0
+            if idx not in st.recorded:
+                st.recorded.add(idx)
+                self._record_stream_group(ctx, st, idx)
+
+    def _record_stream_group(self, ctx: RequestContext, st: _ReqState, idx: int) -> None:
+        from slime_router_core.sglang import merge_stream
+
+        if st.batch and st.n == 0:
+            return
+        group = [c for c in st.saved_chunks if not st.batch or int(c.get("index", 0) or 0) == idx]
+        k = idx // max(1, st.n)
+        if k >= len(st.prepared):
+            return
+        try:
+            self.cache.record(st.prepared[k], merge_stream(group), ctx.worker.url if ctx.worker else None)
+        except Exception:
+            log.exception("radix_tree: recording a streamed trajectory failed")
+
+    @hookimpl
+    async def post_response(self, ctx: RequestContext, response: Any) -> None:
+        st: _ReqState | None = ctx.state.get(STATE_KEY)
+        if st is None:
+            return
+        worker_url = ctx.worker.url if ctx.worker is not None else None
+        try:
+            if ctx.stream:
+                return  # recorded in stream_chunk when each sequence finished
+            else:
+                items = response if isinstance(response, list) else [response]
+                replies = dict(enumerate(items))
+            if st.batch and st.n == 0:
+                return  # per-prompt n differs: the reply order is ambiguous, do not guess
+            n = max(1, st.n)
+            for i, reply in replies.items():
+                if not isinstance(reply, dict):
+                    continue
+                k = i // n
+                if k >= len(st.prepared):
+                    continue
+                await self.cache.record_async(st.prepared[k], reply, worker_url)
+        except Exception:
+            log.exception("radix_tree: recording a trajectory failed")
+        finally:
+            if not ctx.stream and not st.want_logprob:
+                for item in (response if isinstance(response, list) else [response]):
+                    _strip_logprobs(item)

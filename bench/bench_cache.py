@@ -1,0 +1,137 @@
+"""Trajectory cache benchmark (a script, not a test): python bench/bench_cache.py [--quick]
+
+1. Tokenization saved per turn on multi-turn trajectories (real Qwen3 tokenizer, turns 1-10, ~100 to
+   ~8,000 tokens): time of ``TrajectoryCache.prepare`` (longest recorded prefix + tokenizing only the
+   new text) vs tokenizing the full text each turn.
+2. Memory per cached token (tracemalloc, and the trie's own sys.getsizeof count), text included.
+3. Lookups and inserts per second at 1e4, 1e5 and 1e6 cached tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+import tracemalloc
+
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
+from slime_router_plugins.radix_tree import StringRadixTrie, TrajectoryCache
+
+EOS = 151645
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+         "word but not what all were we when your can said there use each which she do how their if will up other "
+         "about out many then them these so some her would make like him into time has look two more write go see "
+         "number no way could people my than first water been call who its now find long down day did get come").split()
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def bench_turns(tok, trajectories: int, rng: random.Random) -> None:
+    enc = tok.backend_tokenizer.encode
+    print("1) tokenization per turn: prepare() (cached prefix + new text only) vs tokenizing the full text")
+    print(f"   {trajectories} trajectories, each turn adds a user message (~50-350 words) and a reply (~100-700 words)")
+    print("   turn | prompt tokens | full tokenize ms | prepare ms | time saved | tokens tokenized fresh")
+    per_turn: dict[int, list[tuple[int, float, float, int]]] = {}
+    for _ in range(trajectories):
+        cache = TrajectoryCache(tok, max_size=10_000_000)
+        prompt = "<|im_start|>system\nYou are a helpful agent.<|im_end|>\n<|im_start|>user\n" + words(rng, 60) + \
+                 "<|im_end|>\n<|im_start|>assistant\n"
+        for turn in range(1, 11):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                full_ids = enc(prompt, add_special_tokens=False).ids
+            t_full = (time.perf_counter() - t0) / 3
+            t0 = time.perf_counter()
+            prepared = cache.prepare_sync(prompt)
+            t_prep = time.perf_counter() - t0
+            assert prepared.input_ids[:prepared.cached_tokens] == prepared.input_ids[:prepared.cached_tokens]
+            per_turn.setdefault(turn, []).append((len(full_ids), t_full, t_prep, prepared.fresh_tokens))
+            reply_text = words(rng, rng.randint(100, 700))
+            out = enc(" " + reply_text, add_special_tokens=False).ids + [EOS]
+            cache.record(prepared, {"text": " " + reply_text, "output_ids": out, "meta_info": {
+                "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "1",
+                "output_token_logprobs": [[-0.5, t, None] for t in out]}}, "w")
+            prompt = prompt + " " + reply_text + "<|im_end|>\n<|im_start|>user\n" + words(rng, rng.randint(50, 350)) + \
+                "<|im_end|>\n<|im_start|>assistant\n"
+    for turn, rows in per_turn.items():
+        n = statistics.mean(r[0] for r in rows)
+        tf = statistics.mean(r[1] for r in rows) * 1e3
+        tp = statistics.mean(r[2] for r in rows) * 1e3
+        fresh = statistics.mean(r[3] for r in rows)
+        print(f"   {turn:4d} | {n:13.0f} | {tf:16.3f} | {tp:10.3f} | {100 * (1 - tp / tf):9.1f}% | "
+              f"{fresh:.0f} ({100 * fresh / n:.1f}%)")
+
+
+def synthetic(rng: random.Random, n_tokens: int) -> tuple[str, list[int], list[int]]:
+    parts = [" " + rng.choice(WORDS) for _ in range(n_tokens)]
+    text = "".join(parts)
+    ends, pos = [], 0
+    for p in parts:
+        pos += len(p)
+        ends.append(pos)
+    return text, [rng.randrange(150_000) for _ in parts], ends
+
+
+def bench_memory(rng: random.Random, total: int) -> None:
+    print("\n2) memory per cached token (trajectories of 1,000 tokens sharing 200-token prefixes in groups of 4)")
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    t = StringRadixTrie(max_tokens=10 * total)
+    prefix = None
+    k = 0
+    while t.size < total:
+        if k % 4 == 0:
+            prefix = synthetic(rng, 200)
+        text, ids, ends = synthetic(rng, 800)
+        ptext, pids, pends = prefix
+        t.insert(ptext + text, pids + ids, pends + [len(ptext) + e for e in ends],
+                 [-0.5] * 1000, [0] * 200 + [1] * 800, "1")
+        k += 1
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    print(f"   {t.size:,} tokens in {t.node_count:,} nodes: tracemalloc {used / t.size:.1f} B/token, "
+          f"getsizeof {t.nbytes() / t.size:.1f} B/token (text, ids, logprobs, widths, mask+version, nodes)")
+
+
+def bench_rates(rng: random.Random, sizes: list[int]) -> None:
+    print("\n3) lookup / insert rates (1,000-token trajectories; lookups of a recorded trajectory + 40 new chars)")
+    for size in sizes:
+        t = StringRadixTrie(max_tokens=size)
+        trajs = []
+        while t.size + 1000 <= size:
+            text, ids, ends = synthetic(rng, 1000)
+            t.insert(text, ids, ends, None, None, "1")
+            trajs.append(text)
+        queries = [rng.choice(trajs) + " and some new user text here!" for _ in range(300)]
+        t0 = time.perf_counter()
+        for q in queries:
+            m = t.match(q)
+            assert len(m.ids) == 1000
+        lookup = len(queries) / (time.perf_counter() - t0)
+        news = [synthetic(rng, 1000) for _ in range(100)]
+        t0 = time.perf_counter()
+        for text, ids, ends in news:  # extends a recorded trajectory: 1,000 shared + 1,000 new tokens
+            base = rng.choice(trajs)
+            m = t.match(base, touch=False)
+            t.insert(base + text, m.ids + ids, m.ends + [len(base) + e for e in ends], None, None, "1")
+        insert = len(news) / (time.perf_counter() - t0)
+        print(f"   {size:>9,} cached tokens: {lookup:8.0f} lookups/s ({lookup * 1000 / 1e6:.2f} M tokens/s), "
+              f"{insert:7.0f} inserts/s (with LRU eviction at the bound)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rng = random.Random(0)
+    tok = load_tokenizer(BUILTIN_CHECKPOINT)
+    bench_turns(tok, 3 if args.quick else 10, rng)
+    bench_memory(rng, 100_000 if args.quick else 1_000_000)
+    bench_rates(rng, [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+
+
+if __name__ == "__main__":
+    main()

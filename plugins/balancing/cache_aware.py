@@ -1,0 +1,116 @@
+"""``--policy cache_aware`` (the default): keep a trajectory on the worker that holds its KV prefix cache.
+
+Order of decisions for one attempt (all synchronous, no ``await``):
+
+1. **Explicit session key** — header ``X-Session-ID`` or ``ctx.state["session_key"]`` (openai_compat sets it
+   from the OpenAI ``user`` field). The body's ``extra_key`` / ``cache_salt`` (which partition SGLang's prefix
+   cache) join the key. The key is consistent-hashed onto a ring of the pool's workers; the first ring owner
+   that is a current candidate wins, so adding/removing/losing one worker moves only its own sessions.
+2. **Trajectory affinity** — ``ctx.state["affinity_worker"]``: the URL of the worker that produced the longest
+   recorded prefix of this request (set by the radix_tree plugin for ``/generate`` and by openai_compat).
+   When ``ctx.state["affinity_tokens"]`` (the length of that prefix in tokens) is given too, the affinity is
+   only used if it covers at least ``--cache-aware-min-match`` of the prompt (``ctx.state["prompt_tokens"]``
+   or ``len(body["input_ids"])``): a new conversation that merely shares a few tokens of boilerplate with a
+   recorded one ("<|im_start|>system\nProblem 1") is routed by load, not piled onto one worker.
+3. The preferred worker from 1 or 2 is used **unless overloaded**: its in-flight count exceeds the least
+   loaded candidate's by more than ``--cache-aware-abs-threshold`` *and* is more than
+   ``--cache-aware-rel-threshold`` times it (the sglang-router rule, applied to the preferred worker).
+4. Otherwise (no preference, preferred worker unavailable/already tried, or overloaded): least in-flight,
+   ties rotated.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import Policy
+from .hashring import HashRing
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slime_router_core.context import RequestContext
+    from slime_router_core.workers import Worker
+
+SESSION_HEADER = "x-session-id"
+
+
+def session_key(ctx: RequestContext) -> str | None:
+    """The explicit affinity key of a request, or ``None``: session id joined with extra_key / cache_salt."""
+    key = ctx.headers.get(SESSION_HEADER) or ctx.state.get("session_key")
+    if not key:
+        return None
+    body = ctx.body
+    if isinstance(body, dict):
+        extra, salt = body.get("extra_key"), body.get("cache_salt")
+        if extra is not None or salt is not None:
+            return f"{key}\x1f{'' if extra is None else extra}\x1f{'' if salt is None else salt}"
+    return str(key)
+
+
+def prompt_tokens(ctx: RequestContext) -> int | None:
+    """The prompt length in tokens, when known before the request is sent."""
+    n = ctx.state.get("prompt_tokens")
+    if isinstance(n, int):
+        return n
+    body = ctx.body
+    if isinstance(body, dict):
+        ids = body.get("input_ids")
+        if isinstance(ids, list) and ids and isinstance(ids[0], int):
+            return len(ids)
+    return None
+
+
+class CacheAwarePolicy(Policy):
+    name = "cache_aware"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.abs_threshold = float(config.cache_aware_abs_threshold)
+        self.rel_threshold = float(config.cache_aware_rel_threshold)
+        self.min_match = float(getattr(config, "cache_aware_min_match", 0.0) or 0.0)
+        self.ring = HashRing()
+        self.stats = {"session_routed": 0, "affinity_routed": 0, "affinity_unavailable": 0, "affinity_below_min_match": 0,
+                      "overload_fallbacks": 0, "load_routed": 0}
+
+    def worker_added(self, worker: Worker) -> None:
+        self.ring.add(worker.url)
+
+    def worker_removed(self, worker: Worker) -> None:
+        self.ring.remove(worker.url)
+
+    def overloaded(self, worker: Worker, workers: list[Worker]) -> bool:
+        load = worker.inflight
+        low = min(w.inflight for w in workers)
+        return load - low > self.abs_threshold and load > self.rel_threshold * low
+
+    def preferred(self, ctx: RequestContext, workers: list[Worker]) -> tuple[Worker | None, str]:
+        key = session_key(ctx)
+        if key is not None:
+            return self.ring.lookup(key, workers), "session_routed"
+        url = ctx.state.get("affinity_worker")
+        if url:
+            if self.min_match > 0 and not self.covers_enough(ctx):
+                self.stats["affinity_below_min_match"] += 1
+                return None, ""
+            for w in workers:
+                if w.url == url:
+                    return w, "affinity_routed"
+            self.stats["affinity_unavailable"] += 1
+        return None, ""
+
+    def covers_enough(self, ctx: RequestContext) -> bool:
+        matched = ctx.state.get("affinity_tokens")
+        if matched is None:
+            return True  # the producer did not say how long the match is: trust it
+        total = prompt_tokens(ctx)
+        return not total or matched / total >= self.min_match
+
+    def select(self, ctx: RequestContext, workers: list[Worker]) -> Worker:
+        target, reason = self.preferred(ctx, workers)
+        if target is not None:
+            if len(workers) == 1 or not self.overloaded(target, workers):
+                self.stats[reason] += 1
+                return target
+            self.stats["overload_fallbacks"] += 1
+        else:
+            self.stats["load_routed"] += 1
+        return self.least_loaded(workers)

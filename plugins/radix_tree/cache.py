@@ -1,0 +1,445 @@
+"""TrajectoryCache: the "radix_tree" component (prepare / record / retrieve / stats / tree).
+
+Text and tokens are lined up through a *canonical text*: the prompt text followed by the exact
+decoding of every generated token with special tokens written out ("<|im_end|>"). Parts of the
+canonical text that the worker's reply ``text`` omits (EOS / stop tokens, a trimmed stop string,
+skipped special tokens) are recorded as optional spans in the trie, so a later request may contain
+them written out or not, and gets the same ids either way (one EOS, never two).
+
+Only the genuinely new text of a request is tokenized, starting at the last whole-token boundary
+of the recorded prefix; generated tokens are never re-tokenized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import threading
+from typing import Any
+
+from slime_router_core import HTTPError
+
+from .trie import Match, StringRadixTrie
+
+log = logging.getLogger("slime_router.radix_tree")
+
+# Tokenize / record in a worker thread above this many characters (keeps the event loop responsive).
+OFFLOAD_CHARS = 8192
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class Detokenizer:
+    """Per-token text pieces that concatenate to the exact decoding (special tokens written out)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.added: dict[int, str] = {int(i): t.content for i, t in added.items()}
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
+        self.special_ids = frozenset(special)
+        self.byte_level = self.backend is not None and type(self.backend.decoder).__name__ == "ByteLevel"
+        self._bytes: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        if self.backend is not None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, tid: int) -> bytes:
+        b = self._bytes.get(tid)
+        if b is None:
+            content = self.added.get(tid)
+            if content is not None:
+                b = content.encode("utf-8")
+            else:
+                tok = self.backend.id_to_token(tid)
+                if tok is None:
+                    b = b""
+                else:
+                    try:
+                        b = bytes(_BYTE_DECODER[c] for c in tok)
+                    except KeyError:
+                        b = tok.encode("utf-8")
+            self._bytes[tid] = b
+        return b
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Text of each token; a token holding only part of a character gets "" (the next one gets the char)."""
+        if not ids:
+            return []
+        if self.byte_level:
+            dec = codecs.getincrementaldecoder("utf-8")("replace")
+            tb = self.token_bytes
+            out = [dec.decode(tb(t)) for t in ids]
+            tail = dec.decode(b"", final=True)
+            if tail:
+                out[-1] += tail
+            return out
+        # generic tokenizers: per-token decoding, trusted only if it concatenates to the full decoding
+        out = [self.decode([t]) for t in ids]
+        if "".join(out) != self.decode(list(ids)):
+            return []
+        return out
+
+    def ends_for(self, ids: list[int], text: str) -> list[int]:
+        """Char ends of each token of ``ids`` inside ``text``; a single span when they cannot be lined up."""
+        pcs = self.pieces(ids)
+        if pcs and "".join(pcs) == text:
+            out, pos = [], 0
+            for p in pcs:
+                pos += len(p)
+                out.append(pos)
+            return out
+        return [0] * (len(ids) - 1) + [len(text)]  # one opaque span: only usable as a whole
+
+    def align_output(self, text: str, ids: list[int]) -> tuple[str, list[int], list[tuple[int, str]]]:
+        """Line the reply ``text`` up with ALL generated ``ids``.
+
+        Returns (canonical text, per-token ends, optional spans). The canonical text starts with
+        ``text`` wherever the ids allow; tokens whose text the reply omits (EOS, a stop string the
+        worker trimmed, skipped special tokens) are written out and marked optional.
+        """
+        pcs = self.pieces(ids)
+        if not pcs:
+            return text, [0] * (len(ids) - 1) + [len(text)], []
+        ends: list[int] = []
+        markers: list[tuple[int, str]] = []
+        r = pos = 0
+        i = 0
+        n = len(ids)
+        while i < n:
+            pc = pcs[i]
+            if text.startswith(pc, r):
+                r += len(pc)
+            elif ids[i] in self.special_ids or ids[i] in self.added:
+                if pc:
+                    markers.append((pos, pc))
+            else:
+                break
+            pos += len(pc)
+            ends.append(pos)
+            i += 1
+        if i < n or r < len(text):
+            rest = "".join(pcs[i:])
+            if i == n or not rest.startswith(text[r:]):
+                # the reply text and the ids disagree: keep the ids as one span under the reply text
+                return text, [0] * (n - 1) + [len(text)], []
+            v = pos + len(text) - r
+            tail = rest[len(text) - r:]
+            for pc in pcs[i:]:
+                pos += len(pc)
+                ends.append(pos)
+            if tail:
+                markers.append((v, tail))
+        canonical = "".join(pcs)  # the reply text with the omitted spans written out
+        merged: list[tuple[int, str]] = []
+        for p, o in markers:
+            if merged and merged[-1][0] + len(merged[-1][1]) == p:
+                merged[-1] = (merged[-1][0], merged[-1][1] + o)
+            else:
+                merged.append((p, o))
+        return canonical, ends, merged
+
+
+class PreparedPrompt:
+    """A prompt ready to send: ``input_ids`` = recorded ids of its longest recorded prefix + fresh ids.
+
+    Public: ``text``, ``input_ids``, ``cached_tokens``, ``fresh_tokens``, ``worker_url``. The rest is the
+    alignment data ``record`` needs (built lazily from the trie match, off the request path).
+    """
+
+    def __init__(self, text: str, input_ids: list[int], cached_tokens: int, fresh_tokens: int,
+                 worker_url: str | None = None, match: Match | None = None, canonical: str = "",
+                 ends: list[int] | None = None, logprobs: list | None = None, loss_mask: list[int] | None = None,
+                 versions: list[str] | None = None, markers: list[tuple[int, str]] | None = None,
+                 fresh_text: str = "", fresh_ids: list[int] | None = None, fresh_ends: list[int] | None = None):
+        self.text = text
+        self.input_ids = input_ids
+        self.cached_tokens = cached_tokens
+        self.fresh_tokens = fresh_tokens
+        self.worker_url = worker_url
+        self.match = match
+        self.canonical = match.canonical if match is not None else canonical
+        self._ends, self._logprobs, self._mask, self._versions = ends, logprobs, loss_mask, versions
+        self.markers = list(match.markers) if match is not None else list(markers or [])
+        self.fresh_text = fresh_text
+        self.fresh_ids = fresh_ids if fresh_ids is not None else []
+        self.fresh_ends = fresh_ends  # known when the prompt came as ids
+
+    def _from_match(self, own: Any, attr: str) -> list:
+        if own is not None:
+            return own
+        return list(getattr(self.match, attr)) if self.match is not None else []
+
+    @property
+    def ends(self) -> list[int]:
+        return self._from_match(self._ends, "ends")
+
+    @property
+    def logprobs(self) -> list:
+        return self._from_match(self._logprobs, "logprobs")
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self._from_match(self._mask, "loss_mask")
+
+    @property
+    def versions(self) -> list[str]:
+        return self._from_match(self._versions, "versions")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return (f"<PreparedPrompt {len(self.input_ids)} ids: {self.cached_tokens} cached, {self.fresh_tokens} fresh, "
+                f"worker={self.worker_url}>")
+
+
+FINISHED = ("stop", "length")
+
+
+class TrajectoryCache:
+    """Component "radix_tree"."""
+
+    def __init__(self, tokenizer: Any, max_size: int = 10000, gc_k: int = 5, verbose: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.detok = Detokenizer(tokenizer)
+        self.tree = StringRadixTrie(max_tokens=max_size, gc_k=gc_k)
+        self.verbose = verbose
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.hit_tokens = 0
+        self.lookup_tokens = 0
+        self.records = 0
+        self.records_prompt_only = 0
+        self.retrievals = 0
+        self._lock = threading.Lock()
+
+    # --- prepare ------------------------------------------------------------------------------
+
+    def _prepare_sync(self, text: str) -> PreparedPrompt:
+        m = self.tree.match(text)
+        rest = text[m.query_pos:]
+        fresh = self.detok.encode(rest) if rest else []
+        p = PreparedPrompt(text=text, input_ids=m.ids + fresh, cached_tokens=len(m), fresh_tokens=len(fresh),
+                           worker_url=m.worker, match=m, fresh_text=rest, fresh_ids=fresh)
+        self._count(p)
+        return p
+
+    def _count(self, p: PreparedPrompt) -> None:
+        with self._lock:
+            if p.cached_tokens:
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+            self.hit_tokens += p.cached_tokens
+            self.lookup_tokens += len(p.input_ids)
+        if self.verbose:
+            log.info("radix_tree: %d of %d prompt tokens from records (%d fresh)%s", p.cached_tokens,
+                     len(p.input_ids), p.fresh_tokens, f", worker {p.worker_url}" if p.worker_url else "")
+
+    async def prepare(self, text: str) -> PreparedPrompt:
+        """Longest recorded prefix of ``text`` -> its exact ids + tokens of the rest only."""
+        if not isinstance(text, str):
+            raise HTTPError(400, "'text' must be a string", param="text")
+        if len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(self._prepare_sync, text)
+        return self._prepare_sync(text)
+
+    def prepare_sync(self, text: str) -> PreparedPrompt:
+        return self._prepare_sync(text)
+
+    def prepare_ids(self, ids: list[int]) -> PreparedPrompt:
+        """A prompt given as ids by the client: sent as is, recorded under its decoded text.
+
+        Metadata of a recorded prefix with the very same ids (loss mask, logprobs, versions) is kept.
+        """
+        ids = [int(x) for x in ids]
+        pcs = self.detok.pieces(ids)
+        if pcs:
+            text = "".join(pcs)
+        else:
+            text = self.detok.decode(ids)
+        m = self.tree.match(text) if text else None
+        k = 0
+        if m is not None and m.skipped == 0:
+            lim = min(len(m.ids), len(ids))
+            while k < lim and m.ids[k] == ids[k]:
+                k += 1
+            if pcs:  # the shared ids must also cover the same characters
+                pos = 0
+                for j in range(k):
+                    pos += len(pcs[j])
+                    if m.ends[j] != pos:
+                        k = j
+                        break
+        if m is not None and k:
+            cut = m.ends[k - 1]
+            p = PreparedPrompt(text=text, input_ids=ids, cached_tokens=k, fresh_tokens=len(ids) - k,
+                               worker_url=m.worker, canonical=text[:cut], ends=m.ends[:k], logprobs=m.logprobs[:k],
+                               loss_mask=m.loss_mask[:k], versions=m.versions[:k],
+                               markers=[x for x in m.markers if x[0] + len(x[1]) <= cut], fresh_text=text[cut:],
+                               fresh_ids=ids[k:])
+        else:
+            p = PreparedPrompt(text=text, input_ids=ids, cached_tokens=0, fresh_tokens=len(ids), fresh_text=text,
+                               fresh_ids=ids)
+        if pcs:
+            pos = len(p.canonical)
+            fe = []
+            for pc in pcs[p.cached_tokens:]:
+                pos += len(pc)
+                fe.append(pos - len(p.canonical))
+            p.fresh_ends = fe
+        self._count(p)
+        return p
+
+    # --- record -------------------------------------------------------------------------------
+
+    def record(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> None:
+        """Record the prompt ids (fresh ones with mask 0) and the worker's output (mask 1, logprobs, versions).
+
+        An unfinished or aborted generation records only its prompt.
+        """
+        from slime_router_core.sglang import output_ids_and_logprobs, weight_version_spans
+
+        meta = response.get("meta_info") or {}
+        fr = meta.get("finish_reason")
+        finished = isinstance(fr, dict) and fr.get("type") in FINISHED
+        out_ids, out_lps = output_ids_and_logprobs(response) if finished else ([], [])
+        out_versions = weight_version_spans(response, len(out_ids))
+        version = str(meta.get("weight_version", out_versions[0] if out_versions else "default"))
+        if out_versions:
+            version = out_versions[0]
+
+        base = prepared.canonical
+        rest = prepared.fresh_text
+        fresh = prepared.fresh_ids
+        if fresh:
+            fe = prepared.fresh_ends if prepared.fresh_ends is not None else self.detok.ends_for(fresh, rest)
+        else:
+            fe = []
+            if rest:  # text that tokenized to nothing: cannot be recorded
+                rest = ""
+        L0 = len(base)
+        L1 = L0 + len(rest)
+        text = base + rest
+        ids = prepared.input_ids[:prepared.cached_tokens] + list(fresh)
+        ends = list(prepared.ends) + [L0 + e for e in fe]
+        lps: list[float | None] = list(prepared.logprobs) + [None] * len(fresh)
+        mask = list(prepared.loss_mask) + [0] * len(fresh)
+        versions = list(prepared.versions) + [version] * len(fresh)
+        markers = list(prepared.markers)
+        if out_ids:
+            out_text = response.get("text")
+            if not isinstance(out_text, str):
+                out_text = ""
+            canon, oe, om = self.detok.align_output(out_text, out_ids)
+            text += canon
+            ids += out_ids
+            ends += [L1 + e for e in oe]
+            lps += out_lps
+            mask += [1] * len(out_ids)
+            versions += out_versions
+            markers += [(L1 + p, o) for p, o in om]
+        if not ids or not text:
+            return
+        self.tree.insert(text, ids, ends, lps, mask, versions, markers=markers, worker=worker_url)
+        with self._lock:
+            self.records += 1
+            if not out_ids:
+                self.records_prompt_only += 1
+
+    async def record_async(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> None:
+        n = len(prepared.input_ids) + len(response.get("output_ids") or ())
+        if n > OFFLOAD_CHARS // 4:
+            await asyncio.to_thread(self.record, prepared, response, worker_url)
+        else:
+            self.record(prepared, response, worker_url)
+
+    # --- retrieve -----------------------------------------------------------------------------
+
+    def retrieve(self, text: str, strict: bool = False) -> dict:
+        """Recorded tokens for ``text`` (+ fresh tokens of any unrecorded rest, counted as such)."""
+        if not isinstance(text, str):
+            raise HTTPError(400, f"'text' must be a string, got {type(text).__name__}", param="text")
+        if not text:
+            raise HTTPError(400, "'text' must be a non-empty string", param="text")
+        m = self.tree.match(text)
+        rest = text[m.query_pos:]
+        with self._lock:
+            self.retrievals += 1
+        if strict and rest:
+            raise HTTPError(404, f"Only {m.query_pos} of {len(text)} characters of this text were recorded through "
+                                 f"the router (or the rest was evicted); {len(rest)} characters would need fresh "
+                                 f"tokenization. Retry without \"strict\" to get them tokenized with loss_mask 0.",
+                            code="not_recorded")
+        fresh = self.detok.encode(rest) if rest else []
+        tokens = m.ids + fresh
+        mask = m.loss_mask + [0] * len(fresh)
+        logp = [(0.0 if x is None else x) for x in m.logprobs] + [0.0] * len(fresh)
+        versions: list[str | None] = list(m.versions) + [None] * len(fresh)
+        return {
+            "tokens": tokens,
+            "response": text,
+            "loss_mask": mask,
+            "rollout_logp": logp,
+            "token_length": len(tokens),
+            "loss_mask_length": len(mask),
+            "weight_versions": versions,
+            "exact_tokens": len(m.ids),
+            "fresh_tokens": len(fresh),
+            "generated_tokens": sum(mask),
+            "recorded_chars": m.query_pos,
+            "worker_url": m.worker,
+        }
+
+    # --- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        t = self.tree
+        with t.lock:
+            size, nodes = t.size, t.node_count
+            evictions, ev_tokens, gc_runs = t.evictions, t.evicted_tokens, t.gc_runs
+        lookups = self.cache_hits + self.cache_misses
+        return {
+            "total_entries": nodes,
+            "records": self.records,
+            "records_prompt_only": self.records_prompt_only,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "hit_rate": (self.cache_hits / lookups) if lookups else 0.0,
+            "hit_tokens": self.hit_tokens,
+            "lookup_tokens": self.lookup_tokens,
+            "token_hit_rate": (self.hit_tokens / self.lookup_tokens) if self.lookup_tokens else 0.0,
+            "cur_cache_size": size,
+            "max_cache_size": t.max_tokens,
+            "cache_size_bytes": t.nbytes(),
+            "evictions": evictions,
+            "evicted_tokens": ev_tokens,
+            "gc_runs": gc_runs,
+            "gc_removed_tokens": t.gc_removed_tokens,
+            "gc_threshold_k": t.gc_k,
+            "versions": t.versions(),
+            "retrievals": self.retrievals,
+        }

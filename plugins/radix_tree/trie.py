@@ -1,0 +1,760 @@
+"""StringRadixTrie: a radix tree over text that stores the exact token chain recorded for it.
+
+Layout
+------
+Every node holds an edge label ``text`` (nodes split where recorded texts diverge; children are a
+dict keyed by the first character, so no linear scan) and the tokens of the recorded chain that
+*end* inside it, as compact typed arrays:
+
+- ``ids``    array('i')  token ids
+- ``widths`` array('B'/'H'/'I')  characters each token covers (0 for a token that only carries
+             the first bytes of a multi-byte character); token ends are ``first + cumsum(widths)``
+             relative to the node start, so a lookup can stop at any token boundary inside a node
+- ``first``  where the node's first token starts, relative to the node start (<= 0: a token may
+             start in an ancestor)
+- ``logp``   array('f')  rollout logprobs (NaN = unknown)
+- ``mv``     array('H'/'I')  ``version_index << 1 | loss_mask`` per token; the version index points
+             into the trie's version table (strings, ordered by first observation)
+
+Chain invariant: along every root-to-node path the node chains concatenate into one contiguous
+tokenization of the path text. A node only keeps the part of the chain that is common to all its
+descendants; where two recorded chains disagree (e.g. one sample produced " there", another " the" +
+" end"), the disagreeing tail is pushed down into the children, and a chain for a text that ends
+exactly at an internal node lives in that node's ``""`` (terminal) child. Lookups re-validate
+contiguity, so a broken chain can only make a lookup shorter, never wrong.
+
+Optional spans ("tails"): tokens the worker generated whose text the reply omits (EOS, a trimmed stop
+string, skipped special tokens) are stored with their text written out, and the span is marked
+optional at its start. A query may either contain the written-out text or skip it: when a query ends
+or diverges inside an optional span, the walk takes the whole span's tokens and continues matching the
+query after it. So "<prompt><reply>" and "<prompt><reply><|im_end|>" both map to the same ids with
+exactly one EOS.
+
+Bounded by ``max_tokens`` (LRU eviction of leaves) and GC by weight version (keep the newest ``gc_k``
+versions by first observation). All public methods take one re-entrant lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import sys
+import threading
+from array import array
+from bisect import bisect_right
+from typing import Any, Iterable, Sequence
+
+NAN = float("nan")
+
+
+def _uarr(values: Iterable[int], small: str = "B") -> array:
+    """An unsigned array with the smallest typecode (starting at ``small``) that fits the values."""
+    vals = values if isinstance(values, (list, array)) else list(values)
+    for tc in ("B", "H", "I", "Q")[("B", "H", "I", "Q").index(small):]:
+        try:
+            return array(tc, vals)
+        except OverflowError:
+            continue
+    raise OverflowError("value too large")
+
+
+def _ucat(a: array, b: array) -> array:
+    if a.typecode == b.typecode:
+        out = array(a.typecode, a)
+        out.extend(b)
+        return out
+    return _uarr(list(a) + list(b), max(a.typecode, b.typecode, key="BHIQ".index))
+
+
+def _common(text: str, off: int, s: str, i: int, m: int) -> int:
+    """Number of equal leading characters of text[off:off+m] and s[i:i+m]."""
+    if m <= 0:
+        return 0
+    if s.startswith(text[off:off + m], i):
+        return m
+    lo, hi = 0, m - 1  # answer in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if s.startswith(text[off:off + mid], i):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Node:
+    __slots__ = ("text", "parent", "children", "ids", "widths", "first", "last", "logp", "mv", "stamp",
+                 "version", "worker", "tails", "terminal", "alive", "__weakref__")
+
+    def __init__(self, text: str, parent: "Node | None") -> None:
+        self.text = text
+        self.parent = parent
+        self.children: dict[str, Node] | None = None
+        self.ids = array("i")
+        self.widths = array("B")
+        self.first = 0  # start of the first token, relative to this node's start
+        self.last = 0  # end of the last token, relative to this node's start
+        self.logp = array("f")
+        self.mv = array("B")
+        self.stamp = 0
+        self.version = -1
+        self.worker: str | None = None
+        self.tails: dict[int, str] | None = None  # relative offset -> optional text starting there
+        self.terminal = False  # a recorded chain ends exactly at this node's end
+        self.alive = True
+
+    @property
+    def key(self) -> str:
+        return self.text[:1]
+
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def ends(self) -> list[int]:
+        """Relative end of each token."""
+        return list(itertools.accumulate(self.widths, initial=self.first))[1:]
+
+    def set_tokens(self, ids: array, widths: array, first: int, logp: array, mv: array) -> None:
+        self.ids, self.widths, self.first, self.logp, self.mv = ids, widths, first, logp, mv
+        self.last = first + sum(widths) if len(ids) else 0
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return f"<Node {self.text[:20]!r} tokens={len(self.ids)} children={len(self.children or ())}>"
+
+
+class Match:
+    """The longest recorded chain for a prefix of a query (lists are built lazily from typed arrays)."""
+
+    __slots__ = ("raw_ids", "raw_logp", "raw_mv", "raw_widths", "vtable", "canonical", "query_pos", "markers",
+                 "worker", "skipped", "_cache")
+
+    def __init__(self) -> None:
+        self.raw_ids = array("i")
+        self.raw_logp = array("f")
+        self.raw_mv: list[int] = []
+        self.raw_widths: list[int] = []  # widths; the first entry is the start offset of the chain (0)
+        self.vtable: list[str] = []
+        self.canonical = ""  # the recorded text the ids cover (optional spans written out)
+        self.query_pos = 0  # the ids cover query[:query_pos]
+        self.markers: list[tuple[int, str]] = []  # optional spans inside ``canonical``
+        self.worker: str | None = None
+        self.skipped = 0  # optional spans taken without being written in the query
+        self._cache: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.raw_ids)
+
+    def _get(self, key: str, make: Any) -> Any:
+        v = self._cache.get(key)
+        if v is None:
+            v = self._cache[key] = make()
+        return v
+
+    @property
+    def ids(self) -> list[int]:
+        return self._get("ids", self.raw_ids.tolist)
+
+    @property
+    def logprobs(self) -> list[float | None]:
+        return self._get("logprobs", lambda: [None if x != x else x for x in self.raw_logp.tolist()])
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self._get("mask", lambda: [x & 1 for x in self.raw_mv])
+
+    @property
+    def version_index(self) -> list[int]:
+        return self._get("vidx", lambda: [x >> 1 for x in self.raw_mv])
+
+    @property
+    def versions(self) -> list[str]:
+        vt = self.vtable
+        return self._get("versions", lambda: [vt[x >> 1] for x in self.raw_mv])
+
+    @property
+    def ends(self) -> list[int]:
+        """Absolute end of each token in ``canonical``."""
+        return self._get("ends", lambda: list(itertools.accumulate(self.raw_widths))[1:])
+
+
+class StringRadixTrie:
+    """Text -> exact token chain (ids, logprobs, loss mask, weight versions). Thread-safe."""
+
+    def __init__(self, max_tokens: int = 10000, gc_k: int = 5) -> None:
+        self.max_tokens = int(max_tokens)
+        self.gc_k = int(gc_k)
+        self.root = Node("", None)
+        self.lock = threading.RLock()
+        self.size = 0  # tokens stored
+        self.node_count = 0
+        self._clock = itertools.count(1)
+        self._heap: list[tuple[int, int, Node]] = []
+        self._seq = itertools.count()
+        self.vtable: list[str] = []
+        self.vindex: dict[str, int] = {}
+        self.evictions = 0  # nodes evicted (LRU)
+        self.evicted_tokens = 0
+        self.gc_runs = 0
+        self.gc_removed_tokens = 0
+        self.inserts = 0
+
+    # --- versions -----------------------------------------------------------------------------
+
+    def version_id(self, version: Any) -> int:
+        """Index of a weight version (a string; first observation defines the order)."""
+        v = "default" if version is None else str(version)
+        idx = self.vindex.get(v)
+        if idx is None:
+            idx = self.vindex[v] = len(self.vtable)
+            self.vtable.append(v)
+        return idx
+
+    def newer(self, a: Any, b: Any) -> bool:
+        """Is version ``a`` newer than ``b`` (by first observation)?"""
+        return self.vindex.get(str(a), -1) > self.vindex.get(str(b), -1)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _touch(self, node: Node, stamp: int) -> None:
+        node.stamp = stamp
+        if not node.children:
+            heapq.heappush(self._heap, (stamp, next(self._seq), node))
+
+    def _new_child(self, parent: Node, text: str) -> Node:
+        child = Node(text, parent)
+        if parent.children is None:
+            parent.children = {}
+        parent.children[text[:1]] = child
+        child.stamp = parent.stamp
+        child.version = parent.version
+        child.worker = parent.worker
+        self.node_count += 1
+        heapq.heappush(self._heap, (child.stamp, next(self._seq), child))
+        return child
+
+    def _remove(self, node: Node) -> int:
+        """Remove ``node`` and its subtree; returns tokens removed."""
+        removed = 0
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            removed += len(n.ids)
+            n.alive = False
+            self.node_count -= 1
+            if n.children:
+                stack.extend(n.children.values())
+        parent = node.parent
+        if parent is not None and parent.children is not None:
+            if parent.children.get(node.key) is node:
+                del parent.children[node.key]
+            if not parent.children:
+                parent.children = None
+                if parent is not self.root:
+                    heapq.heappush(self._heap, (parent.stamp, next(self._seq), parent))
+        self.size -= removed
+        return removed
+
+    def _split(self, node: Node, k: int) -> Node:
+        """Split ``node`` at relative offset k (0 < k < len(text)); returns the new upper node."""
+        parent = node.parent
+        assert parent is not None and 0 < k < len(node.text)
+        upper = Node(node.text[:k], parent)
+        upper.stamp, upper.version, upper.worker = node.stamp, node.version, node.worker
+        parent.children[node.key] = upper  # type: ignore[index]
+        ends = node.ends()
+        c = bisect_right(ends, k)
+        if c:
+            upper.set_tokens(node.ids[:c], node.widths[:c], node.first, node.logp[:c], node.mv[:c])
+            lower_first = ends[c - 1] - k
+        else:
+            lower_first = node.first - k
+        if c < len(ends):
+            node.set_tokens(node.ids[c:], node.widths[c:], lower_first, node.logp[c:], node.mv[c:])
+        else:
+            node.set_tokens(array("i"), array("B"), 0, array("f"), array("B"))
+        if node.tails:
+            up = {r: o for r, o in node.tails.items() if r < k}
+            low = {r - k: o for r, o in node.tails.items() if r >= k}
+            upper.tails = up or None
+            node.tails = low or None
+        node.text = node.text[k:]
+        node.parent = upper
+        upper.children = {node.key: node}
+        self.node_count += 1
+        return upper
+
+    @staticmethod
+    def _seg(node: Node, a: int, b: int | None = None) -> tuple[array, array, array, array]:
+        return node.ids[a:b], node.widths[a:b], node.logp[a:b], node.mv[a:b]
+
+    def _prepend(self, child: Node, seg: tuple[array, array, array, array], seg_start: int, seg_end: int,
+                 child_start: int) -> None:
+        """Put the chain piece ``seg`` (absolute [seg_start, seg_end]) in front of child's tokens."""
+        ids, widths, logp, mv = seg
+        if len(child.ids) and child_start + child.first != seg_end:
+            # the child's own chain does not continue this one (already broken): drop it
+            self.size -= len(child.ids)
+            child.set_tokens(array("i"), array("B"), 0, array("f"), array("B"))
+        if len(child.ids):
+            ni = array("i", ids)
+            ni.extend(child.ids)
+            nl = array("f", logp)
+            nl.extend(child.logp)
+            child.set_tokens(ni, _ucat(widths, child.widths), seg_start - child_start, nl, _ucat(mv, child.mv))
+        else:
+            child.set_tokens(array("i", ids), array(widths.typecode, widths), seg_start - child_start,
+                             array("f", logp), array(mv.typecode, mv))
+        self.size += len(ids)
+
+    def _push_down(self, node: Node, j: int, node_start: int) -> None:
+        """Keep node tokens[:j]; move tokens[j:] into every child (and the terminal '' child)."""
+        n = len(node.ids)
+        if j >= n:
+            return
+        ends = node.ends()
+        seg_start = node_start + (ends[j - 1] if j else node.first)
+        seg_end = node_start + ends[-1]
+        seg = self._seg(node, j)
+        node_end = node_start + len(node.text)
+        if node.terminal:
+            node.terminal = False
+            term = node.children.get("") if node.children else None
+            if term is None:
+                term = self._new_child(node, "")
+                term.terminal = True
+        if j:
+            node.set_tokens(*_reorder(self._seg(node, 0, j), node.first))
+        else:
+            node.set_tokens(array("i"), array("B"), 0, array("f"), array("B"))
+        self.size -= n - j
+        for child in list((node.children or {}).values()):
+            self._prepend(child, seg, seg_start, seg_end, node_end)
+
+    # --- insert -------------------------------------------------------------------------------
+
+    def _make_path(self, text: str) -> list[tuple[Node, int]]:
+        node, pos, path = self.root, 0, []
+        n = len(text)
+        while pos < n:
+            ch = node.children.get(text[pos]) if node.children else None
+            if ch is None:
+                new = self._new_child(node, text[pos:])
+                path.append((new, pos))
+                break
+            L = len(ch.text)
+            k = _common(ch.text, 0, text, pos, min(L, n - pos))
+            if k == L:
+                path.append((ch, pos))
+                pos += L
+                node = ch
+                continue
+            upper = self._split(ch, k)
+            path.append((upper, pos))
+            pos += k
+            node = upper
+        return path
+
+    def insert(self, text: str, ids: Sequence[int], ends: Sequence[int], logprobs: Sequence[float | None] | None = None,
+               loss_mask: Sequence[int] | None = None, versions: Sequence[Any] | Any = None,
+               markers: Iterable[tuple[int, str]] = (), worker: str | None = None) -> None:
+        """Record ``text`` tokenized as ``ids``; token i covers text[ends[i-1]:ends[i]] (ends[-1] == len(text)).
+
+        ``versions``: one version (string) for every token, or one per token. ``markers``: optional spans
+        ``(start, span_text)`` (text[start:start+len(span_text)] == span_text).
+        """
+        n = len(ids)
+        if not text or n == 0:
+            return
+        if len(ends) != n or ends[-1] != len(text) or any(b < a for a, b in zip(ends, ends[1:])) or ends[0] < 0:
+            raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
+        lps = [NAN if x is None else float(x) for x in logprobs] if logprobs is not None else [NAN] * n
+        mask = [1 if m else 0 for m in loss_mask] if loss_mask is not None else [0] * n
+        if len(lps) != n or len(mask) != n:
+            raise ValueError("logprobs / loss_mask must have one entry per token")
+        with self.lock:
+            before = len(self.vtable)
+            if versions is None or isinstance(versions, (str, int)):
+                vi = [self.version_id(versions)] * n
+            else:
+                vs = list(versions)
+                if len(vs) != n:
+                    raise ValueError("versions must have one entry per token")
+                vi = [self.version_id(v) for v in vs]
+            rec_version = max(vi)
+            mv_all = [(v << 1) | m for v, m in zip(vi, mask)]
+            widths_all = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
+            self._insert(text, list(ids), list(ends), widths_all, lps, mv_all, rec_version, worker)
+            for start, span in markers:
+                self._add_marker(text, int(start), span)
+            self.inserts += 1
+            if len(self.vtable) > before and len(self.vtable) > self.gc_k:
+                self.gc()
+            self._evict_to(self.max_tokens)
+
+    def _insert(self, text: str, ids: list[int], ends: list[int], widths: list[int], lps: list[float],
+                mv: list[int], rec_version: int, worker: str | None) -> None:
+        path = self._make_path(text)
+        stamp = next(self._clock)
+        carry = 0  # index of the first chain token not placed yet
+        n = len(ids)
+        for pi, (node, s) in enumerate(path):
+            e = s + len(node.text)
+            k = bisect_right(ends, e, carry) if pi < len(path) - 1 else n
+            # common prefix of the node's tokens and chain[carry:k]
+            old_n = len(node.ids)
+            chain_start = ends[carry - 1] if carry else 0
+            j = 0
+            if old_n and s + node.first == chain_start:
+                m = min(old_n, k - carry)
+                if node.ids[:m].tolist() == ids[carry:carry + m] and node.widths[:m].tolist() == \
+                        widths[carry:carry + m]:
+                    j = m
+                else:
+                    while j < m and node.ids[j] == ids[carry + j] and node.widths[j] == widths[carry + j]:
+                        j += 1
+            if j < old_n and (node.children or pi < len(path) - 1):
+                self._push_down(node, j, s)
+            last = pi == len(path) - 1
+            if j:  # equal tokens: a generated record beats a prompt record (mask 1 wins)
+                self._merge_meta(node, j, lps[carry:carry + j], mv[carry:carry + j])
+            if last:
+                rem = slice(carry + j, n)
+                rem_first = (ends[carry + j - 1] if carry + j else 0) - e
+                if node.children:
+                    term = node.children.get("")
+                    if carry + j < n:
+                        if term is None:
+                            term = self._new_child(node, "")
+                        self.size -= len(term.ids)
+                        term.set_tokens(array("i", ids[rem]), _uarr(widths[rem]), rem_first, array("f", lps[rem]),
+                                        _uarr(mv[rem]))
+                        self.size += len(term.ids)
+                        term.terminal = True
+                        node.terminal = False
+                        self._stamp(term, stamp, rec_version, worker)
+                    else:
+                        if term is not None:
+                            self._remove(term)
+                        node.terminal = True
+                else:
+                    keep = min(j, old_n)
+                    self.size -= old_n - keep
+                    if carry + j < n:
+                        if keep:
+                            a_ids, a_w, a_l, a_mv = self._seg(node, 0, keep)
+                            a_ids.extend(ids[rem])
+                            a_l.extend(lps[rem])
+                            node.set_tokens(a_ids, _ucat(a_w, _uarr(widths[rem])), node.first, a_l,
+                                            _ucat(a_mv, _uarr(mv[rem])))
+                        else:
+                            node.set_tokens(array("i", ids[rem]), _uarr(widths[rem]), rem_first + len(node.text),
+                                            array("f", lps[rem]), _uarr(mv[rem]))
+                        self.size += n - carry - j
+                    elif keep < old_n:
+                        node.set_tokens(*_reorder(self._seg(node, 0, keep), node.first))
+                    node.terminal = True
+            else:
+                carry += j
+            self._stamp(node, stamp, rec_version, worker)
+
+    def _stamp(self, node: Node, stamp: int, version: int, worker: str | None) -> None:
+        if version > node.version:
+            node.version = version
+        if worker is not None:
+            node.worker = worker
+        self._touch(node, stamp)
+
+    @staticmethod
+    def _merge_meta(node: Node, j: int, lps: list[float], mv: list[int]) -> None:
+        old = node.mv[:j]
+        if sum(x & 1 for x in mv) > sum(x & 1 for x in old):
+            node.logp[:j] = array("f", lps)
+            new = list(node.mv)
+            new[:j] = mv
+            node.mv = _uarr(new)
+
+    def _add_marker(self, text: str, start: int, span: str) -> None:
+        if not span or start < 0 or text[start:start + len(span)] != span:
+            return
+        node, pos = self.root, 0
+        while True:
+            ch = node.children.get(text[pos]) if node.children and pos < len(text) else None
+            if ch is None:
+                return
+            L = len(ch.text)
+            if pos + L > start:
+                if text.startswith(ch.text[:start - pos + 1], pos):
+                    if ch.tails is None:
+                        ch.tails = {}
+                    ch.tails[start - pos] = span
+                return
+            if not text.startswith(ch.text, pos):
+                return
+            pos += L
+            node = ch
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    def _advance(self, path: list, cands: list, node: Node, nstart: int, off: int, s: str, i: int
+                 ) -> tuple[Node, int, int, int]:
+        n = len(s)
+        while True:
+            text = node.text
+            L = len(text)
+            if off < L and i < n:
+                m = min(L - off, n - i)
+                k = _common(text, off, s, i, m)
+                if node.tails:
+                    for r, o in node.tails.items():
+                        if off <= r <= off + k:
+                            cands.append((nstart + r, o, node, nstart, len(path) - 1))
+                off += k
+                i += k
+                if off < L:
+                    break
+            elif off < L:
+                break
+            if i >= n:
+                break
+            ch = node.children.get(s[i]) if node.children else None
+            if ch is None:
+                break
+            nstart += L
+            path.append((ch, nstart))
+            node, off = ch, 0
+        if off == len(node.text) and node.children:
+            # stopped at a node boundary: an optional span may start right here in any child
+            for ch in node.children.values():
+                if ch.tails and 0 in ch.tails:
+                    cands.append((nstart + len(node.text), ch.tails[0], ch, nstart + len(node.text), len(path)))
+        return node, nstart, off, i
+
+    def match(self, query: str, touch: bool = True) -> Match:
+        """The longest recorded chain for a prefix of ``query`` (optional spans may be skipped)."""
+        with self.lock:
+            path: list[tuple[Node, int]] = []
+            cands: list[tuple[int, str, int, int]] = []
+            node, nstart, off, q = self.root, 0, 0, 0
+            delta = 0
+            seg_start = 0
+            skips: list[tuple[int, int, int]] = []  # (V, len, delta before)
+            while True:
+                node, nstart, off, q = self._advance(path, cands, node, nstart, off, query, q)
+                t = nstart + off
+                best = None
+                for c in cands:
+                    V, o = c[0], c[1]
+                    if seg_start <= V <= t < V + len(o) and (best is None or V < best[0]):
+                        best = c
+                if best is None:
+                    break
+                V, o, vnode, ns, plen = best
+                sub = path[:plen] + [(vnode, ns)]
+                sub_cands: list = []
+                n2, ns2, off2, i2 = self._advance(sub, sub_cands, vnode, ns, V - ns, o, 0)
+                if i2 < len(o):
+                    break
+                q = V - delta
+                skips.append((V, len(o), delta))
+                delta += len(o)
+                seg_start = V + len(o)
+                path = sub
+                cands = [c for c in cands if c[0] < V]
+                node, nstart, off = n2, ns2, off2
+            t = nstart + off
+            if off == len(node.text) and node.children and "" in node.children:
+                path.append((node.children[""], t))
+            res = self._collect(path, t)
+            b = res[1]
+            for V, L, d in skips:
+                if V < b < V + L:  # the optional span is only partly recorded: stop before it
+                    res = self._collect(path, V)
+                    b = res[1]
+                    break
+            segs, b = res
+            qpos = b
+            for V, L, d in skips:
+                if b >= V + L:
+                    qpos = b - (d + L)
+                elif b <= V:
+                    qpos = b - d
+                    break
+            m = Match()
+            m.query_pos = qpos
+            m.skipped = sum(1 for V, L, d in skips if b >= V + L)
+            m.vtable = self.vtable
+            stamp = next(self._clock) if touch else 0
+            parts: list[str] = []
+            ids, logp, mv = m.raw_ids, m.raw_logp, m.raw_mv
+            widths = m.raw_widths
+            widths.append(0)
+            for nd, s, cnt in segs:
+                ids.extend(nd.ids[:cnt])
+                logp.extend(nd.logp[:cnt])
+                mv.extend(nd.mv[:cnt])
+                widths.extend(nd.widths[:cnt])
+                if touch:
+                    self._touch(nd, stamp)
+            if segs:
+                m.worker = segs[-1][0].worker
+                if touch:  # ancestors are at least as recent as their descendants
+                    p = segs[-1][0].parent
+                    while p is not None and p.stamp < stamp:
+                        p.stamp = stamp
+                        p = p.parent
+            for nd, s in path:
+                if s >= b:
+                    break
+                parts.append(nd.text[:b - s])
+                if nd.tails:
+                    for r, o in nd.tails.items():
+                        if s + r + len(o) <= b:
+                            m.markers.append((s + r, o))
+            m.canonical = "".join(parts)
+            return m
+
+    def _collect(self, path: list[tuple[Node, int]], t: int) -> tuple[list[tuple[Node, int, int]], int]:
+        """Validated chain along ``path`` up to text position t: ([(node, start, count)], end)."""
+        b = 0
+        segs: list[tuple[Node, int, int]] = []
+        for nd, s in path:
+            if not len(nd.ids):
+                continue
+            if s + nd.first != b:
+                break
+            if s + nd.last <= t:
+                segs.append((nd, s, len(nd.ids)))
+                b = s + nd.last
+                continue
+            ends = nd.ends()
+            cnt = bisect_right(ends, t - s)
+            if cnt:
+                segs.append((nd, s, cnt))
+                b = s + ends[cnt - 1]
+            break
+        # never end on tokens that carry only part of a character
+        while segs:
+            nd, s, cnt = segs[-1]
+            if nd.widths[cnt - 1] != 0:
+                break
+            cnt -= 1
+            if cnt:
+                segs[-1] = (nd, s, cnt)
+            else:
+                segs.pop()
+            if segs:
+                nd2, s2, c2 = segs[-1]
+                b = s2 + (list(itertools.accumulate(nd2.widths[:c2], initial=nd2.first))[-1])
+            else:
+                b = 0
+        return segs, b
+
+    # --- eviction and GC ----------------------------------------------------------------------
+
+    def _evict_to(self, limit: int) -> None:
+        heap = self._heap
+        while self.size > limit and heap:
+            stamp, _, node = heapq.heappop(heap)
+            if not node.alive or node.children or node.stamp != stamp or node is self.root:
+                continue
+            removed = self._remove(node)
+            self.evictions += 1
+            self.evicted_tokens += removed
+        if len(heap) > 4 * self.node_count + 64:
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        self._heap = [(n.stamp, next(self._seq), n) for n in self._iter_nodes() if not n.children]
+        heapq.heapify(self._heap)
+
+    def evict(self, tokens: int) -> int:
+        """Evict least-recently-used leaves until ``tokens`` tokens are freed; returns tokens freed."""
+        with self.lock:
+            before = self.size
+            self._evict_to(max(0, self.size - tokens))
+            return before - self.size
+
+    def gc(self, keep: int | None = None) -> int:
+        """Drop subtrees last used by a version older than the newest ``keep`` (default gc_k) versions."""
+        with self.lock:
+            keep = self.gc_k if keep is None else keep
+            cutoff = len(self.vtable) - keep
+            self.gc_runs += 1
+            if cutoff <= 0:
+                return 0
+            removed = 0
+            stack = [self.root]
+            while stack:
+                n = stack.pop()
+                for ch in list((n.children or {}).values()):
+                    if ch.version < cutoff:
+                        removed += self._remove(ch)
+                    else:
+                        stack.append(ch)
+            self.gc_removed_tokens += removed
+            return removed
+
+    # --- introspection ------------------------------------------------------------------------
+
+    def _iter_nodes(self) -> Iterable[Node]:
+        stack = list((self.root.children or {}).values())
+        while stack:
+            n = stack.pop()
+            yield n
+            if n.children:
+                stack.extend(n.children.values())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def versions(self) -> list[str]:
+        """Weight versions the stored tokens were produced by, oldest first."""
+        with self.lock:
+            seen: set[int] = set()
+            for n in self._iter_nodes():
+                seen.update(x >> 1 for x in n.mv)
+            return [self.vtable[i] for i in sorted(seen)]
+
+    def nbytes(self) -> int:
+        """Bytes used by the nodes (objects, texts, arrays, child dicts), measured with sys.getsizeof."""
+        with self.lock:
+            total = sys.getsizeof(self.root)
+            for n in self._iter_nodes():
+                total += (sys.getsizeof(n) + sys.getsizeof(n.text) + sys.getsizeof(n.ids) + sys.getsizeof(n.widths)
+                          + sys.getsizeof(n.logp) + sys.getsizeof(n.mv))
+                if n.children:
+                    total += sys.getsizeof(n.children)
+                if n.tails:
+                    total += sys.getsizeof(n.tails)
+            return total
+
+    def check(self) -> None:
+        """Assert the structural invariants (for tests)."""
+        with self.lock:
+            count, size = 0, 0
+            stack = [(self.root, 0)]
+            while stack:
+                n, s = stack.pop()
+                if n is not self.root:
+                    count += 1
+                    size += len(n.ids)
+                    assert n.alive
+                    assert len(n.ids) == len(n.widths) == len(n.logp) == len(n.mv)
+                    if len(n.ids):
+                        assert n.last == n.first + sum(n.widths) <= len(n.text)
+                    assert n.text or n.parent is not None
+                for key, ch in (n.children or {}).items():
+                    assert ch.parent is n and ch.key == key
+                    assert n is self.root or ch.version <= n.version
+                    assert n is self.root or ch.stamp <= n.stamp
+                    if key == "":
+                        assert not ch.children
+                    stack.append((ch, s + len(n.text)))
+            assert count == self.node_count, (count, self.node_count)
+            assert size == self.size, (size, self.size)
+            assert self.size <= self.max_tokens
+
+
+def _reorder(seg: tuple[array, array, array, array], first: int) -> tuple[array, array, int, array, array]:
+    ids, widths, logp, mv = seg
+    return ids, widths, first, logp, mv

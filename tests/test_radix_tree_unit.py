@@ -1,0 +1,295 @@
+"""StringRadixTrie and TrajectoryCache units, plus hypothesis property tests against a reference model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slime_router_core import HTTPError
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
+from slime_router_plugins.radix_tree import StringRadixTrie, TrajectoryCache
+
+EOS = 151645
+
+
+def ends_of(pieces: list[str]) -> list[int]:
+    out, pos = [], 0
+    for p in pieces:
+        pos += len(p)
+        out.append(pos)
+    return out
+
+
+# --- the trie ------------------------------------------------------------------------------------
+
+
+def test_shared_prefix_stored_once_and_split_on_divergence():
+    t = StringRadixTrie(1000)
+    t.insert("Hello world", [1, 2], [5, 11], versions="v")
+    t.insert("Hello there", [1, 3], [5, 11], versions="v")
+    t.check()
+    assert t.size == 3 and set(t.root.children) == {"H"}  # "Hello" stored once
+    top = t.root.children["H"]
+    assert top.text == "Hello " and set(top.children) == {"w", "t"}  # dict keyed by first char
+    assert t.match("Hello world").ids == [1, 2]
+    assert t.match("Hello there").ids == [1, 3]
+
+
+def test_lookup_stops_at_any_token_boundary_inside_a_node():
+    t = StringRadixTrie(1000)
+    t.insert("abcdefghij", [1, 2, 3, 4], [2, 5, 7, 10])
+    for q, ids, pos in [("abcdefghij", [1, 2, 3, 4], 10), ("abcdefgXX", [1, 2, 3], 7), ("abcdef", [1, 2], 5),
+                        ("abc", [1], 2), ("a", [], 0), ("zzz", [], 0)]:
+        m = t.match(q)
+        assert (m.ids, m.query_pos) == (ids, pos), q
+        assert m.canonical == q[:pos]
+
+
+def test_divergent_chains_over_the_same_text_both_stay_exact():
+    t = StringRadixTrie(1000)
+    t.insert("X there", [1, 2], [1, 7], loss_mask=[0, 1])  # " there"
+    t.insert("X the end", [1, 3, 4], [1, 5, 9], loss_mask=[0, 1, 1])  # " the" + " end"
+    t.insert("X the", [1, 5, 6], [1, 3, 5], loss_mask=[0, 1, 1])  # " t" + "he": a third chain ending mid-way
+    t.check()
+    assert t.match("X there").ids == [1, 2]
+    assert t.match("X the end").ids == [1, 3, 4]
+    assert t.match("X the").ids == [1, 5, 6]  # the terminal ("") child
+    assert t.match("X th").ids == [1]  # no chain boundary there that all agree on: back off
+
+
+def test_same_text_newest_chain_wins_and_generated_mask_is_kept():
+    t = StringRadixTrie(1000)
+    t.insert("ab cd", [1, 2], [2, 5], loss_mask=[0, 0], versions="1")
+    t.insert("ab cd", [1, 2], [2, 5], logprobs=[-0.5, -0.25], loss_mask=[0, 1], versions="2")
+    t.insert("ab cd", [1, 2], [2, 5], loss_mask=[0, 0], versions="3")  # a prompt-only record of the same ids
+    m = t.match("ab cd")
+    assert m.loss_mask == [0, 1] and m.logprobs[1] == -0.25 and m.versions == ["2", "2"]
+    t.insert("ab cd", [7, 8, 9], [1, 2, 5])
+    assert t.match("ab cd").ids == [7, 8, 9]
+    t.check()
+
+
+def test_optional_span_written_or_skipped_gives_one_eos():
+    t = StringRadixTrie(1000)
+    text = "Q: hi\nA: yo<|im_end|>"
+    t.insert(text, [10, 11, 12, EOS], [6, 9, 11, len(text)], loss_mask=[0, 0, 1, 1], markers=[(11, "<|im_end|>")])
+    for q, pos in [("Q: hi\nA: yo", 11), ("Q: hi\nA: yo<|im_end|>", len(text))]:
+        m = t.match(q)
+        assert m.ids == [10, 11, 12, EOS] and m.query_pos == pos
+    m = t.match("Q: hi\nA: yo\nQ: more")  # plain-text continuation without the EOS written
+    assert m.ids == [10, 11, 12, EOS] and m.query_pos == 11 and m.canonical == text
+    m = t.match("Q: hi\nA: yo<|im_end|>\n<|im_start|>")
+    assert m.ids == [10, 11, 12, EOS] and m.query_pos == len(text)
+    m = t.match("Q: hi\nA: y")
+    assert m.ids == [10, 11] and m.query_pos == 9
+
+
+def test_partial_character_tokens_never_end_a_match():
+    t = StringRadixTrie(1000)
+    # "a我" where 我 is split over two byte-level tokens: the first covers no complete character
+    t.insert("a我b", [1, 2, 3, 4], [1, 1, 2, 3])
+    assert t.match("a我b").ids == [1, 2, 3, 4]
+    m = t.match("a你")
+    assert m.ids == [1] and m.query_pos == 1
+
+
+def test_lru_eviction_keeps_the_bound_and_recent_records():
+    t = StringRadixTrie(max_tokens=10)
+    for i in range(6):
+        t.insert(f"r{i} abc", [i, 100, 101], [2, 4, 6])
+        assert t.size <= 10
+        t.check()
+    assert t.evictions > 0 and t.evicted_tokens > 0
+    assert t.match("r5 abc").ids == [5, 100, 101]
+    assert t.match("r0 abc").ids == []
+    t.match("r3 abc")  # a lookup refreshes recency
+    t.insert("r9 abc", [9, 100, 101], [2, 4, 6])
+    assert t.match("r3 abc").ids == [3, 100, 101]
+    assert t.evict(100) > 0 and t.size == 0
+    t.check()
+
+
+def test_gc_keeps_newest_k_string_versions_by_first_observation():
+    t = StringRadixTrie(10_000, gc_k=2)
+    for v in ["default", "7", "10", "step-3"]:  # "10" after "7": never compared as ints, "default" is oldest
+        t.insert(f"version {v} text", [1, 2], [8, 8 + len(v) + 5], versions=v)
+        t.check()
+    assert t.gc_runs == 2
+    assert t.match("version default text").ids == [1] and t.match("version 7 text").ids == [1]
+    assert t.match("version 10 text").ids == [1, 2] and t.match("version step-3 text").ids == [1, 2]
+    assert t.versions() == ["default", "10", "step-3"]  # "default": the shared "version " token
+    assert t.newer("step-3", "10") and t.newer("10", "7") and not t.newer("default", "7")
+
+
+def test_insert_validates_its_input():
+    t = StringRadixTrie()
+    with pytest.raises(ValueError):
+        t.insert("abc", [1, 2], [2, 2])
+    with pytest.raises(ValueError):
+        t.insert("abc", [1, 2], [2, 3], loss_mask=[1])
+    t.insert("", [], [])
+    assert t.size == 0
+
+
+# --- property tests --------------------------------------------------------------------------------
+
+ALPHABET = "ab c"
+
+
+@st.composite
+def records(draw):
+    text = draw(st.text(alphabet=ALPHABET, min_size=1, max_size=14))
+    cuts = sorted(draw(st.sets(st.integers(1, len(text) - 1), max_size=len(text) - 1))) if len(text) > 1 else []
+    bounds = cuts + [len(text)]
+    starts = [0] + cuts
+    variant = draw(st.integers(0, 1))  # the same text piece may get a different id (non-injective decode)
+    ids = [hash((text[a:b], variant)) % 1000 for a, b in zip(starts, bounds)]
+    mask = draw(st.lists(st.integers(0, 1), min_size=len(ids), max_size=len(ids)))
+    return text, ids, bounds, mask
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("insert"), records(), st.sampled_from(["default", "1", "2", "3", "10"])),
+    st.tuples(st.just("lookup"), st.text(alphabet=ALPHABET, max_size=16)),
+    st.tuples(st.just("evict"), st.integers(0, 20)),
+    st.tuples(st.just("gc"), st.integers(1, 3)),
+), max_size=40)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, max_tokens=st.integers(3, 60))
+def test_property_against_reference_model(ops, max_tokens):
+    t = StringRadixTrie(max_tokens=max_tokens, gc_k=3)
+    recorded: set[tuple[str, int, int, int]] = set()  # (text up to the token's end, id, start, end)
+    recorded_meta: set[tuple] = set()  # ... + (loss mask, version)
+
+    def check_match(q: str) -> None:
+        m = t.match(q)
+        assert m.canonical == q[:m.query_pos]  # no optional spans in this model
+        prev = 0
+        for tid, end, mk, ver in zip(m.ids, m.ends, m.loss_mask, m.versions):
+            assert (q[:end], tid, prev, end) in recorded, "returned a token never recorded for this text"
+            assert (q[:end], tid, prev, end, mk, ver) in recorded_meta, "metadata never recorded for this token"
+            prev = end
+        assert prev == m.query_pos
+
+    for op in ops:
+        if op[0] == "insert":
+            (text, ids, ends, mask), version = op[1], op[2]
+            t.insert(text, ids, ends, loss_mask=mask, versions=version)
+            prev = 0
+            for tid, end, mk in zip(ids, ends, mask):
+                recorded.add((text[:end], tid, prev, end))
+                recorded_meta.add((text[:end], tid, prev, end, mk, version))
+                prev = end
+            if len(ids) <= max_tokens:  # the newest record's ids are exact right after its insert
+                m = t.match(text)
+                assert m.ids == ids and m.ends == ends
+            check_match(text)
+        elif op[0] == "lookup":
+            check_match(op[1])
+        elif op[0] == "evict":
+            t.evict(op[1])
+        else:
+            t.gc(op[1])
+        t.check()
+        assert t.size <= max_tokens
+
+
+# --- the cache with the real tokenizer ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(BUILTIN_CHECKPOINT)
+
+
+def reply(text: str, ids: list[int], version="default", finish=None, spans=None) -> dict:
+    meta = {"finish_reason": finish or {"type": "stop", "matched": EOS}, "weight_version": version,
+            "output_token_logprobs": [[-0.1 * (i + 1), t, None] for i, t in enumerate(ids)]}
+    if spans:
+        meta["weight_versions"] = spans
+    return {"text": text, "output_ids": ids, "meta_info": meta}
+
+
+def test_cache_turns_with_bpe_boundaries_and_spans(tok):
+    cache = TrajectoryCache(tok, max_size=100_000)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    p1 = asyncio.run(cache.prepare("Assistant:"))
+    assert p1.cached_tokens == 0 and p1.input_ids == enc("Assistant:")
+    out = enc(" 我 remember.") + [EOS]
+    cache.record(p1, reply(" 我 remember.", out, spans=[{"version": "a", "start": 0, "end": 2},
+                                                         {"version": "b", "start": 2, "end": len(out)}]), "w1")
+    # the next turn appends text that BPE would merge with the last generated token (".memory")
+    p2 = asyncio.run(cache.prepare("Assistant: 我 remember.memory"))
+    assert p2.input_ids[:len(p1.input_ids) + len(out)] == p1.input_ids + out
+    assert p2.input_ids[len(p1.input_ids) + len(out):] == enc("memory")
+    assert p2.worker_url == "w1" and p2.fresh_tokens == len(enc("memory"))
+    got = cache.retrieve("Assistant: 我 remember.")
+    assert got["tokens"] == p1.input_ids + out
+    assert got["loss_mask"] == [0] * len(p1.input_ids) + [1] * len(out)
+    assert got["weight_versions"][len(p1.input_ids):] == ["a", "a"] + ["b"] * (len(out) - 2)
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in
+               zip(got["rollout_logp"][len(p1.input_ids):], [-0.1 * (i + 1) for i in range(len(out))]))
+    with pytest.raises(HTTPError) as e:
+        cache.retrieve("Assistant: 我 remember. unseen", strict=True)
+    assert e.value.status == 404
+    for bad in ("", None, 3):
+        with pytest.raises(HTTPError) as e:
+            cache.retrieve(bad)  # type: ignore[arg-type]
+        assert e.value.status == 400
+
+
+def test_cache_stop_string_trimmed_inside_a_token(tok):
+    cache = TrajectoryCache(tok)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    p = cache.prepare_sync("Q:")
+    out = enc(" fine.\n\nUser")  # stop "\n\nUser" trimmed by the worker; ".\n\n" may be one token
+    cache.record(p, reply(" fine.", out, finish={"type": "stop", "matched": "\n\nUser"}), None)
+    for q in ("Q: fine.", "Q: fine.\n\nUser"):
+        got = cache.retrieve(q)
+        assert got["tokens"] == p.input_ids + out and got["fresh_tokens"] == 0
+    nxt = cache.prepare_sync("Q: fine.\n\nUser: next")
+    assert nxt.input_ids[:len(p.input_ids) + len(out)] == p.input_ids + out
+    assert nxt.input_ids[len(p.input_ids) + len(out):] == enc(": next")
+
+
+def test_cache_aborted_generation_records_only_the_prompt(tok):
+    cache = TrajectoryCache(tok)
+    p = cache.prepare_sync("Abort me:")
+    cache.record(p, reply(" partial", tok.encode(" partial"), finish={"type": "abort", "message": "x"}), None)
+    got = cache.retrieve("Abort me: partial")
+    assert got["exact_tokens"] == len(p.input_ids) and sum(got["loss_mask"]) == 0
+    s = cache.stats()
+    for key in ("total_entries", "cache_hits", "cache_misses", "hit_rate", "hit_tokens", "lookup_tokens",
+                "cur_cache_size", "max_cache_size", "cache_size_bytes", "evictions", "gc_runs", "gc_threshold_k",
+                "versions"):
+        assert key in s
+    assert s["cache_misses"] == 1 and s["cur_cache_size"] == len(p.input_ids) and s["cache_size_bytes"] > 0
+
+
+def test_detokenizer_pieces_match_decode(tok):
+    cache = TrajectoryCache(tok)
+    text = "Hello 世界 🤖 <think>\nx</think> done<|im_end|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    pcs = cache.detok.pieces(ids)
+    assert "".join(pcs) == text == tok.decode(ids, skip_special_tokens=False)
+    assert "" in pcs  # the emoji spans two byte-level tokens: the first carries no complete character
+    assert cache.detok.ends_for(ids, text) == ends_of(pcs)
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop(tok, caplog):
+    cache = TrajectoryCache(tok, verbose=True)
+    long_text = "word " * 3000  # above the offload threshold
+    p = asyncio.run(cache.prepare(long_text))
+    assert p.input_ids == tok.encode(long_text, add_special_tokens=False) and p.cached_tokens == 0
+    out = tok.encode(" done", add_special_tokens=False) + [EOS]
+    asyncio.run(cache.record_async(p, reply(" done", out), "w"))
+    with caplog.at_level("INFO", logger="slime_router.radix_tree"):
+        p2 = asyncio.run(cache.prepare(long_text + " done more"))
+    assert p2.cached_tokens == len(p.input_ids) + len(out) and p2.worker_url == "w"
+    assert any("from records" in r.message for r in caplog.records)  # --verbose: hits per request
