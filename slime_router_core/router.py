@@ -203,20 +203,28 @@ class Router:
     def _unreachable(worker: Worker, e: BaseException) -> HTTPError:
         return HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}", type="upstream_error")
 
-    async def send_json(self, ctx: RequestContext, payload: bytes) -> tuple[int, bytes, Worker]:
-        """POST ``payload`` to a selected worker with retries; returns (status, body, worker).
+    async def _post(self, ctx: RequestContext, payload: bytes,
+                    stream: bool) -> tuple[aiohttp.ClientResponse, bytes, Worker]:
+        """POST ``payload`` to selected workers until one answers below 400, retrying as allowed.
 
-        Non-2xx answers that are not retried are raised as ``UpstreamError``.
+        Non-streaming: the body is read and the worker released. Streaming: the response comes back
+        open and the worker still counted in flight (the caller ends both with ``release_stream``).
+        A non-2xx answer that is not retried is raised as ``UpstreamError``.
         """
         assert self.session is not None, "router not started"
         while True:
             worker = self.select(ctx)
             t = time.perf_counter()
             try:
-                async with self.session.post(worker.url + ctx.upstream_path, data=payload,
-                                             headers={"Content-Type": JSON_CT}) as resp:
+                resp = await self.session.post(worker.url + ctx.upstream_path, data=payload,
+                                               headers={"Content-Type": JSON_CT})
+                if stream and resp.status < 400:
+                    ctx.timings["upstream_headers"] = time.perf_counter() - t
+                    return resp, b"", worker
+                try:
                     data = await resp.read()
-                    status = resp.status
+                finally:
+                    resp.release()
             except CONNECTION_ERRORS as e:
                 worker.release()
                 await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
@@ -226,45 +234,23 @@ class Router:
                 raise
             worker.release()
             ctx.timings["upstream"] = time.perf_counter() - t
-            if status < 400:
-                return status, data, worker
-            err = UpstreamError(status, data, worker)
-            if status >= 500:
-                await self._retry_or_raise(ctx, worker, status, None, err)
-                continue
-            raise err
-
-    async def open_stream(self, ctx: RequestContext, payload: bytes) -> tuple[aiohttp.ClientResponse, Worker]:
-        """Open a streaming POST with retries. The caller must ``release_stream`` in a finally."""
-        assert self.session is not None, "router not started"
-        while True:
-            worker = self.select(ctx)
-            t = time.perf_counter()
-            try:
-                resp = await self.session.post(worker.url + ctx.upstream_path, data=payload,
-                                               headers={"Content-Type": JSON_CT})
-            except CONNECTION_ERRORS as e:
-                worker.release()
-                await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
-                continue
-            except BaseException:
-                worker.release()
-                raise
-            ctx.timings["upstream_headers"] = time.perf_counter() - t
             if resp.status < 400:
-                return resp, worker
-            try:
-                data = await resp.read()
-            except CONNECTION_ERRORS:
-                data = b""
-            finally:
-                resp.release()
-                worker.release()
+                return resp, data, worker
             err = UpstreamError(resp.status, data, worker)
             if resp.status >= 500:
                 await self._retry_or_raise(ctx, worker, resp.status, None, err)
                 continue
             raise err
+
+    async def send_json(self, ctx: RequestContext, payload: bytes) -> tuple[int, bytes, Worker]:
+        """Non-streaming POST with retries; returns (status, body, worker)."""
+        resp, data, worker = await self._post(ctx, payload, stream=False)
+        return resp.status, data, worker
+
+    async def open_stream(self, ctx: RequestContext, payload: bytes) -> tuple[aiohttp.ClientResponse, Worker]:
+        """Streaming POST with retries until the headers arrive. The caller must ``release_stream``."""
+        resp, _, worker = await self._post(ctx, payload, stream=True)
+        return resp, worker
 
     def stream_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
         """A worker broke a stream after it began: too late to retry, but it counts as a failure."""

@@ -338,3 +338,17 @@ def _load_tokenizer_cached(key: str):
 def load_tokenizer(path: str | Path):
     """``AutoTokenizer.from_pretrained(resolve_checkpoint(path))``, cached per path."""
     return _load_tokenizer_cached(str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level BPE's byte -> printable character table (Qwen's vocabulary is written in it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 from jinja2 import TemplateError
 
 from slime_router_core import HTTPError, RequestContext
+from slime_router_core.tokenizers import bytes_to_unicode
 
 from .parse import OutputParser, ParsedOutput, collect, parse_output
 from .render import HistoryEntry, HistoryStore, Renderer, SpliceError
@@ -42,26 +43,13 @@ def served_model_name(settings: Any) -> str:
     return "default"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 byte-level BPE's byte → printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 class TokenText:
     """Token id → (text, bytes) for OpenAI logprobs (byte-level BPE pieces turned back into bytes)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
         self.cache: dict[int, tuple[str, list[int]]] = {}
-        self.byte_decoder = {v: k for k, v in _bytes_to_unicode().items()}
+        self.byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
         self.added = {int(k) for k in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
 
     def __call__(self, tid: int) -> tuple[str, list[int]]:
@@ -201,6 +189,17 @@ class OpenAIService:
             return False
         self.counters.inc("recorded")
         return True
+
+    @staticmethod
+    def _advance(job: Any, st: dict, obj: dict) -> tuple[int, int, bool, dict | None, str]:
+        """Feed one stream chunk to a choice: (ids before, ids after, finished, merged reply, new text)."""
+        acc: ChoiceAccumulator = st["acc"]
+        before, after = acc.update(obj)
+        finished = acc.finish_reason is not None
+        if finished:
+            merged = job.merge(acc.chunks)
+            return before, after, True, merged, st["dec"].finish(merged.get("text"), acc.ids)
+        return before, after, False, None, st["dec"].feed(acc.ids)
 
     def logprob_entries(self, ids: list[int], lps: list, tops: list | None, want_top: int) -> list[dict]:
         out = []
@@ -385,13 +384,7 @@ class OpenAIService:
             if st is None or st["done"]:
                 continue
             acc: ChoiceAccumulator = st["acc"]
-            before, after = acc.update(obj)
-            finished = acc.finish_reason is not None
-            if finished:
-                merged = job.merge(acc.chunks)
-                text = st["dec"].finish(merged.get("text"), acc.ids)
-            else:
-                text = st["dec"].feed(acc.ids)
+            before, after, finished, merged, text = self._advance(job, st, obj)
             evs = st["parser"].feed(text) if text else []
             if finished:
                 evs += st["parser"].finish()
@@ -522,13 +515,7 @@ class OpenAIService:
             if st is None or st["done"]:
                 continue
             acc: ChoiceAccumulator = st["acc"]
-            before, after = acc.update(obj)
-            finished = acc.finish_reason is not None
-            if finished:
-                merged = job.merge(acc.chunks)
-                text = st["dec"].finish(merged.get("text"), acc.ids)
-            else:
-                text = st["dec"].feed(acc.ids)
+            before, after, finished, merged, text = self._advance(job, st, obj)
             lp = None
             if opts["logprobs"] and after > before:
                 lp = self.legacy_logprobs(acc.ids[before:after], acc.lps[before:after],

@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from slime_router_core import HTTPError
+from slime_router_core.tokenizers import bytes_to_unicode
 
 from .trie import Match, StringRadixTrie
 
@@ -28,19 +29,7 @@ log = logging.getLogger("slime_router.radix_tree")
 OFFLOAD_CHARS = 8192
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Detokenizer:
