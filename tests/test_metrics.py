@@ -385,3 +385,22 @@ def test_bounded_counter_folds_the_oldest_into_other():
     for v in ["a", "b", "a", "c", "d"]:
         c.add(v)
     assert c.items() == [("c", 1), ("d", 1), ("other", 3)]
+
+
+def test_cache_section_with_the_real_trajectory_cache(router, mock_worker):
+    w = mock_worker()
+    r = router(plugins=["metrics", "radix_tree"], hf_checkpoint="builtin:qwen3", worker_urls=[w.url])
+    first = "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
+    reply = gen(r.url, first).json()
+    gen(r.url, first + reply["text"] + "<|im_end|>\n<|im_start|>user\nAnd three?<|im_end|>\n")  # a hit
+    gen(r.url, "Something unrelated entirely")  # a miss
+    m = httpx.get(r.url + "/metrics").json()
+    stats = httpx.get(r.url + "/radix_tree/stats").json()
+    assert set(m["cache"]) == CACHE_KEYS
+    assert (m["cache"]["cache_hits"], m["cache"]["cache_misses"]) == (1, 2)
+    assert m["cache"]["hit_rate"] == pytest.approx(1 / 3)
+    assert m["cache"]["cur_cache_size"] == stats["cur_cache_size"] > 0
+    assert m["cache"]["cache_size_mb"] == pytest.approx(stats["cache_size_bytes"] / 2**20, rel=1e-3)
+    assert m["cache"]["max_cache_size"] == 10000 and m["cache"]["gc_threshold_k"] == 5
+    fams = scrape(r.url)
+    assert value(fams, "slime_router_cache_hits") == 1 and value(fams, "slime_router_cache_misses") == 2
