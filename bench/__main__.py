@@ -106,15 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="short runs (about 1 minute for the overhead section)")
-    ap.add_argument("--duration", type=float, help="seconds per throughput measurement (default 4; quick 2)")
-    ap.add_argument("--lat-duration", type=float, help="seconds per 1-connection measurement (default 3; quick 2)")
-    ap.add_argument("--cache-duration", type=float, help="seconds per cache-on measurement (default 5; quick 3)")
+    ap.add_argument("--duration", type=float, help="seconds per throughput measurement (default 3; quick 2)")
+    ap.add_argument("--lat-duration", type=float, help="seconds per 1-connection measurement (default 2; quick 1)")
+    ap.add_argument("--cache-duration", type=float, help="seconds per cache-on measurement (default 4; quick 3)")
     ap.add_argument("--repeats", type=int, help="alternating rounds over the routers (default 2; quick 1)")
     ap.add_argument("--connections", default="32,256", help="connection counts for throughput (default 32,256)")
     ap.add_argument("--ttfb-requests", type=int, help="streaming requests per router for TTFB (default 1000)")
     ap.add_argument("--rss-requests", type=int, default=0,
                     help="extra requests through slime pass-through for the RSS check (e.g. 200000)")
     ap.add_argument("--cache-max-size", type=int, default=1_000_000, help="--radix-tree-max-size for cache-on")
+    ap.add_argument("--baseline-all-conns", action="store_true",
+                    help="measure the baseline at every connection count (default: only the first; at 256 it "
+                         "queues requests for seconds)")
     ap.add_argument("--no-streaming", action="store_true", help="skip the streaming TTFB measurement")
     ap.add_argument("--load-tool", choices=("auto", "wrk", "asyncio"), default="auto",
                     help="load generator (auto: wrk when installed)")
@@ -140,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
         q = a.quick
         cfg = overhead.Config(
-            duration=a.duration or (2.0 if q else 4.0),
-            lat_duration=a.lat_duration or (2.0 if q else 3.0),
-            cache_duration=a.cache_duration or (3.0 if q else 5.0),
+            duration=a.duration or (2.0 if q else 3.0),
+            lat_duration=a.lat_duration or (1.0 if q else 2.0),
+            cache_duration=a.cache_duration or (3.0 if q else 4.0),
             repeats=a.repeats or (1 if q else 2),
             connections=tuple(int(x) for x in a.connections.split(",") if x.strip()),
             ttfb_requests=a.ttfb_requests or (300 if q else 1000),
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             tool=a.load_tool,
             profile_dir=a.profile,
             streaming=not a.no_streaming,
+            baseline_all_conns=a.baseline_all_conns,
         )
         print(f"\n== overhead: {cfg.repeats} alternating round(s), {cfg.duration:g} s per throughput run, "
               f"{cfg.lat_duration:g} s per latency run ==", flush=True)
