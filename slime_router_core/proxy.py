@@ -28,8 +28,10 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-
                (b"x-accel-buffering", b"no")]
 
 
-async def send_bytes(send: Send, status: int, body: bytes, headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers or JSON_HEADERS})
+async def send_bytes(send: Send, status: int, body: bytes) -> None:
+    # content-length spares the server chunked framing
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -183,7 +185,7 @@ class GenerateHandler:
             ctx.sent_to_client = True
             try:
                 if not ctx.inspect_stream:
-                    async for data in resp.content.iter_any():
+                    async for data in resp.iter_chunks():
                         if "first_chunk" not in ctx.timings:
                             ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                         await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -199,7 +201,7 @@ class GenerateHandler:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
-            router.release_stream(resp, worker, completed)
+            router.release_stream(resp, worker)
         if completed:
             await router.run_post_response(ctx, chunks)
         return resp.status
@@ -209,7 +211,7 @@ class GenerateHandler:
         router = self.router
         has_hook = router.has["stream_chunk"]
         buf = b""
-        async for data in resp.content.iter_any():
+        async for data in resp.iter_chunks():
             buf += data
             out: list[bytes] = []
             while True:

@@ -23,6 +23,7 @@ from .errors import HTTPError
 from .plugins import PluginManager
 from .registry import ComponentRegistry
 from .settings import Settings
+from .upstream import StreamReply, UpstreamPool
 from .workers import Worker, WorkerPool
 
 log = logging.getLogger("slime_router")
@@ -73,7 +74,8 @@ class Router:
         self.hook = plugins.hook
         self.registry = ComponentRegistry()
         self.pool = WorkerPool()
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # control plane: health checks, broadcasts
+        self.upstream: UpstreamPool | None = None  # the generation path
         self.on_close: list[Any] = []  # sync callables run at shutdown (e.g. stop the demo's workers)
         self.has: dict[str, bool] = {}
         self.refresh_hooks()
@@ -86,6 +88,8 @@ class Router:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self.upstream is None:
+            self.upstream = UpstreamPool(connect_timeout=self.settings.connect_timeout)
         if self.session is None:
             # One long-lived pool for every upstream call. No total timeout: generations take
             # as long as they take; connecting to a dead worker fails fast and is retried.
@@ -98,6 +102,9 @@ class Router:
     async def close(self) -> None:
         for callback in self.on_close:
             callback()
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -204,53 +211,57 @@ class Router:
         return HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}", type="upstream_error")
 
     async def _post(self, ctx: RequestContext, payload: bytes,
-                    stream: bool) -> tuple[aiohttp.ClientResponse, bytes, Worker]:
+                    stream: bool) -> tuple[int, bytes, StreamReply | None, Worker]:
         """POST ``payload`` to selected workers until one answers below 400, retrying as allowed.
 
-        Non-streaming: the body is read and the worker released. Streaming: the response comes back
-        open and the worker still counted in flight (the caller ends both with ``release_stream``).
+        Non-streaming: returns the whole body, the worker already released. Streaming: returns the
+        open reply with the worker still counted in flight (end both with ``release_stream``).
         A non-2xx answer that is not retried is raised as ``UpstreamError``.
         """
-        assert self.session is not None, "router not started"
+        assert self.upstream is not None, "router not started"
         while True:
             worker = self.select(ctx)
             t = time.perf_counter()
+            reply: StreamReply | None = None
             try:
-                resp = await self.session.post(worker.url + ctx.upstream_path, data=payload,
-                                               headers={"Content-Type": JSON_CT})
-                if stream and resp.status < 400:
-                    ctx.timings["upstream_headers"] = time.perf_counter() - t
-                    return resp, b"", worker
-                try:
-                    data = await resp.read()
-                finally:
-                    resp.release()
+                if stream:
+                    reply = await self.upstream.stream(worker.url, ctx.upstream_path, payload)
+                    status = reply.status
+                    if status < 400:
+                        ctx.timings["upstream_headers"] = time.perf_counter() - t
+                        return status, b"", reply, worker
+                    data = await reply.read()
+                else:
+                    status, data = await self.upstream.post(worker.url, ctx.upstream_path, payload)
             except CONNECTION_ERRORS as e:
                 worker.release()
                 await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
                 continue
             except BaseException:
+                if reply is not None:
+                    reply.release()
                 worker.release()
                 raise
             worker.release()
             ctx.timings["upstream"] = time.perf_counter() - t
-            if resp.status < 400:
-                return resp, data, worker
-            err = UpstreamError(resp.status, data, worker)
-            if resp.status >= 500:
-                await self._retry_or_raise(ctx, worker, resp.status, None, err)
+            if status < 400:
+                return status, data, None, worker
+            err = UpstreamError(status, data, worker)
+            if status >= 500:
+                await self._retry_or_raise(ctx, worker, status, None, err)
                 continue
             raise err
 
     async def send_json(self, ctx: RequestContext, payload: bytes) -> tuple[int, bytes, Worker]:
         """Non-streaming POST with retries; returns (status, body, worker)."""
-        resp, data, worker = await self._post(ctx, payload, stream=False)
-        return resp.status, data, worker
+        status, data, _, worker = await self._post(ctx, payload, stream=False)
+        return status, data, worker
 
-    async def open_stream(self, ctx: RequestContext, payload: bytes) -> tuple[aiohttp.ClientResponse, Worker]:
+    async def open_stream(self, ctx: RequestContext, payload: bytes) -> tuple[StreamReply, Worker]:
         """Streaming POST with retries until the headers arrive. The caller must ``release_stream``."""
-        resp, _, worker = await self._post(ctx, payload, stream=True)
-        return resp, worker
+        _, _, reply, worker = await self._post(ctx, payload, stream=True)
+        assert reply is not None
+        return reply, worker
 
     def stream_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
         """A worker broke a stream after it began: too late to retry, but it counts as a failure."""
@@ -259,11 +270,8 @@ class Router:
             self.hook.upstream_failed(ctx=ctx, worker=worker, status=None, error=error)
 
     @staticmethod
-    def release_stream(resp: aiohttp.ClientResponse, worker: Worker, completed: bool) -> None:
-        if completed:
-            resp.release()
-        else:
-            resp.close()  # drop the connection: the worker sees the disconnect and aborts the request
+    def release_stream(reply: StreamReply, worker: Worker) -> None:
+        reply.release()  # unfinished: the connection is dropped and the worker aborts the request
         worker.release()
 
     # --- the API plugins use -------------------------------------------------------------------
@@ -303,7 +311,7 @@ class Router:
             yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
                              "type": "upstream_error"}}
         finally:
-            self.release_stream(resp, worker, completed)
+            self.release_stream(resp, worker)
         if completed:
             await self.run_post_response(ctx, chunks)
 
@@ -331,10 +339,10 @@ class Router:
         return dict(await asyncio.gather(*(one(u) for u in targets)))
 
 
-async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | None]:
+async def iter_sse(resp: StreamReply) -> AsyncIterator[dict[str, Any] | None]:
     """Parse an SGLang SSE stream: yields each ``data:`` JSON object, ``None`` for ``[DONE]``."""
     buf = b""
-    async for data in resp.content.iter_any():
+    async for data in resp.iter_chunks():
         buf += data
         while True:
             end = buf.find(b"\n\n")
