@@ -14,7 +14,6 @@ upstream, time to first token, recording, total) is logged.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,30 +35,12 @@ COMPONENT = "metrics"
 
 # Request-path hooks receive only ``ctx``; these find the app's MetricsState from it. Keyed per
 # app (one entry per worker / per serving event loop), never shared between apps.
-_BY_WORKER: dict[int, MetricsState] = {}
-_BY_LOOP: dict[int, MetricsState] = {}
-
-
 def _state(ctx: RequestContext) -> MetricsState | None:
-    router = getattr(ctx, "router", None)  # if the core ever links contexts to their router
-    if router is not None and router.registry.has(COMPONENT):
-        return router.registry.get(COMPONENT)
-    worker = ctx.worker
-    if worker is not None:
-        state = _BY_WORKER.get(id(worker))
-        if state is not None:
-            return state
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+    """This app's metrics (every context carries the router that serves it)."""
+    router = ctx.router
+    if router is None or not router.registry.has(COMPONENT):
         return None
-    return _BY_LOOP.get(id(loop))
-
-
-def _forget(state: MetricsState) -> None:
-    for table in (_BY_WORKER, _BY_LOOP):
-        for key in [k for k, v in table.items() if v is state]:
-            del table[key]
+    return router.registry.get(COMPONENT)
 
 
 # --- configuration and start-up ----------------------------------------------------------------
@@ -146,21 +127,6 @@ def startup(router: Router) -> None:
     app = getattr(state, "app", None)
     if app is not None:
         state.set_known_routes(getattr(r, "path", None) for r in app.routes)
-    _BY_LOOP[id(asyncio.get_running_loop())] = state
-    for worker in router.pool:
-        _BY_WORKER[id(worker)] = state
-
-
-@hookimpl
-def shutdown(router: Router) -> None:
-    if router.registry.has(COMPONENT):
-        _forget(router.registry.get(COMPONENT))
-
-
-@hookimpl
-def worker_added(worker: Worker, router: Router) -> None:
-    if router.registry.has(COMPONENT):
-        _BY_WORKER[id(worker)] = router.registry.get(COMPONENT)
 
 
 # --- the request path (each hook: a few dict updates) ----------------------------------------------
@@ -168,14 +134,14 @@ def worker_added(worker: Worker, router: Router) -> None:
 
 @hookimpl
 def worker_selected(ctx: RequestContext, worker: Worker) -> None:
-    state = _BY_WORKER.get(id(worker)) or _state(ctx)
+    state = _state(ctx)
     if state is not None:
         state.on_worker_selected(ctx)
 
 
 @hookimpl
 def upstream_failed(ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None) -> None:
-    state = _BY_WORKER.get(id(worker)) or _state(ctx)
+    state = _state(ctx)
     if state is not None:
         state.on_upstream_failed(status, error)
 
