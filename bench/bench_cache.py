@@ -5,6 +5,9 @@
    new text) vs tokenizing the full text each turn.
 2. Memory per cached token (tracemalloc, and the trie's own sys.getsizeof count), text included.
 3. Lookups and inserts per second at 1e4, 1e5 and 1e6 cached tokens.
+4. Per-request cache cost (in-process): prepare() and record() microseconds per turn on 10-turn chat
+   trajectories (~40-token user messages, ~100-250-token replies), in a cache shared by many
+   trajectories (as on a router), plus the encoder used (tiktoken fast path or HF).
 """
 
 from __future__ import annotations
@@ -121,15 +124,67 @@ def bench_rates(rng: random.Random, sizes: list[int]) -> None:
               f"{insert:7.0f} inserts/s (with LRU eviction at the bound)")
 
 
+def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
+    enc = tok.backend_tokenizer.encode
+    cache = TrajectoryCache(tok, max_size=10_000_000)
+    print("\n4) per-request cache cost: prepare() + record() per turn, 10-turn chat trajectories, shared cache")
+    print(f"   encoder: {getattr(cache.detok, 'encoder_name', 'hf tokenizers')}")
+    user_msgs = ["Tell me about " + words(rng, 30) + " 你好世界 🤖 ok?" for _ in range(50)]
+    replies = [words(rng, rng.randint(100, 250)) for _ in range(50)]
+    # precompute the worker's outputs so only the cache is timed
+    out_ids = {r: enc(" " + r, add_special_tokens=False).ids + [EOS] for r in replies}
+    rows: dict[int, list[tuple[int, int, float, float]]] = {}
+    for _ in range(3):  # warm-up trajectories (imports, tokenizer caches)
+        p = cache.prepare_sync("<|im_start|>user\nwarm up " + words(rng, 20) + "<|im_end|>\n<|im_start|>assistant\n")
+        cache.record(p, {"text": " x", "output_ids": enc(" x").ids + [EOS], "meta_info": {
+            "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "1"}}, "w")
+    for k in range(trajectories):
+        prompt = f"<|im_start|>system\nYou are agent {k}.<|im_end|>\n<|im_start|>user\n" + rng.choice(user_msgs) + \
+                 "<|im_end|>\n<|im_start|>assistant\n"
+        for turn in range(1, 11):
+            t0 = time.perf_counter()
+            prepared = cache.prepare_sync(prompt)
+            t_prep = time.perf_counter() - t0
+            reply_text = " " + rng.choice(replies)
+            out = out_ids[reply_text[1:]]
+            resp = {"text": reply_text, "output_ids": out, "meta_info": {
+                "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "1",
+                "output_token_logprobs": [[-0.5, t, None] for t in out]}}
+            t0 = time.perf_counter()
+            cache.record(prepared, resp, "w")
+            t_rec = time.perf_counter() - t0
+            rows.setdefault(turn, []).append((len(prepared.input_ids), prepared.fresh_tokens, t_prep, t_rec))
+            prompt = prompt + reply_text + "<|im_end|>\n<|im_start|>user\n" + rng.choice(user_msgs) + \
+                "<|im_end|>\n<|im_start|>assistant\n"
+    print("   turn | prompt tokens | fresh tokens | prepare us (median) | record us (median) | total us")
+    tot_p, tot_r = [], []
+    for turn, rs in rows.items():
+        n = statistics.mean(r[0] for r in rs)
+        f = statistics.mean(r[1] for r in rs)
+        tp = statistics.median(r[2] for r in rs) * 1e6
+        tr = statistics.median(r[3] for r in rs) * 1e6
+        tot_p += [r[2] for r in rs]
+        tot_r += [r[3] for r in rs]
+        print(f"   {turn:4d} | {n:13.0f} | {f:12.0f} | {tp:19.1f} | {tr:18.1f} | {tp + tr:8.1f}")
+    print(f"   all turns: prepare mean {statistics.mean(tot_p) * 1e6:.1f} us, record mean "
+          f"{statistics.mean(tot_r) * 1e6:.1f} us, sum {(statistics.mean(tot_p) + statistics.mean(tot_r)) * 1e6:.1f} us")
+    assert cache.retrieve(prompt[:len(prompt) - 40])["exact_tokens"] > 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only-per-request", action="store_true", help="run only section 4")
     args = ap.parse_args()
     rng = random.Random(0)
     tok = load_tokenizer(BUILTIN_CHECKPOINT)
+    if args.only_per_request:
+        bench_per_request(tok, 30 if args.quick else 100, rng)
+        return
     bench_turns(tok, 3 if args.quick else 10, rng)
     bench_memory(rng, 100_000 if args.quick else 1_000_000)
     bench_rates(rng, [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    bench_per_request(tok, 30 if args.quick else 100, rng)
 
 
 if __name__ == "__main__":

@@ -293,3 +293,100 @@ def test_long_prompts_are_tokenized_off_the_event_loop(tok, caplog):
         p2 = asyncio.run(cache.prepare(long_text + " done more"))
     assert p2.cached_tokens == len(p.input_ids) + len(out) and p2.worker_url == "w"
     assert any("from records" in r.message for r in caplog.records)  # --verbose: hits per request
+
+
+# --- fast paths: tiktoken encoder, incremental records ---------------------------------------------
+
+
+SPECIAL_TEXTS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "\n", "\n\n",
+                 " ", "  ", "\t", "\r\n", "你好", "🤖", "👨‍👩‍👧", "é", "e\u0301", "\u0338", "'s", "123", "<|im_end"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(st.one_of(st.text(max_size=30), st.sampled_from(SPECIAL_TEXTS)), max_size=12))
+def test_tiktoken_fast_path_equals_hf_on_random_unicode(tok, parts):
+    from slime_router_plugins.radix_tree.cache import Detokenizer
+
+    fast = Detokenizer(tok)
+    assert fast.fast is not None, "the builtin Qwen3 tokenizer must get the tiktoken fast path"
+    text = "".join(parts)
+    assert fast.encode(text) == tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_tiktoken_fast_path_only_for_the_same_tokenizer(tok):
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from slime_router_plugins.radix_tree.cache import Detokenizer, fast_encoder
+
+    d = Detokenizer(tok)
+    assert d.fast is not None and "tiktoken" in d.encoder_name
+    # HF extracts added tokens before NFC: "<|im_end|>" + U+0338 must not become "<|im_end|≯"
+    for text in ("<|im_end|>\u0338", "a<\u0338b", "cafe\u0301 <think>"):
+        assert d.encode(text) == tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.NFKC()  # another normalizer: not provably the same tokenizer
+    other = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert fast_encoder(other) is None and Detokenizer(other).encoder_name == "hf tokenizers"
+    assert fast_encoder(object()) is None
+
+
+def _turn(cache: TrajectoryCache, tok, prompt: str, reply_text: str, worker: str = "w", version: str = "1"):
+    p = cache.prepare_sync(prompt)
+    out = tok.encode(reply_text, add_special_tokens=False) + [EOS]
+    return p, {"text": reply_text, "output_ids": out, "meta_info": {
+        "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": version,
+        "output_token_logprobs": [[-0.01 * (i + 1), t, None] for i, t in enumerate(out)]}}
+
+
+def test_incremental_record_walks_only_new_tokens_and_falls_back_when_the_tree_changed(tok):
+    cache = TrajectoryCache(tok, max_size=100_000)
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    for i in range(4):
+        p, r = _turn(cache, tok, prompt, f" reply {i} 你好 🤖.")
+        cache.record(p, r, "w")
+        prompt += r["text"] + f"<|im_end|>\n<|im_start|>user\nmore {i}<|im_end|>\n<|im_start|>assistant\n"
+    assert cache.records_incremental == 3  # turn 1 has no anchor; turns 2-4 continue the recorded chain
+    # the tree changes under a prepared prompt (its anchor node is evicted): the full insert is used
+    p, r = _turn(cache, tok, prompt, " last")
+    cache.tree.evict(cache.tree.size)
+    cache.record(p, r, "w")
+    assert cache.records_incremental == 3
+    got = cache.retrieve(prompt + " last")
+    assert got["tokens"] == p.input_ids + r["output_ids"] and got["fresh_tokens"] == 0
+    cache.tree.check()
+
+
+TURN_TEXTS = [" ok", " yes.", " 你好", " 🤖!", "\n\nsure", " the end", " a b c", " ok ok"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.sampled_from(TURN_TEXTS),
+                                 st.sampled_from(["1", "2"]), st.booleans()), min_size=1, max_size=14),
+       max_size=st.sampled_from([60, 100_000]))
+def test_property_incremental_record_equals_full_insert(tok, script, max_size):
+    """Conversations recorded with anchors (incremental) and without (full inserts) give identical lookups,
+    including interleaved turns (anchors invalidated by other records), branches and evictions."""
+    caches = [TrajectoryCache(tok, max_size=max_size, gc_k=5) for _ in range(2)]
+    convs = ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"] * 2 + ["Q: x\nA:", "Q: y\nA:"]
+    pending: list = []
+    texts: set[str] = set()
+    for conv, branch, reply_text, version, delay in script:
+        base = convs[conv] + ("" if branch == 0 else f"<|im_end|>\n<|im_start|>user\nbranch {branch}\n")
+        pair = [_turn(c, tok, base, reply_text, version=version) for c in caches]
+        pair[1][0].match.anchor = None  # the reference cache: full inserts only
+        assert pair[0][0].input_ids == pair[1][0].input_ids
+        pending.append((pair, base + reply_text))
+        if not delay:  # record now, or later (interleaved with other conversations' records)
+            for (p, r), c in zip(pending.pop()[0], caches):
+                c.record(p, r, "w")
+        convs[conv] = base + reply_text + "<|im_end|>\n<|im_start|>user\nnext<|im_end|>\n<|im_start|>assistant\n"
+        texts.update([base + reply_text, convs[conv]])
+    for pair, _ in pending:
+        for (p, r), c in zip(pair, caches):
+            c.record(p, r, "w")
+    for c in caches:
+        c.tree.check()
+    for text in sorted(texts):
+        a, b = (c.retrieve(text) for c in caches)
+        assert a == b, text

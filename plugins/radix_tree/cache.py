@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
+import json
 import logging
 import threading
-from typing import Any
+import unicodedata
+import weakref
+from bisect import bisect_left
+from typing import Any, Callable
 
 from slime_router_core import HTTPError
 from slime_router_core.tokenizers import bytes_to_unicode
@@ -31,13 +36,150 @@ OFFLOAD_CHARS = 8192
 
 _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
+# Strings a fast encoder must tokenize exactly like the HF tokenizer before it is used (plus every added token,
+# alone and inside text): special tokens, newlines, CJK, emojis (ZWJ sequences, flags, skin tones), mixed
+# whitespace, digits, contractions, code, accents, RTL scripts, byte-fallback-like rarities.
+PROBES: tuple[str, ...] = (
+    "", " ", "  ", "\n", "\n\n", "\n\n\n", "\r\n", "\r\n\r\n", "\t", " \t \n  \n\t x", "   leading", "trailing   ",
+    "a  b   c    d", "x \n y \n\n z", "\u00a0nbsp\u2009thin\u3000ideo", "Hello, world! How's it going? I'm fine; we'll see.",
+    "DON'T STOP, it'S OK", "12345 6789.01 -3e10 0x1F 1,000,000", "你好，世界！我是一个助手。", "日本語のテキスト、カタカナ。",
+    "한국어 텍스트입니다", "🤖🚀 emoji 👨‍👩‍👧‍👦 family 🇫🇷 flag 👍🏽 skin", "café naïve façade résumé Ærøskøbing",
+    "مرحبا بالعالم", "שלום עולם", "Привет, мир!", "Γειά σου Κόσμε", "def f(x):\n    return x ** 2  # comment\n",
+    "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "<html><body>&amp;</body></html>",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>",
+    "<tool_call>\n{\"a\": 1}\n</tool_call>", "<|im_end|><|im_end|>x<|endoftext|>", "<|im_end", "|im_end|>",
+    "\u200b\u200c\u200d\ufeff", "ﬁ ligature Ω K Å", "\U0001d400\U0001d401 math", "................", "!!!???",
+    "----====____", "a\u0301 e\u0300", "Ⅻ ½ ² ① ⑴", "tab\tsep\tvalues\n1\t2\t3", "\x00\x01\x7f control",
+)
+
+
+def _added_tokens(tokenizer: Any, backend: Any) -> dict[int, Any] | None:
+    try:
+        added = backend.get_added_tokens_decoder()
+    except Exception:
+        added = getattr(tokenizer, "added_tokens_decoder", None)
+    return {int(i): t for i, t in added.items()} if isinstance(added, dict) else None
+
+
+_FAST_ENCODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # tokenizer -> encoder | None
+_FAST_LOCK = threading.Lock()
+
+
+def fast_encoder(tokenizer: Any) -> "Callable[[str], list[int]] | None":
+    """A tiktoken encoder that provably tokenizes like ``tokenizer``, or None.
+
+    Used only when the HF tokenizer is Qwen's byte-level BPE: NFC normalizer (or none), Qwen's split
+    regex, a plain BPE model whose vocabulary equals Qwen's 151,643 ranks token for token, added tokens
+    that are matched verbatim (not normalized, no lstrip/rstrip/single_word, none a prefix of another),
+    and identical ids on every probe string. Texts that NFC would change, or that hold lone surrogates,
+    go to the HF tokenizer (HF splits added tokens *before* normalizing; tiktoken cannot). The result
+    is derived from the immutable tokenizer only, so it is cached per tokenizer object.
+    """
+    if tokenizer is None:
+        return None
+    with _FAST_LOCK:
+        try:
+            return _FAST_ENCODERS[tokenizer]
+        except (KeyError, TypeError):
+            pass
+        try:
+            enc = _build_fast_encoder(tokenizer)
+        except Exception as e:  # any surprise: the HF tokenizer is always correct
+            log.info("radix_tree: tiktoken fast path unavailable (%s: %s)", type(e).__name__, e)
+            enc = None
+        try:
+            _FAST_ENCODERS[tokenizer] = enc
+        except TypeError:
+            pass
+        return enc
+
+
+def _build_fast_encoder(tokenizer: Any) -> "Callable[[str], list[int]] | None":
+    from slime_router_core.tokenizers import QWEN_PAT_STR, load_qwen_ranks
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        return None
+    norm = backend.normalizer
+    if norm is None:
+        nfc = False
+    elif json.loads(norm.__getstate__()) == {"type": "NFC"}:
+        nfc = True
+    else:
+        return None
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None
+    want_pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN_PAT_STR}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    if not isinstance(pre, dict):
+        return None
+    for p in pre.get("pretokenizers") or []:
+        p.pop("trim_offsets", None)  # offsets only
+    if pre != want_pre:
+        return None
+    model = backend.model
+    if type(model).__name__ != "BPE" or model.dropout or model.byte_fallback or model.continuing_subword_prefix \
+            or model.end_of_word_suffix or getattr(model, "ignore_merges", False):
+        return None
+    ranks = load_qwen_ranks()
+    vocab = backend.get_vocab(with_added_tokens=False)
+    if len(vocab) != len(ranks):
+        return None
+    to_unicode = {b: ord(c) for b, c in bytes_to_unicode().items()}
+    get = vocab.get
+    for tok_bytes, rank in ranks.items():  # the whole vocabulary, token for token
+        if get(tok_bytes.decode("latin-1").translate(to_unicode)) != rank:
+            return None
+    added = _added_tokens(tokenizer, backend) or {}
+    specials: dict[str, int] = {}
+    for tid, t in added.items():
+        content = getattr(t, "content", None)
+        if not content or tid < len(ranks) or getattr(t, "normalized", True) or getattr(t, "lstrip", True) \
+                or getattr(t, "rstrip", True) or getattr(t, "single_word", True) or content in specials:
+            return None
+        specials[content] = tid
+    contents = sorted(specials)
+    if any(b.startswith(a) for a, b in zip(contents, contents[1:])):  # leftmost-longest == leftmost-first
+        return None
+    import tiktoken
+
+    enc = tiktoken.Encoding(name=f"slime-router-fast-{id(tokenizer)}", pat_str=QWEN_PAT_STR,
+                            mergeable_ranks=ranks, special_tokens=specials)
+    allowed = frozenset(specials)
+    core = getattr(enc, "_core_bpe", None)
+    core_encode = core.encode if core is not None else None
+    hf_encode = backend.encode
+    is_nfc = unicodedata.is_normalized
+
+    def encode(text: str) -> list[int]:
+        if nfc and not is_nfc("NFC", text):
+            return hf_encode(text, add_special_tokens=False).ids
+        try:
+            if core_encode is not None:
+                return core_encode(text, allowed)
+            return enc.encode(text, allowed_special=allowed, disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates: whatever HF does (it raises)
+            return hf_encode(text, add_special_tokens=False).ids
+
+    probes = list(PROBES)
+    for c in contents:
+        probes += [c, f"x{c}y", f" {c}\n", c + c]
+    for text in probes:
+        if encode(text) != hf_encode(text, add_special_tokens=False).ids:
+            log.warning("radix_tree: tiktoken differs from the HF tokenizer on %r; using the HF tokenizer", text)
+            return None
+    encode.encoding = enc  # type: ignore[attr-defined]
+    return encode
+
 
 class Detokenizer:
     """Per-token text pieces that concatenate to the exact decoding (special tokens written out)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, fast: bool = True) -> None:
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.fast = fast_encoder(tokenizer) if fast else None
+        self.encoder_name = "tiktoken (verified against the HF tokenizer)" if self.fast else "hf tokenizers"
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self.added: dict[int, str] = {int(i): t.content for i, t in added.items()}
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -45,9 +187,12 @@ class Detokenizer:
         self.special_ids = frozenset(special)
         self.byte_level = self.backend is not None and type(self.backend.decoder).__name__ == "ByteLevel"
         self._bytes: dict[int, bytes] = {}
+        self._piece: dict[int, str | bool] = {}  # tid -> its text, or False: not whole UTF-8 characters alone
         self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
+        if self.fast is not None:
+            return self.fast(text)
         if self.backend is not None:
             return self.backend.encode(text, add_special_tokens=False).ids
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -78,13 +223,35 @@ class Detokenizer:
         if not ids:
             return []
         if self.byte_level:
-            dec = codecs.getincrementaldecoder("utf-8")("replace")
+            get = self._piece.get
+            out = [get(t) for t in ids]
+            if None in out:
+                for i, t in enumerate(ids):
+                    if out[i] is None:
+                        try:
+                            out[i] = self._piece[t] = self.token_bytes(t).decode("utf-8")
+                        except UnicodeDecodeError:
+                            out[i] = self._piece[t] = False
+            if False not in out:  # every token holds whole characters: its own decoding is its piece
+                return out  # type: ignore[return-value]
+            # decode incrementally only from a partial-character token until the decoder is empty again
             tb = self.token_bytes
-            out = [dec.decode(tb(t)) for t in ids]
-            tail = dec.decode(b"", final=True)
-            if tail:
-                out[-1] += tail
-            return out
+            n, i = len(ids), 0
+            while i < n:
+                if out[i] is not False and out[i] is not None:
+                    i += 1
+                    continue
+                dec = codecs.getincrementaldecoder("utf-8")("replace")
+                while i < n:
+                    out[i] = dec.decode(tb(ids[i]))
+                    i += 1
+                    if not dec.getstate()[0]:
+                        break
+                else:
+                    tail = dec.decode(b"", final=True)
+                    if tail:
+                        out[-1] += tail  # type: ignore[operator]
+            return out  # type: ignore[return-value]
         # generic tokenizers: per-token decoding, trusted only if it concatenates to the full decoding
         out = [self.decode([t]) for t in ids]
         if "".join(out) != self.decode(list(ids)):
@@ -102,6 +269,26 @@ class Detokenizer:
             return out
         return [0] * (len(ids) - 1) + [len(text)]  # one opaque span: only usable as a whole
 
+    def _align_fast(self, text: str, ids: list[int], pcs: list[str]
+                    ) -> tuple[str, list[int], list[tuple[int, str]]] | None:
+        """``align_output``'s result in the common cases (the reply text is all the pieces, or all but a run
+        of special / added tokens at the end, e.g. the EOS), without the per-token walk; None otherwise."""
+        canonical = "".join(pcs)
+        ends = list(itertools.accumulate(map(len, pcs)))
+        if canonical == text:
+            return canonical, ends, []
+        n = len(text)
+        if not canonical.startswith(text):
+            return None
+        k = bisect_left(ends, n) + 1 if n else 0  # the first k tokens cover exactly ``text``
+        if k and (k > len(ends) or ends[k - 1] != n):
+            return None
+        special, added = self.special_ids, self.added
+        for t, pc in zip(ids[k:], pcs[k:]):
+            if pc and t not in special and t not in added:
+                return None
+        return canonical, ends, [(n, canonical[n:])]
+
     def align_output(self, text: str, ids: list[int]) -> tuple[str, list[int], list[tuple[int, str]]]:
         """Line the reply ``text`` up with ALL generated ``ids``.
 
@@ -112,6 +299,9 @@ class Detokenizer:
         pcs = self.pieces(ids)
         if not pcs:
             return text, [0] * (len(ids) - 1) + [len(text)], []
+        fast = self._align_fast(text, ids, pcs)
+        if fast is not None:
+            return fast
         ends: list[int] = []
         markers: list[tuple[int, str]] = []
         r = pos = 0
@@ -222,6 +412,7 @@ class TrajectoryCache:
         self.lookup_tokens = 0
         self.records = 0
         self.records_prompt_only = 0
+        self.records_incremental = 0  # records that only walked the new tokens (anchor still valid)
         self.retrievals = 0
         self._lock = threading.Lock()
 
@@ -231,7 +422,9 @@ class TrajectoryCache:
         m = self.tree.match(text)
         rest = text[m.query_pos:]
         fresh = self.detok.encode(rest) if rest else []
-        p = PreparedPrompt(text=text, input_ids=m.ids + fresh, cached_tokens=len(m), fresh_tokens=len(fresh),
+        ids = m.raw_ids.tolist()
+        ids += fresh
+        p = PreparedPrompt(text=text, input_ids=ids, cached_tokens=len(m), fresh_tokens=len(fresh),
                            worker_url=m.worker, match=m, fresh_text=rest, fresh_ids=fresh)
         self._count(p)
         return p
@@ -333,27 +526,46 @@ class TrajectoryCache:
         L0 = len(base)
         L1 = L0 + len(rest)
         text = base + rest
-        ids = prepared.input_ids[:prepared.cached_tokens] + list(fresh)
-        ends = list(prepared.ends) + [L0 + e for e in fe]
-        lps: list[float | None] = list(prepared.logprobs) + [None] * len(fresh)
-        mask = list(prepared.loss_mask) + [0] * len(fresh)
-        versions = list(prepared.versions) + [version] * len(fresh)
-        markers = list(prepared.markers)
+        canon, oe, om = "", [], []
         if out_ids:
             out_text = response.get("text")
             if not isinstance(out_text, str):
                 out_text = ""
             canon, oe, om = self.detok.align_output(out_text, out_ids)
             text += canon
-            ids += out_ids
-            ends += [L1 + e for e in oe]
-            lps += out_lps
-            mask += [1] * len(out_ids)
-            versions += out_versions
-            markers += [(L1 + p, o) for p, o in om]
-        if not ids or not text:
+        if not text or not (prepared.cached_tokens or fresh or out_ids):
             return
-        self.tree.insert(text, ids, ends, lps, mask, versions, markers=markers, worker=worker_url)
+        new_ends = [L0 + e for e in fe]
+        new_ends += [L1 + e for e in oe]
+        new_markers = [(L1 + p, o) for p, o in om]
+        anchor = prepared.match.anchor if prepared.match is not None and prepared._ends is None else None
+        done = False
+        if anchor is not None and (fresh or out_ids):
+            # continue the matched chain after its anchor: cost ~ the new tokens, not the whole trajectory
+            t_ids, t_ends, t_lps, t_mask, t_versions = prepared.match.tail(anchor.carry)
+            t_ids += fresh
+            t_ids += out_ids
+            t_ends += new_ends
+            t_lps += [None] * len(fresh)
+            t_lps += out_lps
+            t_mask += [0] * len(fresh)
+            t_mask += [1] * len(out_ids)
+            t_versions += [version] * len(fresh)
+            t_versions += out_versions
+            markers = [x for x in prepared.markers if x[0] >= anchor.pos] + new_markers
+            done = self.tree.insert_after(anchor, text, t_ids, t_ends, t_lps, t_mask, t_versions, markers=markers,
+                                          worker=worker_url)
+            if done:
+                with self._lock:
+                    self.records_incremental += 1
+        if not done:  # the whole chain (no anchor, or the tree changed under it since prepare)
+            ids = prepared.input_ids[:prepared.cached_tokens] + list(fresh) + list(out_ids)
+            ends = list(prepared.ends) + new_ends
+            lps: list[float | None] = list(prepared.logprobs) + [None] * len(fresh) + list(out_lps)
+            mask = list(prepared.loss_mask) + [0] * len(fresh) + [1] * len(out_ids)
+            versions = list(prepared.versions) + [version] * len(fresh) + list(out_versions)
+            markers = list(prepared.markers) + new_markers
+            self.tree.insert(text, ids, ends, lps, mask, versions, markers=markers, worker=worker_url)
         with self._lock:
             self.records += 1
             if not out_ids:
@@ -415,6 +627,7 @@ class TrajectoryCache:
             "total_entries": nodes,
             "records": self.records,
             "records_prompt_only": self.records_prompt_only,
+            "records_incremental": self.records_incremental,
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
             "hit_rate": (self.cache_hits / lookups) if lookups else 0.0,

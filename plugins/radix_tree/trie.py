@@ -84,7 +84,7 @@ def _common(text: str, off: int, s: str, i: int, m: int) -> int:
 
 class Node:
     __slots__ = ("text", "parent", "children", "ids", "widths", "first", "last", "logp", "mv", "stamp",
-                 "version", "worker", "tails", "terminal", "alive", "__weakref__")
+                 "version", "worker", "tails", "terminal", "alive", "gen", "__weakref__")
 
     def __init__(self, text: str, parent: "Node | None") -> None:
         self.text = text
@@ -102,6 +102,7 @@ class Node:
         self.tails: dict[int, str] | None = None  # relative offset -> optional text starting there
         self.terminal = False  # a recorded chain ends exactly at this node's end
         self.alive = True
+        self.gen = 0  # bumped whenever text, parent or tokens change (validates insert anchors)
 
     @property
     def key(self) -> str:
@@ -117,29 +118,76 @@ class Node:
     def set_tokens(self, ids: array, widths: array, first: int, logp: array, mv: array) -> None:
         self.ids, self.widths, self.first, self.logp, self.mv = ids, widths, first, logp, mv
         self.last = first + sum(widths) if len(ids) else 0
+        self.gen += 1
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"<Node {self.text[:20]!r} tokens={len(self.ids)} children={len(self.children or ())}>"
 
 
+class Anchor:
+    """Where a matched chain can be continued without re-walking it: the path nodes fully inside the
+    match (with their generation counters at match time), how many chain tokens they hold (``carry``),
+    where that part of the chain ends (``chain_end``) and where the last of them ends (``pos``)."""
+
+    __slots__ = ("tree", "nodes", "carry", "chain_end", "pos")
+
+    def __init__(self, tree: "StringRadixTrie", nodes: list, carry: int, chain_end: int, pos: int) -> None:
+        self.tree, self.nodes, self.carry, self.chain_end, self.pos = tree, nodes, carry, chain_end, pos
+
+    def valid(self) -> bool:
+        """Are all anchor nodes still attached and unchanged (text, parent, tokens)? Call under the tree lock."""
+        return all(nd.alive and nd.gen == g for nd, g in self.nodes)
+
+
 class Match:
     """The longest recorded chain for a prefix of a query (lists are built lazily from typed arrays)."""
 
-    __slots__ = ("raw_ids", "raw_logp", "raw_mv", "raw_widths", "vtable", "canonical", "query_pos", "markers",
-                 "worker", "skipped", "_cache")
+    __slots__ = ("raw_ids", "raw_logp", "_mv_parts", "_w_parts", "vtable", "canonical", "query_pos", "markers",
+                 "worker", "skipped", "anchor", "chain_end", "_cache")
 
     def __init__(self) -> None:
         self.raw_ids = array("i")
         self.raw_logp = array("f")
-        self.raw_mv: list[int] = []
-        self.raw_widths: list[int] = []  # widths; the first entry is the start offset of the chain (0)
+        self._mv_parts: list[array] = []  # per matched node: its mv slice
+        self._w_parts: list[array] = []  # per matched node: its widths slice
         self.vtable: list[str] = []
         self.canonical = ""  # the recorded text the ids cover (optional spans written out)
         self.query_pos = 0  # the ids cover query[:query_pos]
         self.markers: list[tuple[int, str]] = []  # optional spans inside ``canonical``
         self.worker: str | None = None
         self.skipped = 0  # optional spans taken without being written in the query
+        self.anchor: Anchor | None = None
+        self.chain_end = 0  # where the chain ends in ``canonical``
         self._cache: dict[str, Any] = {}
+
+    @property
+    def raw_mv(self) -> list[int]:
+        return self._get("raw_mv", lambda: list(itertools.chain.from_iterable(self._mv_parts)))
+
+    @property
+    def raw_widths(self) -> list[int]:
+        """Widths; the first entry is the start offset of the chain (0)."""
+        return self._get("raw_widths", lambda: [0, *itertools.chain.from_iterable(self._w_parts)])
+
+    def tail(self, k: int) -> tuple[list[int], list[int], list[float | None], list[int], list[str]]:
+        """Tokens k.. of the chain: (ids, absolute ends, logprobs, loss mask, versions); O(len - k)."""
+        n = len(self.raw_ids)
+        if k >= n:
+            return [], [], [], [], []
+        ws: list[int] = []
+        mvs: list[int] = []
+        need = n - k
+        for w, mv in zip(reversed(self._w_parts), reversed(self._mv_parts)):
+            if len(ws) >= need:
+                break
+            ws[:0] = w.tolist()
+            mvs[:0] = mv.tolist()
+        ws, mvs = ws[len(ws) - need:], mvs[len(mvs) - need:]
+        start = self.chain_end - sum(ws) if k else 0
+        ends = list(itertools.accumulate(ws, initial=start))[1:]
+        vt = self.vtable
+        return (self.raw_ids[k:].tolist(), ends, [None if x != x else x for x in self.raw_logp[k:].tolist()],
+                [x & 1 for x in mvs], [vt[x >> 1] for x in mvs])
 
     def __len__(self) -> int:
         return len(self.raw_ids)
@@ -279,6 +327,7 @@ class StringRadixTrie:
             node.tails = low or None
         node.text = node.text[k:]
         node.parent = upper
+        node.gen += 1
         upper.children = {node.key: node}
         self.node_count += 1
         return upper
@@ -332,8 +381,10 @@ class StringRadixTrie:
 
     # --- insert -------------------------------------------------------------------------------
 
-    def _make_path(self, text: str) -> list[tuple[Node, int]]:
-        node, pos, path = self.root, 0, []
+    def _make_path(self, text: str, node: Node | None = None, pos: int = 0) -> list[tuple[Node, int]]:
+        """Nodes covering text[pos:] below ``node`` (default: the root), splitting / adding as needed."""
+        node = self.root if node is None else node
+        path: list[tuple[Node, int]] = []
         n = len(text)
         while pos < n:
             ch = node.children.get(text[pos]) if node.children else None
@@ -362,16 +413,39 @@ class StringRadixTrie:
         ``versions``: one version (string) for every token, or one per token. ``markers``: optional spans
         ``(start, span_text)`` (text[start:start+len(span_text)] == span_text).
         """
+        self._insert_checked(text, ids, ends, logprobs, loss_mask, versions, markers, worker, None)
+
+    def insert_after(self, anchor: Anchor, text: str, ids: Sequence[int], ends: Sequence[int],
+                     logprobs: Sequence[float | None] | None = None, loss_mask: Sequence[int] | None = None,
+                     versions: Sequence[Any] | Any = None, markers: Iterable[tuple[int, str]] = (),
+                     worker: str | None = None) -> bool:
+        """Record ``text`` whose chain continues the chain of a match's ``anchor``: only the tokens after the
+        anchor (``ids``/``ends``/... = chain[anchor.carry:], ends absolute in ``text``) are given and walked.
+
+        The result equals ``insert`` of the whole chain. Returns False (nothing done) when the anchor is no
+        longer valid (its nodes were split, evicted or got other tokens since the match): call ``insert``.
+        """
+        if anchor.tree is not self or len(ids) == 0 or anchor.pos >= len(text):
+            return False
+        return self._insert_checked(text, ids, ends, logprobs, loss_mask, versions, markers, worker, anchor)
+
+    def _insert_checked(self, text: str, ids: Sequence[int], ends: Sequence[int],
+                        logprobs: Sequence[float | None] | None, loss_mask: Sequence[int] | None,
+                        versions: Sequence[Any] | Any, markers: Iterable[tuple[int, str]], worker: str | None,
+                        anchor: Anchor | None) -> bool:
         n = len(ids)
         if not text or n == 0:
-            return
-        if len(ends) != n or ends[-1] != len(text) or any(b < a for a, b in zip(ends, ends[1:])) or ends[0] < 0:
+            return True
+        cs0 = anchor.chain_end if anchor is not None else 0
+        if len(ends) != n or ends[-1] != len(text) or ends[0] < cs0 or list(ends) != sorted(ends):
             raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
         lps = [NAN if x is None else float(x) for x in logprobs] if logprobs is not None else [NAN] * n
         mask = [1 if m else 0 for m in loss_mask] if loss_mask is not None else [0] * n
         if len(lps) != n or len(mask) != n:
             raise ValueError("logprobs / loss_mask must have one entry per token")
         with self.lock:
+            if anchor is not None and not anchor.valid():
+                return False
             before = len(self.vtable)
             if versions is None or isinstance(versions, (str, int)):
                 vi = [self.version_id(versions)] * n
@@ -379,22 +453,37 @@ class StringRadixTrie:
                 vs = list(versions)
                 if len(vs) != n:
                     raise ValueError("versions must have one entry per token")
-                vi = [self.version_id(v) for v in vs]
+                try:  # one lookup per distinct version (first observation order kept)
+                    vmap = {v: self.version_id(v) for v in dict.fromkeys(vs)}
+                    vi = [vmap[v] for v in vs]
+                except TypeError:  # unhashable version values
+                    vi = [self.version_id(v) for v in vs]
             rec_version = max(vi)
             mv_all = [(v << 1) | m for v, m in zip(vi, mask)]
-            widths_all = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
-            self._insert(text, list(ids), list(ends), widths_all, lps, mv_all, rec_version, worker)
+            widths_all = [ends[0] - cs0] + [b - a for a, b in zip(ends, ends[1:])]
+            if anchor is None:
+                path = self._make_path(text)
+                stamp = next(self._clock)
+            else:
+                last = anchor.nodes[-1][0]
+                path = self._make_path(text, last, anchor.pos)
+                stamp = next(self._clock)
+                for nd, _ in anchor.nodes:  # what the full walk does on the shared prefix
+                    self._stamp(nd, stamp, rec_version, worker)
+            self._insert(path, stamp, list(ids), list(ends), widths_all, lps, mv_all, rec_version, worker, cs0)
+            floor = anchor.pos if anchor is not None else 0  # optional spans above the anchor are recorded
             for start, span in markers:
-                self._add_marker(text, int(start), span)
+                if int(start) >= floor:
+                    self._add_marker(text, int(start), span)
             self.inserts += 1
             if len(self.vtable) > before and len(self.vtable) > self.gc_k:
                 self.gc()
             self._evict_to(self.max_tokens)
+            return True
 
-    def _insert(self, text: str, ids: list[int], ends: list[int], widths: list[int], lps: list[float],
-                mv: list[int], rec_version: int, worker: str | None) -> None:
-        path = self._make_path(text)
-        stamp = next(self._clock)
+    def _insert(self, path: list[tuple[Node, int]], stamp: int, ids: list[int], ends: list[int], widths: list[int],
+                lps: list[float], mv: list[int], rec_version: int, worker: str | None, cs0: int = 0) -> None:
+        """Place the chain (starting at absolute position ``cs0``) along ``path``."""
         carry = 0  # index of the first chain token not placed yet
         n = len(ids)
         for pi, (node, s) in enumerate(path):
@@ -402,7 +491,7 @@ class StringRadixTrie:
             k = bisect_right(ends, e, carry) if pi < len(path) - 1 else n
             # common prefix of the node's tokens and chain[carry:k]
             old_n = len(node.ids)
-            chain_start = ends[carry - 1] if carry else 0
+            chain_start = ends[carry - 1] if carry else cs0
             j = 0
             if old_n and s + node.first == chain_start:
                 m = min(old_n, k - carry)
@@ -419,7 +508,7 @@ class StringRadixTrie:
                 self._merge_meta(node, j, lps[carry:carry + j], mv[carry:carry + j])
             if last:
                 rem = slice(carry + j, n)
-                rem_first = (ends[carry + j - 1] if carry + j else 0) - e
+                rem_first = (ends[carry + j - 1] if carry + j else cs0) - e
                 if node.children:
                     term = node.children.get("")
                     if carry + j < n:
@@ -585,22 +674,29 @@ class StringRadixTrie:
             m.vtable = self.vtable
             stamp = next(self._clock) if touch else 0
             parts: list[str] = []
-            ids, logp, mv = m.raw_ids, m.raw_logp, m.raw_mv
-            widths = m.raw_widths
-            widths.append(0)
+            ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
             for nd, s, cnt in segs:
-                ids.extend(nd.ids[:cnt])
-                logp.extend(nd.logp[:cnt])
-                mv.extend(nd.mv[:cnt])
-                widths.extend(nd.widths[:cnt])
+                if cnt == len(nd.ids):
+                    ids.extend(nd.ids)
+                    logp.extend(nd.logp)
+                    mv_parts.append(nd.mv[:])
+                    w_parts.append(nd.widths)  # never mutated in place (replaced by set_tokens)
+                else:
+                    ids.extend(nd.ids[:cnt])
+                    logp.extend(nd.logp[:cnt])
+                    mv_parts.append(nd.mv[:cnt])
+                    w_parts.append(nd.widths[:cnt])
                 if touch:
                     self._touch(nd, stamp)
+            m.chain_end = b
+            m.anchor = self._anchor(path, segs, b)
             if segs:
                 m.worker = segs[-1][0].worker
-                if touch:  # ancestors are at least as recent as their descendants
+                if touch:  # ancestors are at least as recent as their descendants (token-less ones too)
                     p = segs[-1][0].parent
-                    while p is not None and p.stamp < stamp:
-                        p.stamp = stamp
+                    while p is not None:
+                        if p.stamp < stamp:
+                            p.stamp = stamp
                         p = p.parent
             for nd, s in path:
                 if s >= b:
@@ -612,6 +708,28 @@ class StringRadixTrie:
                             m.markers.append((s + r, o))
             m.canonical = "".join(parts)
             return m
+
+    def _anchor(self, path: list[tuple[Node, int]], segs: list[tuple[Node, int, int]], b: int) -> Anchor | None:
+        """The deepest path node D ending at or before ``b`` whose chain tokens (and those of every node
+        above it) are all part of the match: an insert of a continuation can start after D."""
+        full = {id(nd) for nd, s, cnt in segs if cnt == len(nd.ids)}
+        nodes: list[tuple[Node, int]] = []
+        carry = chain_end = pos = 0
+        tokens = cend = 0
+        for nd, s in path:
+            e = s + len(nd.text)
+            if not nd.text or e > b:
+                break
+            if len(nd.ids):
+                if id(nd) not in full:
+                    break
+                tokens += len(nd.ids)
+                cend = s + nd.last
+            nodes.append((nd, nd.gen))
+            carry, chain_end, pos = tokens, cend, e
+        if not nodes:
+            return None
+        return Anchor(self, nodes, carry, chain_end, pos)
 
     def _collect(self, path: list[tuple[Node, int]], t: int) -> tuple[list[tuple[Node, int, int]], int]:
         """Validated chain along ``path`` up to text position t: ([(node, start, count)], end)."""
