@@ -173,8 +173,8 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
                 except Exception as e:
                     last = HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}")
                     worker.failures += 1
-                    if router.has["upstream_failed"]:
-                        router.hook.upstream_failed(ctx=ctx, worker=worker, status=None, error=e)
+                    if router.hooks.upstream_failed:
+                        router.hooks.upstream_failed(ctx=ctx, worker=worker, status=None, error=e)
                     continue
                 finally:
                     worker.release()

@@ -91,9 +91,6 @@ class PluginManager:
     def names(self) -> list[str]:
         return list(self.infos)
 
-    def has_impls(self, hook_name: str) -> bool:
-        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
-
     def name_of(self, obj: Any) -> str:
         return self.pm.get_name(obj) or repr(obj)
 

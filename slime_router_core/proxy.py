@@ -128,7 +128,7 @@ class GenerateHandler:
             validate_generate(body)
             ctx = RequestContext("/generate", body, raw, router=router)
             ctx._raw_headers = scope["headers"]
-            if router.has["pre_request"]:
+            if router.hooks.pre_request:
                 await router.run_pre_request(ctx)
                 payload = orjson.dumps(ctx.body)  # what the hooks made of it is what is sent
             else:
@@ -165,7 +165,7 @@ class GenerateHandler:
     async def _plain(self, ctx: RequestContext, payload: bytes, send: Send) -> int:
         router = self.router
         status, data, _ = await router.send_json(ctx, payload)
-        if router.has["post_response"]:
+        if router.hooks.post_response:
             response = await router.run_post_response(ctx, orjson.loads(data))
             data = orjson.dumps(response)
         ctx.sent_to_client = True
@@ -209,7 +209,7 @@ class GenerateHandler:
     async def _relay_inspected(self, ctx: RequestContext, resp: Any, send: Send, chunks: list[dict]) -> None:
         """Parse each SSE event, let ``stream_chunk`` hooks see (and edit) it, re-serialize it."""
         router = self.router
-        has_hook = router.has["stream_chunk"]
+        stream_chunk = router.hooks.stream_chunk
         buf = b""
         async for data in resp.iter_chunks():
             buf += data
@@ -231,8 +231,8 @@ class GenerateHandler:
                 except orjson.JSONDecodeError:
                     out.append(event + b"\n\n")
                     continue
-                if has_hook:
-                    router.hook.stream_chunk(ctx=ctx, chunk=obj)
+                if stream_chunk:
+                    stream_chunk(ctx=ctx, chunk=obj)
                 chunks.append(obj)
                 out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
             if out:

@@ -135,3 +135,38 @@ def test_every_hook_is_called_by_the_core(router, mock_worker):
     httpx.post(r.url + "/remove_worker", json={"url": dead})
     r.stop()
     assert set(rec.calls) == set(HOOKS), f"never called: {set(HOOKS) - set(rec.calls)}"
+
+
+def test_the_request_path_calls_hooks_in_pluggys_order_with_its_result_semantics():
+    from slime_router_core.plugins import PluginManager
+    from slime_router_core.router import RequestHooks
+
+    order: list[str] = []
+
+    def make(name: str, pick: bool, **marks):
+        class P:
+            @hookimpl(**marks)
+            def select_worker(self, workers):
+                order.append(name)
+                return workers[0] if pick else None
+
+            @hookimpl(**marks)
+            def request_finished(self, ctx):
+                order.append(name)
+                return name
+        return P()
+
+    pm = PluginManager()
+    pm.register(make("a", False), "a")
+    pm.register(make("b", True), "b")
+    pm.register(make("c", False, tryfirst=True), "c")
+    pm.register(make("d", True, trylast=True), "d")
+    fast = RequestHooks(pm)
+    for call in (lambda h: h.select_worker(ctx=None, workers=["w"]), lambda h: h.request_finished(ctx=None)):
+        order.clear()
+        ours = call(fast)
+        ours_order = list(order)
+        order.clear()
+        theirs = call(pm.hook)
+        assert (ours, ours_order) == (theirs, order)
+    assert RequestHooks(PluginManager()).pre_request is None  # no implementation: nothing to call
