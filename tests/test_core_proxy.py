@@ -234,3 +234,20 @@ def test_no_workers_is_503_with_how_to_fix(router):
     assert "/add_worker" in resp.json()["error"]["message"]
     resp = httpx.get(r.url + "/get_model_info")
     assert resp.status_code == 503
+
+
+def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_and_leaks_nothing(router, mock_worker_process):
+    proc = mock_worker_process(token_latency=0.05, stop_at_eos=0.0)
+    r = router(plugins=CORE_ONLY, worker_urls=[proc.url])
+    lines = []
+    with httpx.stream("POST", r.url + "/generate", json={"text": "Hi", "stream": True,
+                                                         "sampling_params": {"max_new_tokens": 100}}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+                if len(lines) == 3:
+                    proc.kill()
+    assert lines[-1] == "[DONE]"
+    assert "failed mid-stream" in orjson.loads(lines[-2])["error"]["message"]
+    worker = r.app.router.pool.workers()[0]
+    assert worker.inflight == 0 and worker.failures == 1
