@@ -404,3 +404,22 @@ def test_cache_section_with_the_real_trajectory_cache(router, mock_worker):
     assert m["cache"]["max_cache_size"] == 10000 and m["cache"]["gc_threshold_k"] == 5
     fams = scrape(r.url)
     assert value(fams, "slime_router_cache_hits") == 1 and value(fams, "slime_router_cache_misses") == 2
+
+
+def test_history_rewrites_reported_by_openai_compat_reach_the_metrics(router, mock_worker):
+    w = mock_worker(mode="think", think_text="Greeting detected.", reply_text="Hello!")
+    r = router(plugins=["metrics", "radix_tree", "openai_compat"], hf_checkpoint="builtin:qwen3", worker_urls=[w.url])
+    msgs = [{"role": "user", "content": "Hi"}]
+    first = httpx.post(r.url + "/v1/chat/completions", json={"model": "m", "messages": msgs}).json()["choices"][0]
+    msgs += [{"role": "assistant", "content": first["message"]["content"],
+              "reasoning_content": first["message"]["reasoning_content"]},
+             {"role": "user", "content": "How are you?"}]
+    second = httpx.post(r.url + "/v1/chat/completions", json={"model": "m", "messages": msgs}).json()["choices"][0]
+    msgs.append({"role": "assistant", "content": second["message"]["content"]})
+    res = httpx.post(r.url + "/retrieve_from_messages", json={"messages": msgs}).json()
+    assert res["history_rewritten"] is True  # Qwen3's template dropped turn 1's <think> block
+    m = httpx.get(r.url + "/metrics").json()
+    assert m["openai_compat"]["history_rewritten"] == 1 and m["openai_compat"]["chat_requests"] == 2
+    fams = scrape(r.url)
+    assert value(fams, "slime_router_openai_history_rewritten") == 1
+    assert value(fams, "slime_router_openai_chat_requests") == 2

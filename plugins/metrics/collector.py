@@ -303,6 +303,18 @@ class MetricsState:
 
     # --- reading ---------------------------------------------------------------------------------
 
+    def openai_stats(self) -> dict[str, Any] | None:
+        """openai_compat's counters (requests, recorded turns, history rewrites...), when it is loaded."""
+        registry = self.router.registry
+        if not registry.has("openai_compat"):
+            return None
+        try:
+            stats = registry.get("openai_compat").stats()
+        except Exception:
+            log.exception("openai_compat.stats() failed")
+            return None
+        return stats if isinstance(stats, dict) else None
+
     def cache_stats(self) -> dict[str, Any] | None:
         registry = self.router.registry
         if not registry.has("radix_tree"):
@@ -374,6 +386,9 @@ class MetricsState:
                 "gc_threshold_k": stats.get("gc_threshold_k"),
             }
             out["cache_stats"] = stats  # everything the cache reports (token-level hit rate, evictions...)
+        openai = self.openai_stats()
+        if openai is not None:
+            out["openai_compat"] = openai  # incl. history_rewritten / rewritten_turns (templates rewriting history)
         out["workers"] = self.worker_details()
         out["requests"] = self.request_summary()
         out["weight_versions"] = dict(self.weight_versions.items())
@@ -449,6 +464,7 @@ class RouterCollector:
                               "version", s.weight_versions.items())
         yield from self.collect_workers()
         yield from self.collect_cache()
+        yield from self.collect_openai()
         yield GaugeMetricFamily(P + "start_time_seconds", "Unix time the router started.", value=s.started_at)
 
     def collect_workers(self) -> Iterator[Metric]:
@@ -483,6 +499,13 @@ class RouterCollector:
             if isinstance(ema, (int, float)):
                 latency.add_metric(url, float(ema))
         yield from (inflight, requests, failures, healthy, available, circuit, latency)
+
+    def collect_openai(self) -> Iterator[Metric]:
+        stats = self.state.openai_stats()
+        for key, v in sorted((stats or {}).items()):  # a fixed set of counter names: bounded
+            if isinstance(v, int) and not isinstance(v, bool) and key != "history_entries":
+                yield CounterMetricFamily(PREFIX + "openai_" + key, f"openai_compat: {key.replace('_', ' ')}.",
+                                          value=v)
 
     def collect_cache(self) -> Iterator[Metric]:
         stats = self.state.cache_stats()
