@@ -390,3 +390,77 @@ def test_property_incremental_record_equals_full_insert(tok, script, max_size):
     for text in sorted(texts):
         a, b = (c.retrieve(text) for c in caches)
         assert a == b, text
+
+
+# --- per-token work avoided on the record path ------------------------------------------------------
+
+_LP = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, width=32), st.integers(-5, 0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(triples=st.one_of(st.none(), st.lists(st.tuples(_LP, st.integers(0, 151000), st.none()).map(list),
+                                             max_size=20)),
+       output_ids=st.one_of(st.none(), st.lists(st.integers(0, 151000), max_size=20)),
+       version=st.one_of(st.none(), st.sampled_from(["v1", "7"]), st.integers(0, 3)),
+       spans=st.one_of(st.none(), st.lists(st.fixed_dictionaries({"start": st.integers(-2, 25), "end": st.integers(-2, 25),
+                                                                  "version": st.sampled_from(["a", "b", 3])}),
+                                           max_size=4)))
+def test_fast_reply_readers_equal_the_sglang_helpers(triples, output_ids, version, spans):
+    from slime_router_core.sglang import output_ids_and_logprobs, weight_version_spans
+    from slime_router_plugins.radix_tree.cache import _output_ids_and_logprobs, _version_runs
+
+    meta: dict = {}
+    if triples is not None:
+        meta["output_token_logprobs"] = triples
+    if version is not None:
+        meta["weight_version"] = version
+    if spans is not None:
+        meta["weight_versions"] = spans
+    obj = {"text": "x", "meta_info": meta}
+    if output_ids is not None:
+        obj["output_ids"] = output_ids
+    ids, lps = output_ids_and_logprobs(obj)
+    f_ids, f_lps = _output_ids_and_logprobs(obj, meta)
+    assert f_ids == ids and all(type(x) is int for x in f_ids)
+    assert [None if x != x else float(x) for x in f_lps] == lps  # NaN stands for unknown
+    per = weight_version_spans(obj, len(ids))
+    first, runs = _version_runs(obj, meta, len(ids))
+    assert [v for cnt, v, m in runs for _ in range(cnt)] == per and all(m == 1 for _, _, m in runs)
+    assert first == (per[0] if per else str(meta.get("weight_version", "default")))
+
+
+def test_insert_raw_runs_equal_per_token_insert():
+    a, b = StringRadixTrie(max_tokens=1000), StringRadixTrie(max_tokens=1000)
+    text, ids, ends = "ab cd ef", [1, 2, 3, 4], [2, 5, 6, 8]
+    a.insert(text, ids, ends, [None, -0.5, -0.25, None], [0, 1, 1, 0], ["x", "y", "y", "x"], markers=[(6, " e")])
+    nan = float("nan")
+    assert b.insert_raw(None, text, ids, ends, [nan, -0.5, -0.25, nan], (), [(1, "x", 0), (2, "y", 1), (1, "x", 0),
+                                                                             (0, "z", 1)], [(6, " e")], None)
+    for q in (text, "ab cd f", "ab cd"):
+        ma, mb = a.match(q), b.match(q)
+        assert (ma.ids, ma.loss_mask, ma.versions, ma.ends, ma.markers) == (mb.ids, mb.loss_mask, mb.versions, mb.ends,
+                                                                           mb.markers)
+        assert [x if x == x else None for x in ma.raw_logp] == [x if x == x else None for x in mb.raw_logp]
+    assert a.vtable == b.vtable == ["x", "y"]  # a run of 0 tokens observes no version
+    with pytest.raises(ValueError):
+        b.insert_raw(None, "abc", [1, 2], [2, 3], [nan, nan], (), [(1, "x", 0)], (), None)  # runs cover 1 of 2
+    with pytest.raises(ValueError):
+        b.insert_raw(None, "abc", [1, 2], [3, 2], [nan, nan], (), [(2, "x", 0)], (), None)  # decreasing ends
+    a.check()
+    b.check()
+
+
+def test_record_honours_weight_version_spans_and_logprob_ids(tok):
+    cache = TrajectoryCache(tok)
+    p = cache.prepare_sync("Q:")
+    out = tok.encode(" one two three", add_special_tokens=False) + [EOS]
+    r = {"text": " one two three", "output_ids": [0] * 3,  # logprob ids win over (SGLang #10896) output_ids
+         "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "v2",
+                       "weight_versions": [{"start": 0, "end": 2, "version": "v1"}],
+                       "output_token_logprobs": [[-0.5, t, None] for t in out]}}
+    asyncio.run(cache.record_async(p, r, "w"))
+    got = cache.retrieve("Q: one two three")
+    assert got["tokens"] == p.input_ids + out
+    assert got["weight_versions"] == ["v1"] * len(p.input_ids) + ["v1", "v1"] + ["v2"] * (len(out) - 2)
+    assert got["rollout_logp"] == [0.0] * len(p.input_ids) + [-0.5] * len(out)
+    assert got["loss_mask"] == [0] * len(p.input_ids) + [1] * len(out)

@@ -30,8 +30,12 @@ from .trie import Match, StringRadixTrie
 
 log = logging.getLogger("slime_router.radix_tree")
 
-# Tokenize / record in a worker thread above this many characters (keeps the event loop responsive).
+# Tokenize a fresh prompt rest longer than this many characters in a worker thread (the tokenizer releases
+# the GIL), and record in a worker thread when more than OFFLOAD_TOKENS tokens have to be walked: on a
+# small box a thread hop costs ~50-100 us and pure-Python trie work holds the GIL anyway, so only really
+# long work is moved off the event loop.
 OFFLOAD_CHARS = 8192
+OFFLOAD_TOKENS = 2048
 
 
 _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
@@ -223,8 +227,7 @@ class Detokenizer:
         if not ids:
             return []
         if self.byte_level:
-            get = self._piece.get
-            out = [get(t) for t in ids]
+            out = list(map(self._piece.get, ids))
             if None in out:
                 for i, t in enumerate(ids):
                     if out[i] is None:
@@ -258,16 +261,13 @@ class Detokenizer:
             return []
         return out
 
-    def ends_for(self, ids: list[int], text: str) -> list[int]:
-        """Char ends of each token of ``ids`` inside ``text``; a single span when they cannot be lined up."""
+    def ends_for(self, ids: list[int], text: str, offset: int = 0) -> list[int]:
+        """Char ends (+ ``offset``) of each token of ``ids`` inside ``text``; a single span when they cannot be
+        lined up."""
         pcs = self.pieces(ids)
         if pcs and "".join(pcs) == text:
-            out, pos = [], 0
-            for p in pcs:
-                pos += len(p)
-                out.append(pos)
-            return out
-        return [0] * (len(ids) - 1) + [len(text)]  # one opaque span: only usable as a whole
+            return list(itertools.accumulate(map(len, pcs), initial=offset))[1:]
+        return [offset] * (len(ids) - 1) + [offset + len(text)]  # one opaque span: only usable as a whole
 
     def _align_fast(self, text: str, ids: list[int], pcs: list[str]
                     ) -> tuple[str, list[int], list[tuple[int, str]]] | None:
@@ -339,6 +339,45 @@ class Detokenizer:
             else:
                 merged.append((p, o))
         return canonical, ends, merged
+
+
+NAN = float("nan")
+_NUM = frozenset((int, float))
+
+
+def _output_ids_and_logprobs(obj: dict, meta: dict) -> tuple[list[int], list[float]]:
+    """``slime_router_core.sglang.output_ids_and_logprobs`` (logprob ids preferred over ``output_ids``)
+    without per-token Python work in the usual case; unknown logprobs are NaN."""
+    triples = meta.get("output_token_logprobs")
+    if triples:
+        cols = list(zip(*triples)) if type(triples) is list and set(map(type, triples)) <= {list, tuple} else []
+        if len(cols) >= 2:
+            lp, ids = cols[0], cols[1]
+            ids_l = list(ids) if set(map(type, ids)) == {int} else [int(x) for x in ids]
+            if set(map(type, lp)) <= _NUM:
+                return ids_l, list(lp)
+            return ids_l, [NAN if x is None else float(x) for x in lp]
+        from slime_router_core.sglang import output_ids_and_logprobs
+
+        ids_l, lps = output_ids_and_logprobs(obj)  # odd shapes: the reference (raises like it)
+        return ids_l, [NAN if x is None else x for x in lps]
+    out = obj.get("output_ids") or []
+    ids_l = list(out) if type(out) is list and set(map(type, out)) == {int} else [int(x) for x in out]
+    return ids_l, [NAN] * len(ids_l)
+
+
+def _version_runs(obj: dict, meta: dict, n: int) -> tuple[str, list[tuple[int, str, int]]]:
+    """(version of the prompt tokens, runs ``(count, version, 1)`` of the ``n`` generated tokens), as
+    ``slime_router_core.sglang.weight_version_spans`` assigns them."""
+    default = str(meta.get("weight_version", "default"))
+    if not meta.get("weight_versions"):
+        return default, [(n, default, 1)]
+    from slime_router_core.sglang import weight_version_spans
+
+    per = weight_version_spans(obj, n)
+    if not per:
+        return default, []
+    return per[0], [(len(list(g)), v, 1) for v, g in itertools.groupby(per)]
 
 
 class PreparedPrompt:
@@ -421,7 +460,9 @@ class TrajectoryCache:
     def _prepare_sync(self, text: str) -> PreparedPrompt:
         m = self.tree.match(text)
         rest = text[m.query_pos:]
-        fresh = self.detok.encode(rest) if rest else []
+        return self._prepared(text, m, rest, self.detok.encode(rest) if rest else [])
+
+    def _prepared(self, text: str, m: Match, rest: str, fresh: list[int]) -> PreparedPrompt:
         ids = m.raw_ids.tolist()
         ids += fresh
         p = PreparedPrompt(text=text, input_ids=ids, cached_tokens=len(m), fresh_tokens=len(fresh),
@@ -442,12 +483,19 @@ class TrajectoryCache:
                      len(p.input_ids), p.fresh_tokens, f", worker {p.worker_url}" if p.worker_url else "")
 
     async def prepare(self, text: str) -> PreparedPrompt:
-        """Longest recorded prefix of ``text`` -> its exact ids + tokens of the rest only."""
+        """Longest recorded prefix of ``text`` -> its exact ids + tokens of the rest only.
+
+        Only a long *fresh* rest is tokenized in a worker thread (the tokenizer releases the GIL; the
+        trie walk does not, and a thread hop costs more than the walk of a typical prompt)."""
         if not isinstance(text, str):
             raise HTTPError(400, "'text' must be a string", param="text")
-        if len(text) > OFFLOAD_CHARS:
-            return await asyncio.to_thread(self._prepare_sync, text)
-        return self._prepare_sync(text)
+        m = self.tree.match(text)
+        rest = text[m.query_pos:]
+        if len(rest) > OFFLOAD_CHARS:
+            fresh = await asyncio.to_thread(self.detok.encode, rest)
+        else:
+            fresh = self.detok.encode(rest) if rest else []
+        return self._prepared(text, m, rest, fresh)
 
     def prepare_sync(self, text: str) -> PreparedPrompt:
         return self._prepare_sync(text)
@@ -503,67 +551,63 @@ class TrajectoryCache:
 
         An unfinished or aborted generation records only its prompt.
         """
-        from slime_router_core.sglang import output_ids_and_logprobs, weight_version_spans
-
         meta = response.get("meta_info") or {}
         fr = meta.get("finish_reason")
         finished = isinstance(fr, dict) and fr.get("type") in FINISHED
-        out_ids, out_lps = output_ids_and_logprobs(response) if finished else ([], [])
-        out_versions = weight_version_spans(response, len(out_ids))
-        version = str(meta.get("weight_version", out_versions[0] if out_versions else "default"))
-        if out_versions:
-            version = out_versions[0]
+        out_ids, out_lps = _output_ids_and_logprobs(response, meta) if finished else ([], [])
+        version, out_runs = _version_runs(response, meta, len(out_ids))
 
         base = prepared.canonical
         rest = prepared.fresh_text
         fresh = prepared.fresh_ids
+        L0 = len(base)
         if fresh:
-            fe = prepared.fresh_ends if prepared.fresh_ends is not None else self.detok.ends_for(fresh, rest)
+            if prepared.fresh_ends is not None:
+                new_ends = list(map(L0.__add__, prepared.fresh_ends))
+            else:
+                new_ends = self.detok.ends_for(fresh, rest, L0)
         else:
-            fe = []
+            new_ends = []
             if rest:  # text that tokenized to nothing: cannot be recorded
                 rest = ""
-        L0 = len(base)
         L1 = L0 + len(rest)
         text = base + rest
-        canon, oe, om = "", [], []
+        new_markers: list[tuple[int, str]] = []
         if out_ids:
             out_text = response.get("text")
             if not isinstance(out_text, str):
                 out_text = ""
             canon, oe, om = self.detok.align_output(out_text, out_ids)
             text += canon
+            new_ends += map(L1.__add__, oe)
+            new_markers = [(L1 + p, o) for p, o in om]
         if not text or not (prepared.cached_tokens or fresh or out_ids):
             return
-        new_ends = [L0 + e for e in fe]
-        new_ends += [L1 + e for e in oe]
-        new_markers = [(L1 + p, o) for p, o in om]
+        nf = len(fresh)
+        runs = [(nf, version, 0), *out_runs]
         anchor = prepared.match.anchor if prepared.match is not None and prepared._ends is None else None
         done = False
         if anchor is not None and (fresh or out_ids):
             # continue the matched chain after its anchor: cost ~ the new tokens, not the whole trajectory
-            t_ids, t_ends, t_lps, t_mask, t_versions = prepared.match.tail(anchor.carry)
+            t_ids, t_ends, t_lps, t_mv = prepared.match.tail_raw(anchor.carry)
             t_ids += fresh
             t_ids += out_ids
             t_ends += new_ends
-            t_lps += [None] * len(fresh)
+            t_lps += [NAN] * nf
             t_lps += out_lps
-            t_mask += [0] * len(fresh)
-            t_mask += [1] * len(out_ids)
-            t_versions += [version] * len(fresh)
-            t_versions += out_versions
             markers = [x for x in prepared.markers if x[0] >= anchor.pos] + new_markers
-            done = self.tree.insert_after(anchor, text, t_ids, t_ends, t_lps, t_mask, t_versions, markers=markers,
-                                          worker=worker_url)
+            done = self.tree.insert_raw(anchor, text, t_ids, t_ends, t_lps, t_mv, runs, markers, worker_url)
             if done:
                 with self._lock:
                     self.records_incremental += 1
         if not done:  # the whole chain (no anchor, or the tree changed under it since prepare)
             ids = prepared.input_ids[:prepared.cached_tokens] + list(fresh) + list(out_ids)
             ends = list(prepared.ends) + new_ends
-            lps: list[float | None] = list(prepared.logprobs) + [None] * len(fresh) + list(out_lps)
-            mask = list(prepared.loss_mask) + [0] * len(fresh) + [1] * len(out_ids)
-            versions = list(prepared.versions) + [version] * len(fresh) + list(out_versions)
+            lps: list[float | None] = list(prepared.logprobs) + [None] * nf + list(out_lps)
+            mask = list(prepared.loss_mask) + [0] * nf + [1] * len(out_ids)
+            versions = list(prepared.versions)
+            for cnt, v, _ in runs:
+                versions += [v] * cnt
             markers = list(prepared.markers) + new_markers
             self.tree.insert(text, ids, ends, lps, mask, versions, markers=markers, worker=worker_url)
         with self._lock:
@@ -572,8 +616,14 @@ class TrajectoryCache:
                 self.records_prompt_only += 1
 
     async def record_async(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> None:
-        n = len(prepared.input_ids) + len(response.get("output_ids") or ())
-        if n > OFFLOAD_CHARS // 4:
+        """``record``, in a worker thread only when the *new* work is large (tokens walked: the fresh prompt
+        tokens and the output, plus the recorded prefix when the chain cannot be continued at an anchor)."""
+        meta = response.get("meta_info")
+        out = (meta.get("output_token_logprobs") if isinstance(meta, dict) else None) or response.get("output_ids")
+        work = len(prepared.fresh_ids) + (len(out) if isinstance(out, list) else 0)
+        if prepared.match is None or prepared.match.anchor is None or prepared._ends is not None:
+            work += prepared.cached_tokens
+        if work > OFFLOAD_TOKENS:
             await asyncio.to_thread(self.record, prepared, response, worker_url)
         else:
             self.record(prepared, response, worker_url)

@@ -42,6 +42,7 @@ import sys
 import threading
 from array import array
 from bisect import bisect_right
+from operator import sub as _sub
 from typing import Any, Iterable, Sequence
 
 NAN = float("nan")
@@ -136,7 +137,10 @@ class Anchor:
 
     def valid(self) -> bool:
         """Are all anchor nodes still attached and unchanged (text, parent, tokens)? Call under the tree lock."""
-        return all(nd.alive and nd.gen == g for nd, g in self.nodes)
+        for nd, g in self.nodes:
+            if not nd.alive or nd.gen != g:
+                return False
+        return True
 
 
 class Match:
@@ -188,6 +192,25 @@ class Match:
         vt = self.vtable
         return (self.raw_ids[k:].tolist(), ends, [None if x != x else x for x in self.raw_logp[k:].tolist()],
                 [x & 1 for x in mvs], [vt[x >> 1] for x in mvs])
+
+    def tail_raw(self, k: int) -> tuple[list[int], list[int], list[float], list[int]]:
+        """Tokens k.. of the chain as stored: (ids, absolute ends, logprobs with NaN for unknown, raw
+        ``version_index << 1 | mask`` values of the trie); O(len - k)."""
+        n = len(self.raw_ids)
+        if k >= n:
+            return [], [], [], []
+        ws: list[int] = []
+        mvs: list[int] = []
+        need = n - k
+        for w, mv in zip(reversed(self._w_parts), reversed(self._mv_parts)):
+            if len(ws) >= need:
+                break
+            ws[:0] = w.tolist()
+            mvs[:0] = mv.tolist()
+        ws, mvs = ws[len(ws) - need:], mvs[len(mvs) - need:]
+        start = self.chain_end - sum(ws) if k else 0
+        ends = list(itertools.accumulate(ws, initial=start))[1:]
+        return self.raw_ids[k:].tolist(), ends, self.raw_logp[k:].tolist(), mvs
 
     def __len__(self) -> int:
         return len(self.raw_ids)
@@ -436,31 +459,62 @@ class StringRadixTrie:
         n = len(ids)
         if not text or n == 0:
             return True
-        cs0 = anchor.chain_end if anchor is not None else 0
-        if len(ends) != n or ends[-1] != len(text) or ends[0] < cs0 or list(ends) != sorted(ends):
-            raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
         lps = [NAN if x is None else float(x) for x in logprobs] if logprobs is not None else [NAN] * n
         mask = [1 if m else 0 for m in loss_mask] if loss_mask is not None else [0] * n
         if len(lps) != n or len(mask) != n:
+            raise ValueError("logprobs / loss_mask must have one entry per token")
+        if versions is None or isinstance(versions, (str, int)):
+            runs: list[tuple[int, Any, int]] = [(1, versions, m) for m in mask]
+        else:
+            vs = list(versions)
+            if len(vs) != n:
+                raise ValueError("versions must have one entry per token")
+            runs = [(1, v, m) for v, m in zip(vs, mask)]
+        return self.insert_raw(anchor, text, list(ids), list(ends), lps, (), runs, markers, worker)
+
+    def insert_raw(self, anchor: Anchor | None, text: str, ids: list[int], ends: list[int], lps: list[float],
+                   mv_prefix: Sequence[int], runs: Sequence[tuple[int, Any, int]], markers: Iterable[tuple[int, str]],
+                   worker: str | None) -> bool:
+        """``insert`` / ``insert_after`` (``anchor`` not None) without per-token conversions: ``lps`` are floats
+        (NaN = unknown); the tokens' loss mask and versions are ``mv_prefix`` (raw ``version_index << 1 | mask``
+        values of this trie, e.g. from ``Match.tail_raw``) followed by ``runs`` of ``(count, version, mask)``.
+        Returns False (nothing done) when the anchor is no longer valid."""
+        n = len(ids)
+        if not text or n == 0:
+            return True
+        if anchor is not None and (anchor.tree is not self or anchor.pos >= len(text)):
+            return False
+        cs0 = anchor.chain_end if anchor is not None else 0
+        if len(ends) != n or ends[-1] != len(text):
+            raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
+        widths_all = list(map(_sub, ends, [cs0, *ends[:-1]]))  # ends[0] - cs0, then the differences
+        if min(widths_all) < 0:
+            raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
+        if len(lps) != n or len(mv_prefix) + sum(r[0] for r in runs) != n:
             raise ValueError("logprobs / loss_mask must have one entry per token")
         with self.lock:
             if anchor is not None and not anchor.valid():
                 return False
             before = len(self.vtable)
-            if versions is None or isinstance(versions, (str, int)):
-                vi = [self.version_id(versions)] * n
-            else:
-                vs = list(versions)
-                if len(vs) != n:
-                    raise ValueError("versions must have one entry per token")
-                try:  # one lookup per distinct version (first observation order kept)
-                    vmap = {v: self.version_id(v) for v in dict.fromkeys(vs)}
-                    vi = [vmap[v] for v in vs]
+            mv_all = list(mv_prefix)
+            rec_version = max(mv_all) >> 1 if mv_all else -1
+            vcache: dict[Any, int] = {}
+            for cnt, v, m in runs:
+                if cnt <= 0:
+                    continue
+                try:
+                    vi = vcache.get(v)
+                    if vi is None:
+                        vi = vcache[v] = self.version_id(v)
                 except TypeError:  # unhashable version values
-                    vi = [self.version_id(v) for v in vs]
-            rec_version = max(vi)
-            mv_all = [(v << 1) | m for v, m in zip(vi, mask)]
-            widths_all = [ends[0] - cs0] + [b - a for a, b in zip(ends, ends[1:])]
+                    vi = self.version_id(v)
+                if vi > rec_version:
+                    rec_version = vi
+                x = (vi << 1) | (1 if m else 0)
+                if cnt == 1:
+                    mv_all.append(x)
+                else:
+                    mv_all += [x] * cnt
             if anchor is None:
                 path = self._make_path(text)
                 stamp = next(self._clock)
@@ -470,11 +524,14 @@ class StringRadixTrie:
                 stamp = next(self._clock)
                 for nd, _ in anchor.nodes:  # what the full walk does on the shared prefix
                     self._stamp(nd, stamp, rec_version, worker)
-            self._insert(path, stamp, list(ids), list(ends), widths_all, lps, mv_all, rec_version, worker, cs0)
-            floor = anchor.pos if anchor is not None else 0  # optional spans above the anchor are recorded
+            self._insert(path, stamp, ids, ends, widths_all, lps, mv_all, rec_version, worker, cs0)
+            if anchor is None:
+                floor, mnode = 0, None
+            else:  # optional spans above the anchor are recorded; the walk starts at the anchor
+                floor, mnode = anchor.pos, anchor.nodes[-1][0]
             for start, span in markers:
                 if int(start) >= floor:
-                    self._add_marker(text, int(start), span)
+                    self._add_marker(text, int(start), span, mnode, floor)
             self.inserts += 1
             if len(self.vtable) > before and len(self.vtable) > self.gc_k:
                 self.gc()
@@ -562,10 +619,13 @@ class StringRadixTrie:
             new[:j] = mv
             node.mv = _uarr(new)
 
-    def _add_marker(self, text: str, start: int, span: str) -> None:
+    def _add_marker(self, text: str, start: int, span: str, node: Node | None = None, pos: int = 0) -> None:
+        """Mark ``span`` at ``start`` optional; the walk starts below ``node`` (whose end is at ``pos``, default:
+        the root) -- a node on the recorded path of ``text`` ending at or before ``start``."""
         if not span or start < 0 or text[start:start + len(span)] != span:
             return
-        node, pos = self.root, 0
+        if node is None:
+            node, pos = self.root, 0
         while True:
             ch = node.children.get(text[pos]) if node.children and pos < len(text) else None
             if ch is None:
@@ -591,8 +651,10 @@ class StringRadixTrie:
             text = node.text
             L = len(text)
             if off < L and i < n:
-                m = min(L - off, n - i)
-                k = _common(text, off, s, i, m)
+                if not off and L <= n - i and s.startswith(text, i):
+                    k = L  # the whole edge matches (the usual case)
+                else:
+                    k = _common(text, off, s, i, min(L - off, n - i))
                 if node.tails:
                     for r, o in node.tails.items():
                         if off <= r <= off + k:
@@ -675,6 +737,7 @@ class StringRadixTrie:
             stamp = next(self._clock) if touch else 0
             parts: list[str] = []
             ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
+            heap, seq, push = self._heap, self._seq, heapq.heappush
             for nd, s, cnt in segs:
                 if cnt == len(nd.ids):
                     ids.extend(nd.ids)
@@ -686,8 +749,10 @@ class StringRadixTrie:
                     logp.extend(nd.logp[:cnt])
                     mv_parts.append(nd.mv[:cnt])
                     w_parts.append(nd.widths[:cnt])
-                if touch:
-                    self._touch(nd, stamp)
+                if touch:  # _touch, inlined
+                    nd.stamp = stamp
+                    if not nd.children:
+                        push(heap, (stamp, next(seq), nd))
             m.chain_end = b
             m.anchor = self._anchor(path, segs, b)
             if segs:
@@ -712,18 +777,25 @@ class StringRadixTrie:
     def _anchor(self, path: list[tuple[Node, int]], segs: list[tuple[Node, int, int]], b: int) -> Anchor | None:
         """The deepest path node D ending at or before ``b`` whose chain tokens (and those of every node
         above it) are all part of the match: an insert of a continuation can start after D."""
-        full = {id(nd) for nd, s, cnt in segs if cnt == len(nd.ids)}
+        # segs are the token-bearing path nodes in path order (the last one possibly partial)
         nodes: list[tuple[Node, int]] = []
         carry = chain_end = pos = 0
         tokens = cend = 0
+        si, nseg = 0, len(segs)
         for nd, s in path:
-            e = s + len(nd.text)
-            if not nd.text or e > b:
+            text = nd.text
+            e = s + len(text)
+            if not text or e > b:
                 break
-            if len(nd.ids):
-                if id(nd) not in full:
+            k = len(nd.ids)
+            if k:
+                if si >= nseg:
                     break
-                tokens += len(nd.ids)
+                sn, _, cnt = segs[si]
+                if sn is not nd or cnt != k:
+                    break
+                si += 1
+                tokens += k
                 cend = s + nd.last
             nodes.append((nd, nd.gen))
             carry, chain_end, pos = tokens, cend, e
