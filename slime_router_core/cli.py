@@ -92,9 +92,9 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     import uvicorn
 
     from .app import build_app
+    from .errors import HTTPError
     from .tokenizers import BUILTIN_CHECKPOINT
     from .workers import normalize_worker_url
-    from .errors import HTTPError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -123,9 +123,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
                         max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts))
     procs = []
     if demo:
-        from .testing import start_mock_worker_process
-
-        from .testing import wait_http
+        from .testing import start_mock_worker_process, wait_http
 
         # started together, waited for together: each imports transformers and loads the tokenizer
         procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, seed=i)
@@ -229,7 +227,8 @@ def build_cli(argv: list[str]) -> Any:
         if "serve" in argv:
             typer.echo(f"Error: {e}", err=True)
             raise SystemExit(2)
-        plugins, options = load_plugins([]), collect_options(load_plugins([]))
+        plugins = load_plugins([])  # `plugins` and `--help` still work; `serve` reports the error above
+        options = collect_options(plugins)
     app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})(_serve_command(plugins, options))
     return typer.main.get_command(app)
 
