@@ -89,7 +89,6 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
         except Exception as e:
             raise PluginLoadError(f"Plugin {impl.plugin_name!r} failed to register its components: "
                                   f"{type(e).__name__}: {e}") from e
-    router.refresh_hooks()  # plugins may register per-app hook objects while registering components
     for impl in hook.required_components.get_hookimpls():
         for name in impl.function() or []:
             if not router.registry.has(name):

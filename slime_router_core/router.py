@@ -123,10 +123,6 @@ class Router:
         self.hooks = RequestHooks(plugins)
         self.started_at = time.time()
 
-    def refresh_hooks(self) -> None:
-        """Rebuild the request-path callers (after plugins registered more hook objects)."""
-        self.hooks = RequestHooks(self.plugins)
-
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -1,11 +1,11 @@
 """The balancing plugin: policies, health checks, circuit breaker, retries, rid tracking, drain, RL routes.
 
 Shape: this module declares the flags (``add_options``) and, in ``register_components``, builds one
-``Balancer`` per router app. The Balancer is registered as component ``"balancing"`` (read by the metrics
-plugin: ``worker_stats()``, ``retries``, ``policy``) **and** as a pluggy plugin named ``balancing.runtime``
-whose hook methods carry that app's state. So nothing is shared between two apps built in one process.
+``Balancer`` per router app, registered as component ``"balancing"`` (read by the metrics plugin:
+``worker_stats()``, ``retries``, ``policy``). The module's hooks find their app's Balancer through
+``ctx.router`` / ``router``, so nothing is shared between two apps built in one process.
 
-Hooks of the runtime:
+Hooks:
 - ``pre_request`` (tryfirst): the pause/drain gate (waits, or 503 with ``--drain-mode reject``).
 - ``select_worker`` (trylast, so a third-party policy plugin can override it): the ``--policy``.
 - ``worker_selected``: rid -> worker tracking (for ``/abort_request``), circuit half-open probe.
@@ -47,7 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("slime_router.balancing")
 
 DEFAULT_POLICY = "cache_aware"
-RUNTIME_PLUGIN_NAME = "balancing.runtime"
 MAX_TRACKED_RIDS = 200_000
 LATENCY_EMA_ALPHA = 0.2
 
@@ -191,8 +190,66 @@ def parse_status_codes(value: Any) -> frozenset:
 def register_components(registry: ComponentRegistry, router: Router) -> None:
     balancer = Balancer(router, BalancingConfig.from_settings(router.settings))
     registry.register("balancing", balancer, owner="balancing")
-    # the core refreshes its request-hook map after registration, so this runtime's hooks are seen
-    router.plugins.register(balancer, RUNTIME_PLUGIN_NAME, source="per-app runtime of the balancing plugin")
+
+
+def _balancer(router: Router) -> Balancer:
+    return router.registry.get("balancing")
+
+
+@hookimpl
+def startup(router: Router) -> Any:
+    return _balancer(router).startup(router)
+
+
+@hookimpl
+def shutdown(router: Router) -> Any:
+    return _balancer(router).shutdown(router)
+
+
+@hookimpl
+def worker_added(worker: Worker, router: Router) -> None:
+    _balancer(router).worker_added(worker, router)
+
+
+@hookimpl
+def worker_removed(worker: Worker, router: Router) -> None:
+    _balancer(router).worker_removed(worker, router)
+
+
+@hookimpl
+def register_routes(app: FastAPI, router: Router) -> None:
+    _balancer(router).register_routes(app, router)
+
+
+@hookimpl(tryfirst=True)  # the drain gate comes before anything else
+def pre_request(ctx: RequestContext) -> Any:
+    return _balancer(ctx.router).pre_request(ctx)
+
+
+@hookimpl(trylast=True)  # a third-party policy plugin can override the --policy
+def select_worker(ctx: RequestContext, workers: list[Worker]) -> Worker | None:
+    return _balancer(ctx.router).select_worker(ctx, workers)
+
+
+@hookimpl
+def worker_selected(ctx: RequestContext, worker: Worker) -> None:
+    _balancer(ctx.router).worker_selected(ctx, worker)
+
+
+@hookimpl
+def upstream_failed(ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None) -> None:
+    _balancer(ctx.router).upstream_failed(ctx, worker, status, error)
+
+
+@hookimpl(trylast=True)
+def should_retry(ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None,
+                 attempt: int) -> bool | float | None:
+    return _balancer(ctx.router).should_retry(ctx, worker, status, error, attempt)
+
+
+@hookimpl
+def request_finished(ctx: RequestContext) -> None:
+    _balancer(ctx.router).request_finished(ctx)
 
 
 # --- the runtime ---------------------------------------------------------------------------------
@@ -233,7 +290,6 @@ class Balancer:
             init_worker_state(worker)
             self.policy_impl.worker_added(worker)
 
-    @hookimpl
     def startup(self, router: Router) -> None:
         if router is not self.router:
             return
@@ -243,7 +299,6 @@ class Balancer:
             self._known(w)
         self.health.start()
 
-    @hookimpl
     async def shutdown(self, router: Router) -> None:
         if router is not self.router:
             return
@@ -253,12 +308,10 @@ class Balancer:
             self._resumed.set()
         await self.health.stop()
 
-    @hookimpl
     def worker_added(self, worker: Worker, router: Router) -> None:
         if router is self.router:
             self._known(worker)
 
-    @hookimpl
     def worker_removed(self, worker: Worker, router: Router) -> None:
         if router is self.router:
             self.policy_impl.worker_removed(worker)
@@ -266,7 +319,6 @@ class Balancer:
 
     # --- request path ----------------------------------------------------------------------------
 
-    @hookimpl(tryfirst=True)
     def pre_request(self, ctx: RequestContext) -> Any:
         if not self.paused:  # fast path: no coroutine per request
             self.active += 1
@@ -287,11 +339,9 @@ class Balancer:
         self.active += 1
         ctx.state[_ADMITTED] = True
 
-    @hookimpl(trylast=True)
     def select_worker(self, ctx: RequestContext, workers: list[Worker]) -> Worker | None:
         return self.policy_impl.select(ctx, workers)
 
-    @hookimpl
     def worker_selected(self, ctx: RequestContext, worker: Worker) -> None:
         body = ctx.body
         if isinstance(body, dict):  # a generation (not the core's GET forwarding, which has no body)
@@ -308,13 +358,11 @@ class Balancer:
                     for r in list(self.rids)[: len(self.rids) - MAX_TRACKED_RIDS]:
                         del self.rids[r]
 
-    @hookimpl
     def upstream_failed(self, ctx: RequestContext, worker: Worker, status: int | None,
                         error: BaseException | None) -> None:
         worker.state["last_failure"] = status if status is not None else type(error).__name__
         self.breaker.on_failure(worker)
 
-    @hookimpl(trylast=True)
     def should_retry(self, ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None,
                      attempt: int) -> bool | float:
         if ctx.sent_to_client:
@@ -330,7 +378,6 @@ class Balancer:
         delay *= 0.5 + 0.5 * self.random.random()  # jitter: no synchronized retry waves
         return delay if delay > 0 else True
 
-    @hookimpl
     def request_finished(self, ctx: RequestContext) -> None:
         state = ctx.state
         if state.pop(_ADMITTED, False):
@@ -460,7 +507,6 @@ class Balancer:
 
     # --- routes --------------------------------------------------------------------------------------
 
-    @hookimpl
     def register_routes(self, app: FastAPI, router: Router) -> None:
         if router is not self.router:
             return

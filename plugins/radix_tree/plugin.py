@@ -1,8 +1,7 @@
 """radix_tree plugin: the trajectory cache on /generate, and POST /retrieve_from_text.
 
-Per app, ``register_components`` builds one ``TrajectoryCache`` (component ``"radix_tree"``) and one
-``RadixRuntime`` registered as the pluggy plugin ``radix_tree.runtime`` whose hook methods carry that
-app's state (nothing is shared between two apps built in one process).
+Per app, ``register_components`` builds one ``TrajectoryCache`` (component ``"radix_tree"``); the
+module's hooks find it through ``ctx.router`` (nothing is shared between two apps built in one process).
 
 /generate (route "/generate" only; other routes, e.g. openai_compat's, prepare/record themselves):
 - pre_request: text prompts -> longest recorded prefix ids + tokens of the new text only; ``text`` is
@@ -39,7 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("slime_router.radix_tree")
 
-RUNTIME_PLUGIN_NAME = "radix_tree.runtime"
 STATE_KEY = "radix_tree"
 LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs", "input_top_logprobs",
                 "output_token_ids_logprobs", "input_token_ids_logprobs")
@@ -67,8 +65,6 @@ def register_components(registry: ComponentRegistry, router: Router) -> None:
     cache = TrajectoryCache(registry.get("tokenizer"), max_size=int(s.get("radix_tree_max_size", 10000) or 10000),
                             gc_k=int(s.get("radix_tree_gc_k", 5) or 5), verbose=bool(s.get("verbose", False)))
     registry.register("radix_tree", cache, owner="radix_tree")
-    router.plugins.register(RadixRuntime(cache), RUNTIME_PLUGIN_NAME,
-                            source="per-app runtime of the radix_tree plugin")
 
 
 def _cache(router: Router) -> TrajectoryCache:
@@ -145,7 +141,6 @@ class RadixRuntime:
     def __init__(self, cache: TrajectoryCache) -> None:
         self.cache = cache
 
-    @hookimpl
     async def pre_request(self, ctx: RequestContext) -> None:
         if ctx.route != "/generate" or not isinstance(ctx.body, dict):
             return
@@ -190,7 +185,6 @@ class RadixRuntime:
         if ctx.stream:
             ctx.inspect_stream = True
 
-    @hookimpl
     def stream_chunk(self, ctx: RequestContext, chunk: dict) -> None:
         st: _ReqState | None = ctx.state.get(STATE_KEY)
         if st is None or not isinstance(chunk, dict):
@@ -224,7 +218,6 @@ class RadixRuntime:
         except Exception:
             log.exception("radix_tree: recording a streamed trajectory failed")
 
-    @hookimpl
     async def post_response(self, ctx: RequestContext, response: Any) -> None:
         st: _ReqState | None = ctx.state.get(STATE_KEY)
         if st is None:
@@ -252,3 +245,33 @@ class RadixRuntime:
             if not ctx.stream and not st.want_logprob:
                 for item in (response if isinstance(response, list) else [response]):
                     _strip_logprobs(item)
+
+
+# --- hooks: /generate only (other routes, e.g. openai_compat's, prepare and record themselves) ------------
+
+
+def _runtime(ctx: RequestContext) -> RadixRuntime | None:
+    if ctx.route != "/generate" or ctx.router is None or not ctx.router.registry.has("radix_tree"):
+        return None
+    return RadixRuntime(ctx.router.registry.get("radix_tree"))
+
+
+@hookimpl
+async def pre_request(ctx: RequestContext) -> None:
+    runtime = _runtime(ctx)
+    if runtime is not None:
+        await runtime.pre_request(ctx)
+
+
+@hookimpl
+def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
+    runtime = _runtime(ctx)
+    if runtime is not None:
+        runtime.stream_chunk(ctx, chunk)
+
+
+@hookimpl
+async def post_response(ctx: RequestContext, response: Any) -> None:
+    runtime = _runtime(ctx)
+    if runtime is not None:
+        await runtime.post_response(ctx, response)
