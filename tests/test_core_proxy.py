@@ -95,7 +95,6 @@ def test_streaming_arrives_incrementally(router, mock_worker):
     assert len(chunks) == 11
     # chunks were not buffered: the first came long before the last (10 tokens x 50 ms)
     assert arrivals[-1] - arrivals[0] > 0.3
-    assert arrivals[0] < 0.2
     final = orjson.loads(chunks[-2])
     assert final["meta_info"]["finish_reason"]["type"] == "length" and len(final["output_ids"]) == 10
 
