@@ -359,12 +359,16 @@ class OpenAIService:
             raise HTTPError(502, f"Upstream call failed: {type(e).__name__}: {e}", type="upstream_error") from e
         return StreamJob(self, ctx, opts, agen, first, events_fn)
 
-    def chat_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
-        obj: dict[str, Any] = {"id": opts["id"], "object": "chat.completion.chunk", "created": opts["created"],
+    @staticmethod
+    def _chunk(kind: str, opts: dict, choices: list, usage: Any) -> bytes:
+        obj: dict[str, Any] = {"id": opts["id"], "object": kind, "created": opts["created"],
                                "model": opts["model"], "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
         if opts["include_usage"]:
             obj["usage"] = usage if usage is not False else None
         return sse(obj)
+
+    def chat_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
+        return self._chunk("chat.completion.chunk", opts, choices, usage)
 
     async def chat_events(self, job: "StreamJob") -> AsyncIterator[bytes]:
         opts = job.opts
@@ -499,11 +503,7 @@ class OpenAIService:
         return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top, "text_offset": offsets}
 
     def completion_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
-        obj: dict[str, Any] = {"id": opts["id"], "object": "text_completion", "created": opts["created"],
-                               "model": opts["model"], "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-        if opts["include_usage"]:
-            obj["usage"] = usage if usage is not False else None
-        return sse(obj)
+        return self._chunk("text_completion", opts, choices, usage)
 
     async def completion_events(self, job: "StreamJob") -> AsyncIterator[bytes]:
         opts = job.opts

@@ -175,23 +175,9 @@ class Match:
 
     def tail(self, k: int) -> tuple[list[int], list[int], list[float | None], list[int], list[str]]:
         """Tokens k.. of the chain: (ids, absolute ends, logprobs, loss mask, versions); O(len - k)."""
-        n = len(self.raw_ids)
-        if k >= n:
-            return [], [], [], [], []
-        ws: list[int] = []
-        mvs: list[int] = []
-        need = n - k
-        for w, mv in zip(reversed(self._w_parts), reversed(self._mv_parts)):
-            if len(ws) >= need:
-                break
-            ws[:0] = w.tolist()
-            mvs[:0] = mv.tolist()
-        ws, mvs = ws[len(ws) - need:], mvs[len(mvs) - need:]
-        start = self.chain_end - sum(ws) if k else 0
-        ends = list(itertools.accumulate(ws, initial=start))[1:]
+        ids, ends, logp, mvs = self.tail_raw(k)
         vt = self.vtable
-        return (self.raw_ids[k:].tolist(), ends, [None if x != x else x for x in self.raw_logp[k:].tolist()],
-                [x & 1 for x in mvs], [vt[x >> 1] for x in mvs])
+        return ids, ends, [None if x != x else x for x in logp], [x & 1 for x in mvs], [vt[x >> 1] for x in mvs]
 
     def tail_raw(self, k: int) -> tuple[list[int], list[int], list[float], list[int]]:
         """Tokens k.. of the chain as stored: (ids, absolute ends, logprobs with NaN for unknown, raw
