@@ -52,7 +52,6 @@ CIRCUIT_STATES = ("closed", "open", "half_open")
 # ctx.state keys (prefixed with the plugin name, as the core asks)
 K_FIRST_SELECTED = "metrics_first_selected"
 K_LAST_SELECTED = "metrics_last_selected"
-K_FIRST_CHUNK = "metrics_first_chunk"
 
 
 class Histogram:
@@ -181,10 +180,6 @@ class MetricsState:
             state[K_FIRST_SELECTED] = now
         state[K_LAST_SELECTED] = now
 
-    def on_first_chunk(self, ctx: RequestContext) -> None:
-        if K_FIRST_CHUNK not in ctx.state:
-            ctx.state[K_FIRST_CHUNK] = time.perf_counter() - ctx.started
-
     def on_upstream_failed(self, status: int | None, error: BaseException | None) -> None:
         reason = _status_label(status) if status is not None else "connection"
         self.upstream_failures[reason] = self.upstream_failures.get(reason, 0) + 1
@@ -297,34 +292,30 @@ class MetricsState:
             upstream = max(0.0, total - (last_sel - ctx.started) - (post or 0.0))
         elif "upstream_headers" in timings:
             upstream = timings["upstream_headers"]
-        ttft = timings.get("first_chunk", state.get(K_FIRST_CHUNK))
+        ttft = timings.get("first_chunk")  # recorded by the core for every stream
         return {"queueing": queueing, "retrying": retrying, "tokenization": pre, "upstream": upstream,
                 "ttft": ttft, "recording": post, "total": total}
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def openai_stats(self) -> dict[str, Any] | None:
-        """openai_compat's counters (requests, recorded turns, history rewrites...), when it is loaded."""
+    def _component_stats(self, name: str) -> dict[str, Any] | None:
+        """``registry.get(name).stats()`` when that plugin is loaded; a broken one must not break /metrics."""
         registry = self.router.registry
-        if not registry.has("openai_compat"):
+        if not registry.has(name):
             return None
         try:
-            stats = registry.get("openai_compat").stats()
+            stats = registry.get(name).stats()
         except Exception:
-            log.exception("openai_compat.stats() failed")
+            log.exception("%s.stats() failed", name)
             return None
         return stats if isinstance(stats, dict) else None
 
+    def openai_stats(self) -> dict[str, Any] | None:
+        """openai_compat's counters (requests, recorded turns, history rewrites...), when it is loaded."""
+        return self._component_stats("openai_compat")
+
     def cache_stats(self) -> dict[str, Any] | None:
-        registry = self.router.registry
-        if not registry.has("radix_tree"):
-            return None
-        try:
-            stats = registry.get("radix_tree").stats()
-        except Exception:  # a broken cache must not break /metrics
-            log.exception("radix_tree.stats() failed")
-            return None
-        return stats if isinstance(stats, dict) else None
+        return self._component_stats("radix_tree")
 
     def balancing_stats(self) -> Any:
         registry = self.router.registry

@@ -14,7 +14,6 @@ upstream, time to first token, recording, total) is logged.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,7 +23,7 @@ from prometheus_client.exposition import choose_encoder
 
 from slime_router_core import hookimpl
 
-from .collector import K_FIRST_CHUNK, MetricsState
+from .collector import MetricsState
 
 if TYPE_CHECKING:  # pragma: no cover
     from slime_router_core.context import RequestContext
@@ -144,13 +143,6 @@ def upstream_failed(ctx: RequestContext, worker: Worker, status: int | None, err
     state = _state(ctx)
     if state is not None:
         state.on_upstream_failed(status, error)
-
-
-@hookimpl
-def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
-    # Only called for streams some plugin inspects; the first call marks the first token.
-    if K_FIRST_CHUNK not in ctx.state:
-        ctx.state[K_FIRST_CHUNK] = time.perf_counter() - ctx.started
 
 
 @hookimpl

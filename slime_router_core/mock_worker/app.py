@@ -376,7 +376,7 @@ class Sequence:
         return None
 
     def _plan_iter(self):
-        c, st, rng = self.state.config, self.state, self.rng
+        c, rng = self.state.config, self.rng
         scripted = self._scripted_ids()
         if scripted is not None:
             yield from scripted
