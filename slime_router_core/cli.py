@@ -148,8 +148,10 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
         typer.echo(f"  curl -s http://{shown}:{port}/retrieve_from_text -H 'Content-Type: application/json' "
                    f"-d '{{\"text\": \"Hello, my name is\"}}'")
     try:
+        # No X-Forwarded-* rewriting and no Server header: per-request work a router doesn't need.
         uvicorn.run(application, host=host, port=port, log_level="info" if verbose else "warning",
-                    loop=_best("uvloop", "auto"), http=_best("httptools", "auto"), access_log=verbose)
+                    loop=_best("uvloop", "auto"), http=_best("httptools", "auto"), access_log=verbose,
+                    proxy_headers=False, server_header=False)
     finally:
         for p in procs:
             p.stop()
