@@ -1,4 +1,4 @@
-"""The router runtime: worker pool, registry, one upstream connection pool, and the request path.
+"""The router runtime: worker pool, registry, upstream connections, and the request path.
 
 route -> pre_request hooks (may rewrite the body that is sent) -> select worker -> upstream
       -> post_response hooks (record, reshape) -> client
@@ -129,13 +129,14 @@ class Router:
         if self.upstream is None:
             self.upstream = UpstreamPool(connect_timeout=self.settings.connect_timeout)
         if self.session is None:
-            # One long-lived pool for every upstream call. No total timeout: generations take
-            # as long as they take; connecting to a dead worker fails fast and is retried.
+            # The control plane's long-lived pool (health checks, broadcasts, plugin calls). No total
+            # timeout by default: weight updates take as long as they take; dead workers fail on connect.
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
             timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout,
                                             sock_connect=self.settings.connect_timeout)
             self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                                 skip_auto_headers=("User-Agent",), json_serialize=lambda o: orjson.dumps(o).decode())
+                                                 skip_auto_headers=("User-Agent",),
+                                                 json_serialize=lambda o: orjson.dumps(o).decode())
 
     async def close(self) -> None:
         for callback in self.on_close:
