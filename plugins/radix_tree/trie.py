@@ -85,7 +85,7 @@ def _common(text: str, off: int, s: str, i: int, m: int) -> int:
 
 class Node:
     __slots__ = ("text", "parent", "children", "ids", "widths", "first", "last", "logp", "mv", "stamp",
-                 "version", "worker", "tails", "terminal", "alive", "gen", "__weakref__")
+                 "version", "worker", "tails", "terminal", "stops", "alive", "gen", "__weakref__")
 
     def __init__(self, text: str, parent: "Node | None") -> None:
         self.text = text
@@ -102,6 +102,7 @@ class Node:
         self.worker: str | None = None
         self.tails: dict[int, str] | None = None  # relative offset -> optional text starting there
         self.terminal = False  # a recorded chain ends exactly at this node's end
+        self.stops: set[int] | None = None  # relative offsets inside the text where recorded chains end
         self.alive = True
         self.gen = 0  # bumped whenever text, parent or tokens change (validates insert anchors)
 
@@ -334,6 +335,10 @@ class StringRadixTrie:
             low = {r - k: o for r, o in node.tails.items() if r >= k}
             upper.tails = up or None
             node.tails = low or None
+        if node.stops:
+            upper.terminal = k in node.stops
+            upper.stops = {r for r in node.stops if r < k} or None
+            node.stops = {r - k for r in node.stops if r > k} or None
         node.text = node.text[k:]
         node.parent = upper
         node.gen += 1
@@ -403,6 +408,16 @@ class StringRadixTrie:
                 break
             L = len(ch.text)
             k = _common(ch.text, 0, text, pos, min(L, n - pos))
+            if ch.stops:
+                first_stop = min(ch.stops)
+                if first_stop <= k:
+                    # the walk passes a chain end inside an extended leaf: make it a node boundary again,
+                    # so that what _insert does there (keep that chain in a "" child) works as before
+                    upper = self._split(ch, first_stop)
+                    path.append((upper, pos))
+                    pos += first_stop
+                    node = upper
+                    continue
             if k == L:
                 path.append((ch, pos))
                 pos += L
@@ -501,20 +516,38 @@ class StringRadixTrie:
                     mv_all.append(x)
                 else:
                     mv_all += [x] * cnt
+            stamp = next(self._clock)
             if anchor is None:
-                path = self._make_path(text)
-                stamp = next(self._clock)
+                self._insert(self._make_path(text), stamp, ids, ends, widths_all, lps, mv_all, rec_version, worker)
+                floor, mnode = 0, None
             else:
                 last = anchor.nodes[-1][0]
-                path = self._make_path(text, last, anchor.pos)
-                stamp = next(self._clock)
-                for nd, _ in anchor.nodes:  # what the full walk does on the shared prefix
-                    self._stamp(nd, stamp, rec_version, worker)
-            self._insert(path, stamp, ids, ends, widths_all, lps, mv_all, rec_version, worker, cs0)
-            if anchor is None:
-                floor, mnode = 0, None
-            else:  # optional spans above the anchor are recorded; the walk starts at the anchor
-                floor, mnode = anchor.pos, anchor.nodes[-1][0]
+                if not last.children and len(last.ids) and cs0 == anchor.pos:
+                    # the usual next turn: the matched chain ends at the end of a leaf; extend the leaf
+                    start0 = cs0 - len(last.text)
+                    self._extend_leaf(last, text[cs0:], ids, widths_all, lps, mv_all)
+                    for start, span in markers:
+                        start = int(start)
+                        if start >= cs0 and span and text.startswith(span, start):
+                            if last.tails is None:
+                                last.tails = {}
+                            last.tails[start - start0] = span
+                    markers = ()
+                    path = None
+                else:
+                    path = self._make_path(text, last, anchor.pos)
+                for nd, _ in anchor.nodes:  # what the full walk does on the shared prefix (_stamp, inlined)
+                    if rec_version > nd.version:
+                        nd.version = rec_version
+                    if worker is not None:
+                        nd.worker = worker
+                    nd.stamp = stamp
+                    if not nd.children:
+                        heapq.heappush(self._heap, (stamp, next(self._seq), nd))
+                if path is not None:
+                    self._insert(path, stamp, ids, ends, widths_all, lps, mv_all, rec_version, worker, cs0)
+                # optional spans above the anchor are recorded; the walk starts at the anchor
+                floor, mnode = anchor.pos, last
             for start, span in markers:
                 if int(start) >= floor:
                     self._add_marker(text, int(start), span, mnode, floor)
@@ -523,6 +556,28 @@ class StringRadixTrie:
                 self.gc()
             self._evict_to(self.max_tokens)
             return True
+
+    def _extend_leaf(self, leaf: Node, more: str, ids: list[int], widths: list[int], lps: list[float],
+                     mv: list[int]) -> None:
+        """Append ``more`` and its chain (which starts exactly at the leaf's end) to a leaf.
+
+        One node per trajectory instead of one per turn: lookups walk fewer nodes and records create none.
+        Where a recorded chain ended (the leaf was terminal) is kept in ``stops``; an insert that walks past
+        it splits the node there again (``_make_path``). New arrays, never in-place growth: a Match may still
+        hold the old widths array."""
+        if leaf.terminal:
+            if leaf.stops is None:
+                leaf.stops = set()
+            leaf.stops.add(len(leaf.text))
+        leaf.ids = leaf.ids + array("i", ids)
+        leaf.widths = _ucat(leaf.widths, _uarr(widths))
+        leaf.logp = leaf.logp + array("f", lps)
+        leaf.mv = _ucat(leaf.mv, _uarr(mv))
+        leaf.text += more
+        leaf.last = len(leaf.text)
+        leaf.terminal = True
+        leaf.gen += 1
+        self.size += len(ids)
 
     def _insert(self, path: list[tuple[Node, int]], stamp: int, ids: list[int], ends: list[int], widths: list[int],
                 lps: list[float], mv: list[int], rec_version: int, worker: str | None, cs0: int = 0) -> None:
@@ -669,63 +724,86 @@ class StringRadixTrie:
     def match(self, query: str, touch: bool = True) -> Match:
         """The longest recorded chain for a prefix of ``query`` (optional spans may be skipped)."""
         with self.lock:
-            path: list[tuple[Node, int]] = []
-            cands: list[tuple[int, str, int, int]] = []
-            node, nstart, off, q = self.root, 0, 0, 0
-            delta = 0
-            seg_start = 0
-            skips: list[tuple[int, int, int]] = []  # (V, len, delta before)
-            while True:
-                node, nstart, off, q = self._advance(path, cands, node, nstart, off, query, q)
-                t = nstart + off
-                best = None
-                for c in cands:
-                    V, o = c[0], c[1]
-                    if seg_start <= V <= t < V + len(o) and (best is None or V < best[0]):
-                        best = c
-                if best is None:
-                    break
-                V, o, vnode, ns, plen = best
-                sub = path[:plen] + [(vnode, ns)]
-                sub_cands: list = []
-                n2, ns2, off2, i2 = self._advance(sub, sub_cands, vnode, ns, V - ns, o, 0)
-                if i2 < len(o):
-                    break
-                q = V - delta
-                skips.append((V, len(o), delta))
-                delta += len(o)
-                seg_start = V + len(o)
-                path = sub
-                cands = [c for c in cands if c[0] < V]
-                node, nstart, off = n2, ns2, off2
-            t = nstart + off
-            if off == len(node.text) and node.children and "" in node.children:
-                path.append((node.children[""], t))
-            res = self._collect(path, t)
-            b = res[1]
-            for V, L, d in skips:
-                if V < b < V + L:  # the optional span is only partly recorded: stop before it
-                    res = self._collect(path, V)
-                    b = res[1]
-                    break
-            segs, b = res
-            qpos = b
-            for V, L, d in skips:
-                if b >= V + L:
-                    qpos = b - (d + L)
-                elif b <= V:
-                    qpos = b - d
-                    break
-            m = Match()
-            m.query_pos = qpos
-            m.skipped = sum(1 for V, L, d in skips if b >= V + L)
-            m.vtable = self.vtable
-            stamp = next(self._clock) if touch else 0
-            parts: list[str] = []
-            ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
-            heap, seq, push = self._heap, self._seq, heapq.heappush
-            for nd, s, cnt in segs:
-                if cnt == len(nd.ids):
+            m = self._match_plain(query, touch)
+            return m if m is not None else self._match_skipping(query, touch)
+
+    def _match_plain(self, query: str, touch: bool) -> Match | None:
+        """``match`` when the walk needs no optional span skipped (the usual case), in two passes over the
+        path; None when it would (the query ends or diverges inside an optional span) or when the chain would
+        end on a partial-character token: ``_match_skipping`` answers those."""
+        path: list[tuple[Node, int]] = []
+        node, i, n = self.root, 0, len(query)
+        while i < n:  # without skips, query positions are tree positions
+            ch = node.children.get(query[i]) if node.children else None
+            if ch is None:
+                break
+            path.append((ch, i))
+            node = ch
+            text = ch.text
+            if query.startswith(text, i):
+                i += len(text)
+                continue
+            i += _common(text, 0, query, i, min(len(text), n - i))
+            break
+        t = i
+        for nd, s in path:  # an optional span covering the stop position: a skip may match further
+            if nd.tails:
+                for r, o in nd.tails.items():
+                    if s + r <= t < s + r + len(o):
+                        return None
+        at_end = t == (path[-1][1] + len(node.text) if path else 0)
+        if at_end and node.children:
+            for ch in node.children.values():
+                if ch.tails and 0 in ch.tails:
+                    return None
+            term = node.children.get("")
+            if term is not None:
+                path.append((term, t))
+        # pass 1: the validated chain (token-bearing path nodes, the last one possibly partial)
+        b = 0
+        segs: list[tuple[Node, int, int]] = []
+        for nd, s in path:
+            k = len(nd.ids)
+            if not k:
+                continue
+            if s + nd.first != b:
+                break
+            if s + nd.last <= t:
+                segs.append((nd, s, k))
+                b = s + nd.last
+                continue
+            ends = nd.ends()
+            cnt = bisect_right(ends, t - s)
+            if cnt:
+                segs.append((nd, s, cnt))
+                b = s + ends[cnt - 1]
+            break
+        if segs:
+            nd, s, cnt = segs[-1]
+            if nd.widths[cnt - 1] == 0:
+                return None  # never end on a partial-character token: trimmed by the general walk
+        # pass 2: ids and metadata, recency, the anchor, the canonical text and its optional spans
+        m = Match()
+        m.query_pos = m.chain_end = b
+        m.vtable = self.vtable
+        stamp = next(self._clock) if touch else 0
+        ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
+        parts: list[str] = []
+        markers = m.markers
+        anchor_nodes: list[tuple[Node, int]] = []
+        carry = chain_end = apos = 0
+        anchoring = True
+        si, nseg = 0, len(segs)
+        last_seg = segs[-1][0] if segs else None
+        stamping = touch and last_seg is not None
+        for nd, s in path:
+            text = nd.text
+            e = s + len(text)
+            if si < nseg and segs[si][0] is nd:
+                cnt = segs[si][2]
+                si += 1
+                whole = cnt == len(nd.ids)
+                if whole:
                     ids.extend(nd.ids)
                     logp.extend(nd.logp)
                     mv_parts.append(nd.mv[:])
@@ -735,30 +813,132 @@ class StringRadixTrie:
                     logp.extend(nd.logp[:cnt])
                     mv_parts.append(nd.mv[:cnt])
                     w_parts.append(nd.widths[:cnt])
-                if touch:  # _touch, inlined
-                    nd.stamp = stamp
+                if anchoring:
+                    if whole and text and e <= b:
+                        anchor_nodes.append((nd, nd.gen))
+                        carry, chain_end, apos = len(ids), s + nd.last, e
+                    else:
+                        anchoring = False
+            elif s >= b and si >= nseg:
+                break
+            elif anchoring:
+                if text and e <= b and not len(nd.ids):
+                    anchor_nodes.append((nd, nd.gen))
+                    apos = e
+                else:
+                    anchoring = False
+            if stamping:  # the path down to the last chain node: ancestors at least as recent
+                nd.stamp = stamp
+                if nd is last_seg:
+                    stamping = False
                     if not nd.children:
-                        push(heap, (stamp, next(seq), nd))
-            m.chain_end = b
-            m.anchor = self._anchor(path, segs, b)
-            if segs:
-                m.worker = segs[-1][0].worker
-                if touch:  # ancestors are at least as recent as their descendants (token-less ones too)
-                    p = segs[-1][0].parent
-                    while p is not None:
-                        if p.stamp < stamp:
-                            p.stamp = stamp
-                        p = p.parent
-            for nd, s in path:
-                if s >= b:
-                    break
-                parts.append(nd.text[:b - s])
+                        heapq.heappush(self._heap, (stamp, next(self._seq), nd))
+            if s < b:
+                parts.append(text if e <= b else text[:b - s])
                 if nd.tails:
                     for r, o in nd.tails.items():
                         if s + r + len(o) <= b:
-                            m.markers.append((s + r, o))
-            m.canonical = "".join(parts)
-            return m
+                            markers.append((s + r, o))
+        if anchor_nodes:
+            m.anchor = Anchor(self, anchor_nodes, carry, chain_end, apos)
+        if last_seg is not None:
+            m.worker = last_seg.worker
+        m.canonical = "".join(parts)
+        return m
+
+    def _match_skipping(self, query: str, touch: bool) -> Match:
+        """``match`` in general: optional spans the query omits are taken whole and the walk goes on after
+        them."""
+        path: list[tuple[Node, int]] = []
+        cands: list[tuple[int, str, int, int]] = []
+        node, nstart, off, q = self.root, 0, 0, 0
+        delta = 0
+        seg_start = 0
+        skips: list[tuple[int, int, int]] = []  # (V, len, delta before)
+        while True:
+            node, nstart, off, q = self._advance(path, cands, node, nstart, off, query, q)
+            t = nstart + off
+            best = None
+            for c in cands:
+                V, o = c[0], c[1]
+                if seg_start <= V <= t < V + len(o) and (best is None or V < best[0]):
+                    best = c
+            if best is None:
+                break
+            V, o, vnode, ns, plen = best
+            sub = path[:plen] + [(vnode, ns)]
+            sub_cands: list = []
+            n2, ns2, off2, i2 = self._advance(sub, sub_cands, vnode, ns, V - ns, o, 0)
+            if i2 < len(o):
+                break
+            q = V - delta
+            skips.append((V, len(o), delta))
+            delta += len(o)
+            seg_start = V + len(o)
+            path = sub
+            cands = [c for c in cands if c[0] < V]
+            node, nstart, off = n2, ns2, off2
+        t = nstart + off
+        if off == len(node.text) and node.children and "" in node.children:
+            path.append((node.children[""], t))
+        res = self._collect(path, t)
+        b = res[1]
+        for V, L, d in skips:
+            if V < b < V + L:  # the optional span is only partly recorded: stop before it
+                res = self._collect(path, V)
+                b = res[1]
+                break
+        segs, b = res
+        qpos = b
+        for V, L, d in skips:
+            if b >= V + L:
+                qpos = b - (d + L)
+            elif b <= V:
+                qpos = b - d
+                break
+        m = Match()
+        m.query_pos = qpos
+        m.skipped = sum(1 for V, L, d in skips if b >= V + L)
+        m.vtable = self.vtable
+        stamp = next(self._clock) if touch else 0
+        parts: list[str] = []
+        ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
+        heap, seq, push = self._heap, self._seq, heapq.heappush
+        for nd, s, cnt in segs:
+            if cnt == len(nd.ids):
+                ids.extend(nd.ids)
+                logp.extend(nd.logp)
+                mv_parts.append(nd.mv[:])
+                w_parts.append(nd.widths)  # never mutated in place (replaced by set_tokens)
+            else:
+                ids.extend(nd.ids[:cnt])
+                logp.extend(nd.logp[:cnt])
+                mv_parts.append(nd.mv[:cnt])
+                w_parts.append(nd.widths[:cnt])
+            if touch:  # _touch, inlined
+                nd.stamp = stamp
+                if not nd.children:
+                    push(heap, (stamp, next(seq), nd))
+        m.chain_end = b
+        m.anchor = self._anchor(path, segs, b)
+        if segs:
+            m.worker = segs[-1][0].worker
+            if touch:  # ancestors are at least as recent as their descendants (token-less ones too)
+                p = segs[-1][0].parent
+                while p is not None:
+                    if p.stamp < stamp:
+                        p.stamp = stamp
+                    p = p.parent
+        for nd, s in path:
+            if s >= b:
+                break
+            parts.append(nd.text[:b - s])
+            if nd.tails:
+                for r, o in nd.tails.items():
+                    if s + r + len(o) <= b:
+                        m.markers.append((s + r, o))
+        m.canonical = "".join(parts)
+        return m
 
     def _anchor(self, path: list[tuple[Node, int]], segs: list[tuple[Node, int, int]], b: int) -> Anchor | None:
         """The deepest path node D ending at or before ``b`` whose chain tokens (and those of every node
@@ -919,6 +1099,7 @@ class StringRadixTrie:
                     if len(n.ids):
                         assert n.last == n.first + sum(n.widths) <= len(n.text)
                     assert n.text or n.parent is not None
+                    assert not n.stops or (not n.children and all(0 < r < len(n.text) for r in n.stops))
                 for key, ch in (n.children or {}).items():
                     assert ch.parent is n and ch.key == key
                     assert n is self.root or ch.version <= n.version
