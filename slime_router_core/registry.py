@@ -28,6 +28,10 @@ class ComponentRegistry:
                 f"Required component '{name}' not found. Available components: {sorted(self._components)}"
             ) from None
 
+    def find(self, name: str) -> Any | None:
+        """The component, or None when nothing is registered under ``name`` (one lookup on hot paths)."""
+        return self._components.get(name)
+
     def has(self, name: str) -> bool:
         return name in self._components
 

@@ -16,14 +16,6 @@ from slime_router_plugins.radix_tree import StringRadixTrie, TrajectoryCache
 EOS = 151645
 
 
-def ends_of(pieces: list[str]) -> list[int]:
-    out, pos = [], 0
-    for p in pieces:
-        pos += len(p)
-        out.append(pos)
-    return out
-
-
 def assert_walks_agree(t: StringRadixTrie, q: str) -> None:
     """The one-pass walk (no optional span skipped) answers exactly like the general walk wherever it answers."""
     with t.lock:
@@ -347,7 +339,7 @@ def test_detokenizer_pieces_match_decode(tok):
     pcs = cache.detok.pieces(ids)
     assert "".join(pcs) == text == tok.decode(ids, skip_special_tokens=False)
     assert "" in pcs  # the emoji spans two byte-level tokens: the first carries no complete character
-    assert cache.detok.ends_for(ids, text) == ends_of(pcs)
+    assert cache.detok.widths_for(ids, text) == [len(p) for p in pcs]
 
 
 def test_long_prompts_are_tokenized_off_the_event_loop(tok, caplog):
@@ -513,8 +505,9 @@ def test_insert_raw_runs_equal_per_token_insert():
     text, ids, ends = "ab cd ef", [1, 2, 3, 4], [2, 5, 6, 8]
     a.insert(text, ids, ends, [None, -0.5, -0.25, None], [0, 1, 1, 0], ["x", "y", "y", "x"], markers=[(6, " e")])
     nan = float("nan")
-    assert b.insert_raw(None, text, ids, ends, [nan, -0.5, -0.25, nan], (), [(1, "x", 0), (2, "y", 1), (1, "x", 0),
-                                                                             (0, "z", 1)], [(6, " e")], None)
+    widths = [2, 3, 1, 2]
+    assert b.insert_raw(None, text, ids, widths, [nan, -0.5, -0.25, nan], (), [(1, "x", 0), (2, "y", 1), (1, "x", 0),
+                                                                               (0, "z", 1)], [(6, " e")], None)
     for q in (text, "ab cd f", "ab cd"):
         ma, mb = a.match(q), b.match(q)
         assert (ma.ids, ma.loss_mask, ma.versions, ma.ends, ma.markers) == (mb.ids, mb.loss_mask, mb.versions, mb.ends,
@@ -522,9 +515,11 @@ def test_insert_raw_runs_equal_per_token_insert():
         assert [x if x == x else None for x in ma.raw_logp] == [x if x == x else None for x in mb.raw_logp]
     assert a.vtable == b.vtable == ["x", "y"]  # a run of 0 tokens observes no version
     with pytest.raises(ValueError):
-        b.insert_raw(None, "abc", [1, 2], [2, 3], [nan, nan], (), [(1, "x", 0)], (), None)  # runs cover 1 of 2
+        b.insert_raw(None, "abc", [1, 2], [2, 1], [nan, nan], (), [(1, "x", 0)], (), None)  # runs cover 1 of 2
     with pytest.raises(ValueError):
-        b.insert_raw(None, "abc", [1, 2], [3, 2], [nan, nan], (), [(2, "x", 0)], (), None)  # decreasing ends
+        b.insert_raw(None, "abc", [1, 2], [4, -1], [nan, nan], (), [(2, "x", 0)], (), None)  # a negative width
+    with pytest.raises(ValueError):
+        b.insert_raw(None, "abc", [1, 2], [1, 1], [nan, nan], (), [(2, "x", 0)], (), None)  # does not cover the text
     a.check()
     b.check()
 

@@ -261,25 +261,25 @@ class Detokenizer:
             return []
         return out
 
-    def ends_for(self, ids: list[int], text: str, offset: int = 0) -> list[int]:
-        """Char ends (+ ``offset``) of each token of ``ids`` inside ``text``; a single span when they cannot be
-        lined up."""
+    def widths_for(self, ids: list[int], text: str) -> list[int]:
+        """Characters of ``text`` each token of ``ids`` covers; a single span when they cannot be lined up."""
         pcs = self.pieces(ids)
         if pcs and "".join(pcs) == text:
-            return list(itertools.accumulate(map(len, pcs), initial=offset))[1:]
-        return [offset] * (len(ids) - 1) + [offset + len(text)]  # one opaque span: only usable as a whole
+            return list(map(len, pcs))
+        return [0] * (len(ids) - 1) + [len(text)]  # one opaque span: only usable as a whole
 
     def _align_fast(self, text: str, ids: list[int], pcs: list[str]
                     ) -> tuple[str, list[int], list[tuple[int, str]]] | None:
         """``align_output``'s result in the common cases (the reply text is all the pieces, or all but a run
         of special / added tokens at the end, e.g. the EOS), without the per-token walk; None otherwise."""
         canonical = "".join(pcs)
-        ends = list(itertools.accumulate(map(len, pcs)))
+        widths = list(map(len, pcs))
         if canonical == text:
-            return canonical, ends, []
+            return canonical, widths, []
         n = len(text)
         if not canonical.startswith(text):
             return None
+        ends = list(itertools.accumulate(widths))
         k = bisect_left(ends, n) + 1 if n else 0  # the first k tokens cover exactly ``text``
         if k and (k > len(ends) or ends[k - 1] != n):
             return None
@@ -287,12 +287,12 @@ class Detokenizer:
         for t, pc in zip(ids[k:], pcs[k:]):
             if pc and t not in special and t not in added:
                 return None
-        return canonical, ends, [(n, canonical[n:])]
+        return canonical, widths, [(n, canonical[n:])]
 
     def align_output(self, text: str, ids: list[int]) -> tuple[str, list[int], list[tuple[int, str]]]:
         """Line the reply ``text`` up with ALL generated ``ids``.
 
-        Returns (canonical text, per-token ends, optional spans). The canonical text starts with
+        Returns (canonical text, characters each token covers, optional spans). The canonical text starts with
         ``text`` wherever the ids allow; tokens whose text the reply omits (EOS, a stop string the
         worker trimmed, skipped special tokens) are written out and marked optional.
         """
@@ -302,7 +302,6 @@ class Detokenizer:
         fast = self._align_fast(text, ids, pcs)
         if fast is not None:
             return fast
-        ends: list[int] = []
         markers: list[tuple[int, str]] = []
         r = pos = 0
         i = 0
@@ -317,7 +316,6 @@ class Detokenizer:
             else:
                 break
             pos += len(pc)
-            ends.append(pos)
             i += 1
         if i < n or r < len(text):
             rest = "".join(pcs[i:])
@@ -326,9 +324,6 @@ class Detokenizer:
                 return text, [0] * (n - 1) + [len(text)], []
             v = pos + len(text) - r
             tail = rest[len(text) - r:]
-            for pc in pcs[i:]:
-                pos += len(pc)
-                ends.append(pos)
             if tail:
                 markers.append((v, tail))
         canonical = "".join(pcs)  # the reply text with the omitted spans written out
@@ -338,7 +333,7 @@ class Detokenizer:
                 merged[-1] = (merged[-1][0], merged[-1][1] + o)
             else:
                 merged.append((p, o))
-        return canonical, ends, merged
+        return canonical, list(map(len, pcs)), merged
 
 
 NAN = float("nan")
@@ -387,11 +382,14 @@ class PreparedPrompt:
     alignment data ``record`` needs (built lazily from the trie match, off the request path).
     """
 
+    __slots__ = ("text", "input_ids", "cached_tokens", "fresh_tokens", "worker_url", "match", "canonical", "_ends",
+                 "_logprobs", "_mask", "_versions", "markers", "fresh_text", "fresh_ids", "fresh_widths")
+
     def __init__(self, text: str, input_ids: list[int], cached_tokens: int, fresh_tokens: int,
                  worker_url: str | None = None, match: Match | None = None, canonical: str = "",
                  ends: list[int] | None = None, logprobs: list | None = None, loss_mask: list[int] | None = None,
                  versions: list[str] | None = None, markers: list[tuple[int, str]] | None = None,
-                 fresh_text: str = "", fresh_ids: list[int] | None = None, fresh_ends: list[int] | None = None):
+                 fresh_text: str = "", fresh_ids: list[int] | None = None):
         self.text = text
         self.input_ids = input_ids
         self.cached_tokens = cached_tokens
@@ -403,7 +401,7 @@ class PreparedPrompt:
         self.markers = list(match.markers) if match is not None else list(markers or [])
         self.fresh_text = fresh_text
         self.fresh_ids = fresh_ids if fresh_ids is not None else []
-        self.fresh_ends = fresh_ends  # known when the prompt came as ids
+        self.fresh_widths: list[int] | None = None  # known when the prompt came as ids
 
     def _from_match(self, own: Any, attr: str) -> list:
         if own is not None:
@@ -535,12 +533,7 @@ class TrajectoryCache:
             p = PreparedPrompt(text=text, input_ids=ids, cached_tokens=0, fresh_tokens=len(ids), fresh_text=text,
                                fresh_ids=ids)
         if pcs:
-            pos = len(p.canonical)
-            fe = []
-            for pc in pcs[p.cached_tokens:]:
-                pos += len(pc)
-                fe.append(pos - len(p.canonical))
-            p.fresh_ends = fe
+            p.fresh_widths = list(map(len, pcs[p.cached_tokens:]))
         self._count(p)
         return p
 
@@ -560,26 +553,23 @@ class TrajectoryCache:
         base = prepared.canonical
         rest = prepared.fresh_text
         fresh = prepared.fresh_ids
-        L0 = len(base)
         if fresh:
-            if prepared.fresh_ends is not None:
-                new_ends = list(map(L0.__add__, prepared.fresh_ends))
-            else:
-                new_ends = self.detok.ends_for(fresh, rest, L0)
+            fw = prepared.fresh_widths
+            new_widths = list(fw) if fw is not None else self.detok.widths_for(fresh, rest)
         else:
-            new_ends = []
+            new_widths = []
             if rest:  # text that tokenized to nothing: cannot be recorded
                 rest = ""
-        L1 = L0 + len(rest)
         text = base + rest
         new_markers: list[tuple[int, str]] = []
         if out_ids:
             out_text = response.get("text")
             if not isinstance(out_text, str):
                 out_text = ""
-            canon, oe, om = self.detok.align_output(out_text, out_ids)
+            canon, ow, om = self.detok.align_output(out_text, out_ids)
+            L1 = len(text)
             text += canon
-            new_ends += map(L1.__add__, oe)
+            new_widths += ow
             new_markers = [(L1 + p, o) for p, o in om]
         if not text or not (prepared.cached_tokens or fresh or out_ids):
             return
@@ -589,20 +579,20 @@ class TrajectoryCache:
         done = False
         if anchor is not None and (fresh or out_ids):
             # continue the matched chain after its anchor: cost ~ the new tokens, not the whole trajectory
-            t_ids, t_ends, t_lps, t_mv = prepared.match.tail_raw(anchor.carry)
+            t_ids, t_widths, t_lps, t_mv = prepared.match.tail_raw(anchor.carry)
             t_ids += fresh
             t_ids += out_ids
-            t_ends += new_ends
+            t_widths += new_widths
             t_lps += [NAN] * nf
             t_lps += out_lps
             markers = [x for x in prepared.markers if x[0] >= anchor.pos] + new_markers
-            done = self.tree.insert_raw(anchor, text, t_ids, t_ends, t_lps, t_mv, runs, markers, worker_url)
+            done = self.tree.insert_raw(anchor, text, t_ids, t_widths, t_lps, t_mv, runs, markers, worker_url)
             if done:
                 with self._lock:
                     self.records_incremental += 1
         if not done:  # the whole chain (no anchor, or the tree changed under it since prepare)
             ids = prepared.input_ids[:prepared.cached_tokens] + list(fresh) + list(out_ids)
-            ends = list(prepared.ends) + new_ends
+            ends = list(prepared.ends) + list(itertools.accumulate(new_widths, initial=len(base)))[1:]
             lps: list[float | None] = list(prepared.logprobs) + [None] * nf + list(out_lps)
             mask = list(prepared.loss_mask) + [0] * nf + [1] * len(out_ids)
             versions = list(prepared.versions)

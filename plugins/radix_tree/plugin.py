@@ -112,9 +112,6 @@ def register_routes(app: FastAPI, router: Router) -> None:
         return _cache(router).stats()
 
 
-# --- the runtime ---------------------------------------------------------------------------------
-
-
 @dataclass
 class _ReqState:
     prepared: list[Any]  # one PreparedPrompt per prompt
@@ -137,141 +134,120 @@ def _is_int_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(type(x) is int for x in v)
 
 
-class RadixRuntime:
-    def __init__(self, cache: TrajectoryCache) -> None:
-        self.cache = cache
-
-    async def pre_request(self, ctx: RequestContext) -> None:
-        if ctx.route != "/generate" or not isinstance(ctx.body, dict):
-            return
-        body = ctx.body
-        text, ids = body.get("text"), body.get("input_ids")
-        sp = body.get("sampling_params")
-        if isinstance(sp, list):
-            ns = [int((x or {}).get("n", 1) or 1) if isinstance(x, dict) else 1 for x in sp]
-            n = ns[0] if ns and all(v == ns[0] for v in ns) else 0
-        else:
-            n = int((sp or {}).get("n", 1) or 1) if isinstance(sp, dict) else 1
-        cache = self.cache
-        try:
-            if isinstance(text, str):
-                prepared, batch = [await cache.prepare(text)], False
-                body.pop("text")
-                body["input_ids"] = list(prepared[0].input_ids)
-            elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-                prepared, batch = [await cache.prepare(t) for t in text], True
-                body.pop("text")
-                body["input_ids"] = [list(p.input_ids) for p in prepared]
-            elif _is_int_list(ids):
-                prepared, batch = [cache.prepare_ids(ids)], False
-            elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
-                prepared, batch = [cache.prepare_ids(x) for x in ids], True
-            else:
-                return  # input_embeds etc.: not ours
-        except HTTPError:
-            raise
-        except Exception:  # a cache bug must not break generation: pass the request through untouched
-            log.exception("radix_tree: preparing the prompt failed; request passed through unrecorded")
-            return
-        rl = body.get("return_logprob")
-        want = any(bool(x) for x in rl) if isinstance(rl, list) else bool(rl)
-        body["return_logprob"] = True
-        if n > 1:
-            batch = True
-        ctx.state[STATE_KEY] = _ReqState(prepared, n, batch, want)
-        if prepared[0].worker_url and "affinity_worker" not in ctx.state:
-            ctx.state["affinity_worker"] = prepared[0].worker_url
-            ctx.state["affinity_tokens"] = prepared[0].cached_tokens
-        if ctx.stream:
-            ctx.inspect_stream = True
-
-    def stream_chunk(self, ctx: RequestContext, chunk: dict) -> None:
-        st: _ReqState | None = ctx.state.get(STATE_KEY)
-        if st is None or not isinstance(chunk, dict):
-            return
-        meta = chunk.get("meta_info")
-        saved = dict(chunk)
-        if isinstance(meta, dict):
-            saved["meta_info"] = dict(meta)
-        st.saved_chunks.append(saved)
-        if not st.want_logprob:
-            _strip_logprobs(chunk)
-        # Record as soon as a sequence finishes, *before* its last chunk reaches the client: a client
-        # that sends the next turn right after the stream ends must find this turn recorded.
-        if isinstance(meta, dict) and meta.get("finish_reason") is not None and "error" not in chunk:
-            idx = int(chunk.get("index", 0) or 0) if st.batch else 0
-            if idx not in st.recorded:
-                st.recorded.add(idx)
-                self._record_stream_group(ctx, st, idx)
-
-    def _record_stream_group(self, ctx: RequestContext, st: _ReqState, idx: int) -> None:
-        from slime_router_core.sglang import merge_stream
-
-        if st.batch and st.n == 0:
-            return
-        group = [c for c in st.saved_chunks if not st.batch or int(c.get("index", 0) or 0) == idx]
-        k = idx // max(1, st.n)
-        if k >= len(st.prepared):
-            return
-        try:
-            self.cache.record(st.prepared[k], merge_stream(group), ctx.worker.url if ctx.worker else None)
-        except Exception:
-            log.exception("radix_tree: recording a streamed trajectory failed")
-
-    async def post_response(self, ctx: RequestContext, response: Any) -> None:
-        st: _ReqState | None = ctx.state.get(STATE_KEY)
-        if st is None:
-            return
-        worker_url = ctx.worker.url if ctx.worker is not None else None
-        try:
-            if ctx.stream:
-                return  # recorded in stream_chunk when each sequence finished
-            else:
-                items = response if isinstance(response, list) else [response]
-                replies = dict(enumerate(items))
-            if st.batch and st.n == 0:
-                return  # per-prompt n differs: the reply order is ambiguous, do not guess
-            n = max(1, st.n)
-            for i, reply in replies.items():
-                if not isinstance(reply, dict):
-                    continue
-                k = i // n
-                if k >= len(st.prepared):
-                    continue
-                await self.cache.record_async(st.prepared[k], reply, worker_url)
-        except Exception:
-            log.exception("radix_tree: recording a trajectory failed")
-        finally:
-            if not ctx.stream and not st.want_logprob:
-                for item in (response if isinstance(response, list) else [response]):
-                    _strip_logprobs(item)
-
-
 # --- hooks: /generate only (other routes, e.g. openai_compat's, prepare and record themselves) ------------
 
 
-def _runtime(ctx: RequestContext) -> RadixRuntime | None:
-    if ctx.route != "/generate" or ctx.router is None or not ctx.router.registry.has("radix_tree"):
+def _cache_for(ctx: RequestContext) -> TrajectoryCache | None:
+    if ctx.route != "/generate" or ctx.router is None:
         return None
-    return RadixRuntime(ctx.router.registry.get("radix_tree"))
+    return ctx.router.registry.find("radix_tree")
 
 
 @hookimpl
 async def pre_request(ctx: RequestContext) -> None:
-    runtime = _runtime(ctx)
-    if runtime is not None:
-        await runtime.pre_request(ctx)
+    cache = _cache_for(ctx)
+    body = ctx.body
+    if cache is None or not isinstance(body, dict):
+        return
+    text, ids = body.get("text"), body.get("input_ids")
+    sp = body.get("sampling_params")
+    if isinstance(sp, list):
+        ns = [int((x or {}).get("n", 1) or 1) if isinstance(x, dict) else 1 for x in sp]
+        n = ns[0] if ns and all(v == ns[0] for v in ns) else 0
+    else:
+        n = int((sp or {}).get("n", 1) or 1) if isinstance(sp, dict) else 1
+    try:
+        if isinstance(text, str):
+            prepared, batch = [await cache.prepare(text)], False
+            body.pop("text")
+            body["input_ids"] = list(prepared[0].input_ids)
+        elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            prepared, batch = [await cache.prepare(t) for t in text], True
+            body.pop("text")
+            body["input_ids"] = [list(p.input_ids) for p in prepared]
+        elif _is_int_list(ids):
+            prepared, batch = [cache.prepare_ids(ids)], False
+        elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
+            prepared, batch = [cache.prepare_ids(x) for x in ids], True
+        else:
+            return  # input_embeds etc.: not ours
+    except HTTPError:
+        raise
+    except Exception:  # a cache bug must not break generation: pass the request through untouched
+        log.exception("radix_tree: preparing the prompt failed; request passed through unrecorded")
+        return
+    rl = body.get("return_logprob")
+    want = any(bool(x) for x in rl) if isinstance(rl, list) else bool(rl)
+    body["return_logprob"] = True
+    if n > 1:
+        batch = True
+    ctx.state[STATE_KEY] = _ReqState(prepared, n, batch, want)
+    if prepared[0].worker_url and "affinity_worker" not in ctx.state:
+        ctx.state["affinity_worker"] = prepared[0].worker_url
+        ctx.state["affinity_tokens"] = prepared[0].cached_tokens
+    if ctx.stream:
+        ctx.inspect_stream = True
 
 
 @hookimpl
 def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
-    runtime = _runtime(ctx)
-    if runtime is not None:
-        runtime.stream_chunk(ctx, chunk)
+    st: _ReqState | None = ctx.state.get(STATE_KEY)
+    cache = _cache_for(ctx)
+    if st is None or cache is None or not isinstance(chunk, dict):
+        return
+    meta = chunk.get("meta_info")
+    saved = dict(chunk)
+    if isinstance(meta, dict):
+        saved["meta_info"] = dict(meta)
+    st.saved_chunks.append(saved)
+    if not st.want_logprob:
+        _strip_logprobs(chunk)
+    # Record as soon as a sequence finishes, *before* its last chunk reaches the client: a client
+    # that sends the next turn right after the stream ends must find this turn recorded.
+    if isinstance(meta, dict) and meta.get("finish_reason") is not None and "error" not in chunk:
+        idx = int(chunk.get("index", 0) or 0) if st.batch else 0
+        if idx not in st.recorded:
+            st.recorded.add(idx)
+            _record_stream_group(cache, ctx, st, idx)
+
+
+def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqState, idx: int) -> None:
+    from slime_router_core.sglang import merge_stream
+
+    if st.batch and st.n == 0:
+        return
+    group = [c for c in st.saved_chunks if not st.batch or int(c.get("index", 0) or 0) == idx]
+    k = idx // max(1, st.n)
+    if k >= len(st.prepared):
+        return
+    try:
+        cache.record(st.prepared[k], merge_stream(group), ctx.worker.url if ctx.worker else None)
+    except Exception:
+        log.exception("radix_tree: recording a streamed trajectory failed")
 
 
 @hookimpl
 async def post_response(ctx: RequestContext, response: Any) -> None:
-    runtime = _runtime(ctx)
-    if runtime is not None:
-        await runtime.post_response(ctx, response)
+    st: _ReqState | None = ctx.state.get(STATE_KEY)
+    cache = _cache_for(ctx)
+    if st is None or cache is None or ctx.stream:  # streams: recorded in stream_chunk as each sequence finished
+        return
+    worker_url = ctx.worker.url if ctx.worker is not None else None
+    items = response if isinstance(response, list) else [response]
+    try:
+        if st.batch and st.n == 0:
+            return  # per-prompt n differs: the reply order is ambiguous, do not guess
+        n = max(1, st.n)
+        for i, reply in enumerate(items):
+            if not isinstance(reply, dict):
+                continue
+            k = i // n
+            if k >= len(st.prepared):
+                continue
+            await cache.record_async(st.prepared[k], reply, worker_url)
+    except Exception:
+        log.exception("radix_tree: recording a trajectory failed")
+    finally:
+        if not st.want_logprob:
+            for item in items:
+                _strip_logprobs(item)

@@ -174,15 +174,9 @@ class Match:
         """Widths; the first entry is the start offset of the chain (0)."""
         return self._get("raw_widths", lambda: [0, *itertools.chain.from_iterable(self._w_parts)])
 
-    def tail(self, k: int) -> tuple[list[int], list[int], list[float | None], list[int], list[str]]:
-        """Tokens k.. of the chain: (ids, absolute ends, logprobs, loss mask, versions); O(len - k)."""
-        ids, ends, logp, mvs = self.tail_raw(k)
-        vt = self.vtable
-        return ids, ends, [None if x != x else x for x in logp], [x & 1 for x in mvs], [vt[x >> 1] for x in mvs]
-
     def tail_raw(self, k: int) -> tuple[list[int], list[int], list[float], list[int]]:
-        """Tokens k.. of the chain as stored: (ids, absolute ends, logprobs with NaN for unknown, raw
-        ``version_index << 1 | mask`` values of the trie); O(len - k)."""
+        """Tokens k.. of the chain as stored: (ids, widths -- the first one measured from where token k starts
+        --, logprobs with NaN for unknown, raw ``version_index << 1 | mask`` values of the trie); O(len - k)."""
         n = len(self.raw_ids)
         if k >= n:
             return [], [], [], []
@@ -195,9 +189,7 @@ class Match:
             ws[:0] = w.tolist()
             mvs[:0] = mv.tolist()
         ws, mvs = ws[len(ws) - need:], mvs[len(mvs) - need:]
-        start = self.chain_end - sum(ws) if k else 0
-        ends = list(itertools.accumulate(ws, initial=start))[1:]
-        return self.raw_ids[k:].tolist(), ends, self.raw_logp[k:].tolist(), mvs
+        return self.raw_ids[k:].tolist(), ws, self.raw_logp[k:].tolist(), mvs
 
     def __len__(self) -> int:
         return len(self.raw_ids)
@@ -471,25 +463,28 @@ class StringRadixTrie:
             if len(vs) != n:
                 raise ValueError("versions must have one entry per token")
             runs = [(1, v, m) for v, m in zip(vs, mask)]
-        return self.insert_raw(anchor, text, list(ids), list(ends), lps, (), runs, markers, worker)
+        ends = list(ends)
+        if len(ends) != n or ends[-1] != len(text):
+            raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
+        cs0 = anchor.chain_end if anchor is not None else 0
+        widths = list(map(_sub, ends, [cs0, *ends[:-1]]))  # ends[0] - cs0, then the differences
+        return self.insert_raw(anchor, text, list(ids), widths, lps, (), runs, markers, worker)
 
-    def insert_raw(self, anchor: Anchor | None, text: str, ids: list[int], ends: list[int], lps: list[float],
+    def insert_raw(self, anchor: Anchor | None, text: str, ids: list[int], widths: list[int], lps: list[float],
                    mv_prefix: Sequence[int], runs: Sequence[tuple[int, Any, int]], markers: Iterable[tuple[int, str]],
                    worker: str | None) -> bool:
-        """``insert`` / ``insert_after`` (``anchor`` not None) without per-token conversions: ``lps`` are floats
-        (NaN = unknown); the tokens' loss mask and versions are ``mv_prefix`` (raw ``version_index << 1 | mask``
-        values of this trie, e.g. from ``Match.tail_raw``) followed by ``runs`` of ``(count, version, mask)``.
-        Returns False (nothing done) when the anchor is no longer valid."""
+        """``insert`` / ``insert_after`` (``anchor`` not None) without per-token conversions: ``widths`` are the
+        characters each token covers (the first measured from where the chain starts: 0, or the anchor's chain
+        end), ``lps`` floats (NaN = unknown); the tokens' loss mask and versions are ``mv_prefix`` (raw
+        ``version_index << 1 | mask`` values of this trie, e.g. from ``Match.tail_raw``) followed by ``runs`` of
+        ``(count, version, mask)``. Returns False (nothing done) when the anchor is no longer valid."""
         n = len(ids)
         if not text or n == 0:
             return True
         if anchor is not None and (anchor.tree is not self or anchor.pos >= len(text)):
             return False
         cs0 = anchor.chain_end if anchor is not None else 0
-        if len(ends) != n or ends[-1] != len(text):
-            raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
-        widths_all = list(map(_sub, ends, [cs0, *ends[:-1]]))  # ends[0] - cs0, then the differences
-        if min(widths_all) < 0:
+        if len(widths) != n or min(widths) < 0 or cs0 + sum(widths) != len(text):
             raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
         if len(lps) != n or len(mv_prefix) + sum(r[0] for r in runs) != n:
             raise ValueError("logprobs / loss_mask must have one entry per token")
@@ -518,14 +513,15 @@ class StringRadixTrie:
                     mv_all += [x] * cnt
             stamp = next(self._clock)
             if anchor is None:
-                self._insert(self._make_path(text), stamp, ids, ends, widths_all, lps, mv_all, rec_version, worker)
+                ends = list(itertools.accumulate(widths))
+                self._insert(self._make_path(text), stamp, ids, ends, widths, lps, mv_all, rec_version, worker)
                 floor, mnode = 0, None
             else:
                 last = anchor.nodes[-1][0]
                 if not last.children and len(last.ids) and cs0 == anchor.pos:
                     # the usual next turn: the matched chain ends at the end of a leaf; extend the leaf
                     start0 = cs0 - len(last.text)
-                    self._extend_leaf(last, text[cs0:], ids, widths_all, lps, mv_all)
+                    self._extend_leaf(last, text[cs0:], ids, widths, lps, mv_all)
                     for start, span in markers:
                         start = int(start)
                         if start >= cs0 and span and text.startswith(span, start):
@@ -545,7 +541,8 @@ class StringRadixTrie:
                     if not nd.children:
                         heapq.heappush(self._heap, (stamp, next(self._seq), nd))
                 if path is not None:
-                    self._insert(path, stamp, ids, ends, widths_all, lps, mv_all, rec_version, worker, cs0)
+                    ends = list(itertools.accumulate(widths, initial=cs0))[1:]
+                    self._insert(path, stamp, ids, ends, widths, lps, mv_all, rec_version, worker, cs0)
                 # optional spans above the anchor are recorded; the walk starts at the anchor
                 floor, mnode = anchor.pos, last
             for start, span in markers:
