@@ -93,6 +93,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
 
     from .app import build_app
     from .errors import HTTPError
+    from .server import http_protocol
     from .tokenizers import BUILTIN_CHECKPOINT
     from .workers import normalize_worker_url
 
@@ -150,7 +151,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     try:
         # No X-Forwarded-* rewriting and no Server header: per-request work a router doesn't need.
         uvicorn.run(application, host=host, port=port, log_level="info" if verbose else "warning",
-                    loop=_best("uvloop", "auto"), http=_best("httptools", "auto"), access_log=verbose,
+                    loop=_best("uvloop", "auto"), http=http_protocol(), access_log=verbose,
                     proxy_headers=False, server_header=False)
     finally:
         for p in procs:

@@ -46,11 +46,13 @@ class ServerThread:
     def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1") -> None:
         import uvicorn
 
+        from .server import http_protocol
+
         self.host = host
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on",
-                                loop="asyncio", http="httptools", timeout_graceful_shutdown=2)
+                                loop="asyncio", http=http_protocol(), timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 
