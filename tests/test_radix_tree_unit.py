@@ -538,3 +538,19 @@ def test_record_honours_weight_version_spans_and_logprob_ids(tok):
     assert got["weight_versions"] == ["v1"] * len(p.input_ids) + ["v1", "v1"] + ["v2"] * (len(out) - 2)
     assert got["rollout_logp"] == [0.0] * len(p.input_ids) + [-0.5] * len(out)
     assert got["loss_mask"] == [0] * len(p.input_ids) + [1] * len(out)
+
+
+def test_leaves_grow_to_a_quarter_of_the_bound_so_eviction_keeps_a_long_trajectorys_prefix(tok):
+    cache = TrajectoryCache(tok, max_size=400)
+    prompt = "<|im_start|>user\nstart<|im_end|>\n<|im_start|>assistant\n"
+    for i in range(30):  # ~30 tokens a turn: the trajectory outgrows the bound
+        p, r = _turn(cache, tok, prompt, f" reply number {i}, with a few more words to make it longer.")
+        cache.record(p, r, "w")
+        prompt += r["text"] + f"<|im_end|>\n<|im_start|>user\nquestion {i} and some more text<|im_end|>\n" \
+                              f"<|im_start|>assistant\n"
+        cache.tree.check()
+    assert all(len(n.ids) <= 100 for n in cache.tree._iter_nodes())  # no leaf holds more than a quarter
+    assert cache.tree.size <= 400 and cache.tree.evictions > 0
+    got = cache.retrieve(prompt)
+    assert got["exact_tokens"] > 0  # the newest turns were evicted, not the whole trajectory
+    assert got["tokens"][:got["exact_tokens"]] == p.input_ids[:got["exact_tokens"]]

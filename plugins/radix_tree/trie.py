@@ -518,8 +518,10 @@ class StringRadixTrie:
                 floor, mnode = 0, None
             else:
                 last = anchor.nodes[-1][0]
-                if not last.children and len(last.ids) and cs0 == anchor.pos:
-                    # the usual next turn: the matched chain ends at the end of a leaf; extend the leaf
+                if not last.children and len(last.ids) and cs0 == anchor.pos \
+                        and len(last.ids) + n <= self.max_tokens // 4:
+                    # the usual next turn: the matched chain ends at the end of a leaf; extend the leaf (up to
+                    # a quarter of the bound: evicting one leaf must not empty the cache of a long trajectory)
                     start0 = cs0 - len(last.text)
                     self._extend_leaf(last, text[cs0:], ids, widths, lps, mv_all)
                     for start, span in markers:
@@ -1096,7 +1098,7 @@ class StringRadixTrie:
                     if len(n.ids):
                         assert n.last == n.first + sum(n.widths) <= len(n.text)
                     assert n.text or n.parent is not None
-                    assert not n.stops or (not n.children and all(0 < r < len(n.text) for r in n.stops))
+                    assert not n.stops or all(0 < r < len(n.text) for r in n.stops)
                 for key, ch in (n.children or {}).items():
                     assert ch.parent is n and ch.key == key
                     assert n is self.root or ch.version <= n.version
