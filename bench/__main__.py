@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lat-duration", type=float, help="seconds per 1-connection measurement (default 2; quick 1)")
     ap.add_argument("--cache-duration", type=float, help="seconds per cache-on measurement (default 4; quick 3)")
     ap.add_argument("--repeats", type=int, help="alternating rounds over the routers (default 2; quick 1)")
+    ap.add_argument("--cache-repeats", type=int,
+                    help="rounds of the cache-on comparison, each with the reference's pass-through next to it "
+                         "(default 3; quick 1)")
     ap.add_argument("--connections", default="32,256", help="connection counts for throughput (default 32,256)")
     ap.add_argument("--ttfb-requests", type=int, help="streaming requests per router for TTFB (default 1000)")
     ap.add_argument("--rss-requests", type=int, default=0,
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             lat_duration=a.lat_duration or (1.0 if q else 2.0),
             cache_duration=a.cache_duration or (3.0 if q else 4.0),
             repeats=a.repeats or (1 if q else 2),
+            cache_repeats=a.cache_repeats or (1 if q else 3),
             connections=tuple(int(x) for x in a.connections.split(",") if x.strip()),
             ttfb_requests=a.ttfb_requests or (300 if q else 1000),
             rss_requests=a.rss_requests,
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline_all_conns=a.baseline_all_conns,
         )
         print(f"\n== overhead: {cfg.repeats} alternating round(s), {cfg.duration:g} s per throughput run, "
-              f"{cfg.lat_duration:g} s per latency run ==", flush=True)
+              f"{cfg.lat_duration:g} s per latency run; cache-on: {cfg.cache_repeats} round(s) of "
+              f"{cfg.cache_duration:g} s ==", flush=True)
         t = time.monotonic()
         res = overhead.run(cfg)
         print(f"\n{overhead.table(res)}")

@@ -23,6 +23,14 @@ descendants; where two recorded chains disagree (e.g. one sample produced " ther
 exactly at an internal node lives in that node's ``""`` (terminal) child. Lookups re-validate
 contiguity, so a broken chain can only make a lookup shorter, never wrong.
 
+Continued leaves: when a record continues a chain exactly at the end of a leaf (the next turn of a
+trajectory), the leaf itself grows (its text and token arrays are extended) instead of getting a child,
+up to a quarter of ``max_tokens`` per leaf: a conversation stays one node deep below its shared prefix, so lookups walk
+few nodes and records allocate none. Where a recorded chain ended inside such a leaf is kept in
+``stops``; an insert that walks past a stop first splits the node there again, so divergent chains
+(e.g. a client re-tokenizing an earlier turn differently) keep the earlier chain in a ``""`` child exactly
+as if the turns had been separate nodes.
+
 Optional spans ("tails"): tokens the worker generated whose text the reply omits (EOS, a trimmed stop
 string, skipped special tokens) are stored with their text written out, and the span is marked
 optional at its start. A query may either contain the written-out text or skip it: when a query ends
