@@ -5,7 +5,7 @@ Sections:
   cache     trajectory cache: tokenization saved, memory per token, lookup/insert rates (bench/bench_cache.py)
   routing   multi-turn rollout throughput under each balancing policy (bench/bench_routing.py)
 
-    python -m bench                      # everything, about 5 minutes on 2 cores
+    python -m bench                      # everything, about 6 minutes on 2 cores
     python -m bench --quick              # about 1-2 minutes
     python -m bench --sections overhead --duration 5 --repeats 3 --json out.json
     python -m bench --sections overhead --profile /tmp/prof   # + py-spy profiles of slime-router under load
