@@ -552,7 +552,8 @@ def table(res: dict) -> str:
         lines.append("")
         lines.append("Trajectory cache on: multi-turn bodies (each turn = previous text + reply + new user turn), "
                      "32 connections")
-        head = ["router", "req/s", f"vs {ref.split()[0]} same bodies", f"vs {ref.split()[0]} pass-through (same rounds)",
+        peer = ref.split()[0]
+        head = ["router", "req/s", f"vs {peer} same bodies", f"vs {peer} pass-through (same rounds)",
                 "p50 ms", "p99 ms", "CPU us/req", "prefix hit rate (lookups)", "tokens from cache"]
         rows = []
         for n, rs in cache.items():
