@@ -488,3 +488,21 @@ def test_component_for_metrics(router, mock_worker):
     (s,) = comp.worker_stats()
     assert s["url"] == w.url and s["requests"] == 1 and s["in_flight"] == 0
     assert s["health"] == "healthy" and s["circuit"] == "closed" and s["latency_ema_s"] > 0
+
+
+def test_balancing_seed_makes_power_of_two_reproducible():
+    from types import SimpleNamespace
+
+    from slime_router_plugins.balancing.plugin import BalancingConfig
+    from slime_router_plugins.balancing.power_of_two import PowerOfTwoPolicy
+
+    workers = [SimpleNamespace(url=f"w{i}", inflight=0, state={}) for i in range(8)]
+
+    def picks(seed):
+        cfg = BalancingConfig.from_settings(Settings(extra={"policy": "power_of_two", "balancing_seed": seed}))
+        assert cfg.seed == seed
+        policy = PowerOfTwoPolicy(cfg)
+        return [policy.select(None, workers).url for _ in range(50)]
+
+    assert picks(7) == picks(7)
+    assert picks(7) != picks(8)

@@ -131,6 +131,7 @@ def test_cli_serve_help_lists_plugin_flags_and_selection_hides_others():
     out = _cli("serve", "--help", env={"PYTHONPATH": str(FIXTURES / "site"), "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     assert "--hello-greeting" in out.stdout and "--sglang-router-port" in out.stdout
+    assert "--balancing-seed" in out.stdout
     only = _cli("serve", "--plugin", "metrics", "--help", env={"PYTHONPATH": str(FIXTURES / "site"),
                                                                 "COLUMNS": "200"})
     assert "--hello-greeting" not in only.stdout

@@ -95,6 +95,8 @@ def add_options(options: OptionRegistry) -> None:
                 help="First retry delay in seconds; doubles per attempt (with jitter), capped by "
                      "--retry-backoff-max.")
     options.add("--retry-backoff-max", type=float, default=2.0, help="Largest retry delay in seconds.")
+    options.add("--balancing-seed", type=int, default=None,
+                help="Seed for power_of_two's sampling and the retry jitter, for reproducible runs (default: random).")
     options.add("--drain-mode", default="wait",
                 help="While paused (POST /pause): 'wait' holds new requests until POST /resume; 'reject' answers "
                      "them 503.")
