@@ -554,3 +554,20 @@ def test_leaves_grow_to_a_quarter_of_the_bound_so_eviction_keeps_a_long_trajecto
     got = cache.retrieve(prompt)
     assert got["exact_tokens"] > 0  # the newest turns were evicted, not the whole trajectory
     assert got["tokens"][:got["exact_tokens"]] == p.input_ids[:got["exact_tokens"]]
+
+
+def test_a_token_holding_a_space_and_half_an_emoji_is_no_place_to_cut(tok):
+    """Byte-level BPE merges " " with the first bytes of "🤖": a text that shares only the space with a recorded
+    reply must not reuse that token (it would decode as " \\ufffd")."""
+    cache = TrajectoryCache(tok, max_size=10_000)
+    base = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    p, r = _turn(cache, tok, base, " 🤖!")
+    cache.record(p, r, "w")
+    ids = tok.encode(" 🤖!", add_special_tokens=False)
+    assert tok.decode(ids[:1]) != " "  # the premise: the first token holds the space and bytes of the emoji
+    pieces = cache.detok.pieces(ids)
+    assert pieces[0] == "" and "".join(pieces) == " 🤖!"
+    for text in (base + " ok", base + " ok<|im_end|>\n<|im_start|>user\nnext"):
+        prepared = cache.prepare_sync(text)
+        assert tok.decode(prepared.input_ids) == text
+        assert tok.decode(cache.retrieve(text)["tokens"]) == text

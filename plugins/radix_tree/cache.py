@@ -237,7 +237,10 @@ class Detokenizer:
                             out[i] = self._piece[t] = False
             if False not in out:  # every token holds whole characters: its own decoding is its piece
                 return out  # type: ignore[return-value]
-            # decode incrementally only from a partial-character token until the decoder is empty again
+            # Decode incrementally from a partial-character token until the decoder is empty again. A token
+            # after which bytes of a character are still pending is no place to cut the text (b" \xf0\x9f" holds
+            # a whole " " but also half an emoji): it gets "" and its text goes to the token that completes the
+            # character, so every token end with a width is a character boundary of the byte stream too.
             tb = self.token_bytes
             n, i = len(ids), 0
             while i < n:
@@ -245,15 +248,18 @@ class Detokenizer:
                     i += 1
                     continue
                 dec = codecs.getincrementaldecoder("utf-8")("replace")
+                carry = ""
                 while i < n:
-                    out[i] = dec.decode(tb(ids[i]))
+                    carry += dec.decode(tb(ids[i]))
+                    if dec.getstate()[0]:
+                        out[i] = ""
+                        i += 1
+                        continue
+                    out[i], carry = carry, ""
                     i += 1
-                    if not dec.getstate()[0]:
-                        break
+                    break
                 else:
-                    tail = dec.decode(b"", final=True)
-                    if tail:
-                        out[-1] += tail  # type: ignore[operator]
+                    out[-1] = carry + dec.decode(b"", final=True)
             return out  # type: ignore[return-value]
         # generic tokenizers: per-token decoding, trusted only if it concatenates to the full decoding
         out = [self.decode([t]) for t in ids]
