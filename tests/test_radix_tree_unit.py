@@ -417,7 +417,7 @@ def test_incremental_record_walks_only_new_tokens_and_falls_back_when_the_tree_c
     cache.tree.check()
 
 
-TURN_TEXTS = [" ok", " yes.", " 你好", " 🤖!", "\n\nsure", " the end", " a b c", " ok ok"]
+TURN_TEXTS = [" ok", " yes.", " 你好", " 🤖!", "\n\nsure", " the end", " a b c", " ok ok", " 你", " 🤖🤖 x", "🤖", " 好的"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
