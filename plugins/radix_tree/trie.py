@@ -7,8 +7,9 @@ dict keyed by the first character, so no linear scan) and the tokens of the reco
 *end* inside it, as compact typed arrays:
 
 - ``ids``    array('i')  token ids
-- ``widths`` array('B'/'H'/'I')  characters each token covers (0 for a token that only carries
-             the first bytes of a multi-byte character); token ends are ``first + cumsum(widths)``
+- ``widths`` array('B'/'H'/'I')  characters each token covers (0 for a token after which bytes of a
+             character are still pending -- its text is counted on the token that completes the
+             character, so no lookup ends between them); token ends are ``first + cumsum(widths)``
              relative to the node start, so a lookup can stop at any token boundary inside a node
 - ``first``  where the node's first token starts, relative to the node start (<= 0: a token may
              start in an ancestor)
