@@ -428,7 +428,8 @@ def test_property_incremental_record_equals_full_insert(tok, script, max_size):
     """Conversations recorded with anchors (incremental, leaves extended in place) and without (full inserts)
     give identical lookups, including interleaved turns (anchors invalidated by other records) and branches.
     Under eviction (max_size 60) the two trees have different shapes, so they evict different things and later
-    turns are recorded from different knowledge: then each cache must still give tokens that spell the text."""
+    turns are recorded from different knowledge: then each cache must still give tokens that spell the text (up to
+    where EOS ids stand, see below)."""
     evicting = max_size < 1000
     caches = [TrajectoryCache(tok, max_size=max_size, gc_k=5) for _ in range(2)]
     convs = ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"] * 2 + ["Q: x\nA:", "Q: y\nA:"]
@@ -454,8 +455,11 @@ def test_property_incremental_record_equals_full_insert(tok, script, max_size):
     for text in sorted(texts):
         a, b = (c.retrieve(text) for c in caches)
         if evicting:
+            # After its own records were evicted, a text can be matched against a sibling's shorter reply and get
+            # that reply's EOS (the optional-span rule reads the text as that reply continued without writing its
+            # EOS): the EOS count may then differ, every other character must be the text's.
             for got in (a, b):
-                assert tok.decode(got["tokens"]) in (text, text + "<|im_end|>"), text
+                assert tok.decode(got["tokens"]).replace("<|im_end|>", "") == text.replace("<|im_end|>", ""), text
         else:
             assert a == b, text
         for c in caches:  # whole texts, texts ending inside or right before an optional EOS, and a divergence
