@@ -575,3 +575,57 @@ def test_a_token_holding_a_space_and_half_an_emoji_is_no_place_to_cut(tok):
         prepared = cache.prepare_sync(text)
         assert tok.decode(prepared.input_ids) == text
         assert tok.decode(cache.retrieve(text)["tokens"]) == text
+
+
+_PIECES = st.sampled_from(list(" ab\n你好🤖!é1") + ["  ", "e\u0301", "👍🏽", "\u200d", "x", "<think>", "</think>",
+                                                   "<tool_call>", "\r\n", "'s", "12", " 🤖", " 你", " ok"])
+_SNIPPET = st.lists(_PIECES, min_size=1, max_size=6).map("".join)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(st.tuples(st.integers(0, 2), _SNIPPET, st.booleans(), _SNIPPET,
+                                 st.sampled_from(["stop", "length", "cut"])), min_size=1, max_size=10),
+       max_size=st.sampled_from([40, 100_000]))
+def test_property_prompts_and_retrievals_spell_the_text(tok, script, max_size):
+    """Conversations with CJK, emoji (multi-token characters), non-NFC text, special tokens, stop / length
+    finishes (a length cut may end inside a character), records of other conversations delayed, a tight
+    bound: the ids sent upstream decode to the prompt text and retrieval decodes to the trajectory text (NFC, as
+    the tokenizer normalizes; under eviction up to where EOS ids stand, see the incremental test above). A
+    conversation's next turn comes after its previous record, as through the router."""
+    import unicodedata
+
+    def same(ids: list[int], text: str) -> bool:
+        a, b = (unicodedata.normalize("NFC", x) for x in (tok.decode(ids), text))
+        if max_size < 1000:
+            a, b = a.replace("<|im_end|>", ""), b.replace("<|im_end|>", "")
+        return a == b or a == b + ("" if max_size < 1000 else "<|im_end|>")
+
+    cache = TrajectoryCache(tok, max_size=max_size, gc_k=5)
+    convs = ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"] * 2 + ["Q:"]
+    pending: list = []
+    texts: list[str] = []
+    for conv, reply_text, delay, user, finish in script:
+        for item in [x for x in pending if x[2] == conv]:
+            cache.record(item[0], item[1], "w")
+            pending.remove(item)
+        base = convs[conv]
+        p, r = _turn(cache, tok, base, reply_text)
+        assert same(p.input_ids, base), (base, tok.decode(p.input_ids))
+        ids = r["output_ids"][:-1]
+        if finish != "stop":  # a length cutoff: no EOS; "cut" also drops the last token (maybe inside a character)
+            ids = ids[:-1] if finish == "cut" and len(ids) > 1 else ids
+            r["output_ids"] = ids
+            r["meta_info"]["finish_reason"] = {"type": "length", "length": len(ids)}
+            r["meta_info"]["output_token_logprobs"] = r["meta_info"]["output_token_logprobs"][:len(ids)]
+        r["text"] = tok.decode(ids, skip_special_tokens=True)  # what a worker returns: the decoding of its ids
+        pending.append((p, r, conv))
+        if not delay:
+            item = pending.pop()
+            cache.record(item[0], item[1], "w")
+        convs[conv] = base + r["text"] + "<|im_end|>\n<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n"
+        texts += [base + r["text"], convs[conv]]
+    for item in pending:
+        cache.record(item[0], item[1], "w")
+    cache.tree.check()
+    for text in texts:
+        assert same(cache.retrieve(text)["tokens"], text), text
