@@ -737,8 +737,8 @@ class StringRadixTrie:
 
     def _match_plain(self, query: str, touch: bool) -> Match | None:
         """``match`` when the walk needs no optional span skipped (the usual case), in two passes over the
-        path; None when it would (the query ends or diverges inside an optional span) or when the chain would
-        end on a partial-character token: ``_match_skipping`` answers those."""
+        path; None when it would (the query ends or diverges inside an optional span): ``_match_skipping``
+        answers those."""
         path: list[tuple[Node, int]] = []
         node, i, n = self.root, 0, len(query)
         while i < n:  # without skips, query positions are tree positions
@@ -767,29 +767,7 @@ class StringRadixTrie:
             term = node.children.get("")
             if term is not None:
                 path.append((term, t))
-        # pass 1: the validated chain (token-bearing path nodes, the last one possibly partial)
-        b = 0
-        segs: list[tuple[Node, int, int]] = []
-        for nd, s in path:
-            k = len(nd.ids)
-            if not k:
-                continue
-            if s + nd.first != b:
-                break
-            if s + nd.last <= t:
-                segs.append((nd, s, k))
-                b = s + nd.last
-                continue
-            ends = nd.ends()
-            cnt = bisect_right(ends, t - s)
-            if cnt:
-                segs.append((nd, s, cnt))
-                b = s + ends[cnt - 1]
-            break
-        if segs:
-            nd, s, cnt = segs[-1]
-            if nd.widths[cnt - 1] == 0:
-                return None  # never end on a partial-character token: trimmed by the general walk
+        segs, b = self._collect(path, t)  # the validated chain, as the general walk takes it
         # pass 2: ids and metadata, recency, the anchor, the canonical text and its optional spans
         m = Match()
         m.query_pos = m.chain_end = b
