@@ -18,7 +18,7 @@ class RequestContext:
 
     __slots__ = (
         "route", "upstream_path", "body", "raw_body", "_headers", "_raw_headers", "stream", "state", "worker",
-        "tried", "attempts", "status", "error", "response", "inspect_stream", "started",
+        "tried", "attempts", "status", "error", "response", "raw_response", "inspect_stream", "started",
         "timings", "sent_to_client", "request_id", "router",
     )
 
@@ -39,6 +39,7 @@ class RequestContext:
         self.status = 0
         self.error: str | None = None
         self.response: Any = None
+        self.raw_response: bytes | None = None  # the worker's reply as received (non-streaming replies)
         self.inspect_stream = False
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}

@@ -166,6 +166,7 @@ class GenerateHandler:
         router = self.router
         status, data, _ = await router.send_json(ctx, payload)
         if router.hooks.post_response:
+            ctx.raw_response = data
             response = await router.run_post_response(ctx, orjson.loads(data))
             data = orjson.dumps(response)
         ctx.sent_to_client = True

@@ -67,6 +67,12 @@ async def maybe_await(results: list[Any]) -> None:
             await r
 
 
+async def resolve(value: Any) -> Any:
+    """``value``, awaited if it is awaitable: for component methods that are sync in one implementation and
+    async in another (the trajectory cache in-process or in its own process)."""
+    return await value if inspect.isawaitable(value) else value
+
+
 def _fast_caller(hook: Any, firstresult: bool) -> Any:
     """Call a hook's implementations directly, in pluggy's order, with pluggy's result semantics.
 
@@ -319,6 +325,7 @@ class Router:
         """Send ``ctx.body`` (non-streaming) through hooks, selection and retries; returns the reply."""
         await self.run_pre_request(ctx)
         _, data, _ = await self.send_json(ctx, orjson.dumps(ctx.body))
+        ctx.raw_response = data
         return await self.run_post_response(ctx, orjson.loads(data))
 
     async def generate_stream(self, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:

@@ -26,9 +26,30 @@ def tok():
     return load_tokenizer(BUILTIN_CHECKPOINT)
 
 
+_CACHE_MODE = {"own_process": False}
+
+
+@pytest.fixture(params=["in_process", "own_process"], autouse=True)
+def cache_mode(request):
+    """Every test here runs with the cache in the router's process and in its own (--radix-tree-process)."""
+    _CACHE_MODE["own_process"] = request.param == "own_process"
+    yield request.param
+    _CACHE_MODE["own_process"] = False
+
+
+def check_tree(r) -> None:
+    """The trie's structural self-check, wherever the cache lives."""
+    cache = r.app.router.registry.get("radix_tree")
+    if _CACHE_MODE["own_process"]:
+        asyncio.run_coroutine_threadsafe(cache.check_tree(), cache.loop).result(30)
+    else:
+        cache.tree.check()
+
+
 def start(router, mock_worker, n_workers: int = 1, extra: dict | None = None, **worker_cfg: Any):
     workers = [mock_worker(seed=i, **worker_cfg) for i in range(n_workers)]
-    settings = Settings(hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[w.url for w in workers], extra=dict(extra or {}))
+    extra = {**(extra or {}), "radix_tree_process": _CACHE_MODE["own_process"]}
+    settings = Settings(hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[w.url for w in workers], extra=extra)
     r = router(plugins=["radix_tree"], settings=settings)
     return r, workers
 
@@ -333,7 +354,7 @@ def test_gc_by_string_weight_versions(router, mock_worker):
             assert sum(old["loss_mask"]) == 0 and old["fresh_tokens"] > 0
         for v in ["10", "9"]:
             assert retrieve(c, r.url, texts[v]).json()["fresh_tokens"] == 0
-        r.app.router.registry.get("radix_tree").tree.check()
+        check_tree(r)
 
 
 def test_lru_eviction_bound(router, mock_worker):
@@ -349,7 +370,7 @@ def test_lru_eviction_bound(router, mock_worker):
         oldest = retrieve(c, r.url, texts[0]).json()  # least recently used: gone but the shared prefix
         assert sum(oldest["loss_mask"]) == 0 and oldest["fresh_tokens"] > oldest["exact_tokens"]
         assert retrieve(c, r.url, texts[-1]).json()["fresh_tokens"] == 0  # most recent: exact
-        r.app.router.registry.get("radix_tree").tree.check()
+        check_tree(r)
 
 
 def test_fifty_concurrent_conversations(router, mock_worker):
@@ -383,4 +404,4 @@ def test_fifty_concurrent_conversations(router, mock_worker):
         for i, full in enumerate(finals):
             recs = [by_rid[f"c{i}-t{k}"] for k in range(turns)]
             check_conversation(recs, retrieve(c, r.url, full).json(), eos_turns=turns)
-    r.app.router.registry.get("radix_tree").tree.check()
+    check_tree(r)

@@ -66,10 +66,18 @@ def register_routes(app: FastAPI, router: Router) -> None:
     state: MetricsState = router.registry.get(COMPONENT)
     state.app = app  # type: ignore[attr-defined]  # read at startup for the route label set
 
+    async def refresh() -> None:
+        """Components that live in another process (the trajectory cache with --radix-tree-process) fetch
+        their statistics before a scrape reads them."""
+        fresh = getattr(router.registry.find("radix_tree"), "refresh", None)
+        if fresh is not None:
+            await fresh()
+
     @app.get("/metrics", response_model=None)
     async def metrics(request: Request) -> Response:
         """Router, worker and trajectory-cache metrics as JSON; Prometheus text when the Accept
         header asks for ``text/plain`` / ``application/openmetrics-text`` or with ``?format=prometheus``."""
+        await refresh()
         accept = request.headers.get("accept", "")
         fmt = request.query_params.get("format")
         if fmt in ("prometheus", "openmetrics") or (fmt is None and wants_prometheus(accept)):
@@ -82,6 +90,7 @@ def register_routes(app: FastAPI, router: Router) -> None:
     @app.get("/metrics/prometheus", response_model=None)
     async def metrics_prometheus(request: Request) -> Response:
         """Prometheus text exposition (OpenMetrics when the Accept header asks for it)."""
+        await refresh()
         return prometheus_response(state, request.headers.get("accept", ""))
 
     @app.get("/metrics/requests")

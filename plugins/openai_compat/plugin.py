@@ -124,7 +124,7 @@ def register_routes(app: FastAPI, router: Any) -> None:
                       "history_mode")
         if body.get("strict") is not None and not isinstance(body["strict"], bool):
             raise bad("Invalid type for 'strict': expected a boolean.", "strict", "invalid_type")
-        return answer(svc().retrieve_messages(body))
+        return answer(await svc().retrieve_messages(body))
 
     @app.get("/openai_compat/stats")
     async def openai_stats() -> dict:

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from jinja2 import TemplateError
 
-from slime_router_core import HTTPError, RequestContext
+from slime_router_core import HTTPError, RequestContext, resolve
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .parse import OutputParser, ParsedOutput, collect, parse_output
@@ -449,7 +449,7 @@ class OpenAIService:
             ids, prepared = list(prompt), None
             cache = self.cache
             if cache is not None and hasattr(cache, "prepare_ids"):
-                prepared = cache.prepare_ids(ids)
+                prepared = await resolve(cache.prepare_ids(ids))
         rid = "cmpl-" + uuid.uuid4().hex
         gen: dict[str, Any] = {"input_ids": ids, "sampling_params": self.sampling_params(body),
                                "return_logprob": True, "rid": rid}
@@ -535,7 +535,7 @@ class OpenAIService:
 
     # --- /retrieve_from_messages -------------------------------------------------------------------
 
-    def retrieve_messages(self, body: dict) -> dict[str, Any]:
+    async def retrieve_messages(self, body: dict) -> dict[str, Any]:
         cache = self.cache
         if cache is None:
             raise HTTPError(501, "/retrieve_from_messages needs the trajectory cache: load the radix_tree plugin.",
@@ -572,7 +572,7 @@ class OpenAIService:
                     "generated": traj[pos:pos + 80],
                     "rendered": text[pos:pos + 80],
                 })
-        result = dict(cache.retrieve(text, strict=strict))
+        result = dict(await resolve(cache.retrieve(text, strict=strict)))
         if mode == "raw":
             self.counters.inc("spliced_turns", len(entries))
         result.update({
@@ -593,7 +593,7 @@ class OpenAIService:
                 if any(r["message_index"] == i for r in rewritten):
                     seg_text = self.renderer.render(messages[:i + 1], tools, kwargs, add_generation_prompt=False,
                                                     mode=mode, splice_last=True)
-                    seg = dict(cache.retrieve(seg_text, strict=False))
+                    seg = dict(await resolve(cache.retrieve(seg_text, strict=False)))
                     seg["message_indices"] = list(range(i + 1))
                     segments.append(seg)
             result["segments"] = segments

@@ -441,6 +441,14 @@ class PreparedPrompt:
 FINISHED = ("stop", "length")
 
 
+def reply_pairs(prepared: list, response: Any, n: int) -> "list[tuple[Any, dict]]":
+    """(prepared prompt, reply) for each sequence of a /generate reply: a batch of k prompts with ``n``
+    samples each answers k * n objects, prompt-major."""
+    items = response if isinstance(response, list) else [response]
+    n = max(1, n)
+    return [(prepared[i // n], r) for i, r in enumerate(items) if isinstance(r, dict) and i // n < len(prepared)]
+
+
 class TrajectoryCache:
     """Component "radix_tree"."""
 

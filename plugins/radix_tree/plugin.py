@@ -24,9 +24,10 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from slime_router_core import HTTPError, hookimpl
+from slime_router_core import HTTPError, hookimpl, resolve
 
-from .cache import OFFLOAD_CHARS, TrajectoryCache
+from .cache import OFFLOAD_CHARS, TrajectoryCache, reply_pairs
+from .process import CacheProcessClient, CacheUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -50,6 +51,9 @@ def add_options(options: OptionRegistry) -> None:
     options.add("--radix-tree-gc-k", type=int, default=5,
                 help="Keep trajectories of the newest K weight versions (ordered by first observation); "
                      "older ones are garbage-collected when a new version appears.")
+    options.add("--radix-tree-process", is_flag=True, type=bool, default=False,
+                help="Run the trajectory cache (tokenizer, tree, alignment) in its own process, on another core "
+                     "than the router's HTTP work. Needs --hf-checkpoint.")
 
 
 @hookimpl
@@ -62,6 +66,14 @@ def register_components(registry: ComponentRegistry, router: Router) -> None:
     if not registry.has("tokenizer"):
         return  # start-up then fails with required_components' clear message
     s = router.settings
+    if s.get("radix_tree_process", False):
+        if not s.hf_checkpoint:
+            raise ValueError("--radix-tree-process needs --hf-checkpoint (the cache process loads the tokenizer "
+                             "itself)")
+        registry.register("radix_tree", CacheProcessClient(
+            str(s.hf_checkpoint), max_size=int(s.get("radix_tree_max_size", 10000) or 10000),
+            gc_k=int(s.get("radix_tree_gc_k", 5) or 5), verbose=bool(s.get("verbose", False))), owner="radix_tree")
+        return
     cache = TrajectoryCache(registry.get("tokenizer"), max_size=int(s.get("radix_tree_max_size", 10000) or 10000),
                             gc_k=int(s.get("radix_tree_gc_k", 5) or 5), verbose=bool(s.get("verbose", False)))
     registry.register("radix_tree", cache, owner="radix_tree")
@@ -69,6 +81,20 @@ def register_components(registry: ComponentRegistry, router: Router) -> None:
 
 def _cache(router: Router) -> TrajectoryCache:
     return router.registry.get("radix_tree")
+
+
+@hookimpl
+async def startup(router: Router) -> None:
+    cache = router.registry.find("radix_tree")
+    if isinstance(cache, CacheProcessClient):
+        await cache.start()
+
+
+@hookimpl
+async def shutdown(router: Router) -> None:
+    cache = router.registry.find("radix_tree")
+    if isinstance(cache, CacheProcessClient):
+        await cache.close()
 
 
 @hookimpl
@@ -100,7 +126,13 @@ def register_routes(app: FastAPI, router: Router) -> None:
         if not isinstance(strict, bool):
             raise HTTPError(400, "'strict' must be a boolean", param="strict")
         cache = _cache(router)
-        if len(text) > OFFLOAD_CHARS:
+        if isinstance(cache, CacheProcessClient):
+            try:
+                result = await cache.retrieve(text, strict)
+            except CacheUnavailable as e:
+                raise HTTPError(503, f"The trajectory cache is unavailable ({e}); it is being restarted, and "
+                                     f"trajectories recorded before are lost.") from None
+        elif len(text) > OFFLOAD_CHARS:
             result = await asyncio.to_thread(cache.retrieve, text, strict)
         else:
             result = cache.retrieve(text, strict)
@@ -109,7 +141,10 @@ def register_routes(app: FastAPI, router: Router) -> None:
     @app.get("/radix_tree/stats")
     async def radix_tree_stats() -> dict:
         """Trajectory cache statistics (entries, hits/misses per lookup, size, evictions, GC, versions)."""
-        return _cache(router).stats()
+        cache = _cache(router)
+        if isinstance(cache, CacheProcessClient):
+            await cache.refresh()
+        return cache.stats()
 
 
 @dataclass
@@ -166,13 +201,15 @@ async def pre_request(ctx: RequestContext) -> None:
             body.pop("text")
             body["input_ids"] = [list(p.input_ids) for p in prepared]
         elif _is_int_list(ids):
-            prepared, batch = [cache.prepare_ids(ids)], False
+            prepared, batch = [await resolve(cache.prepare_ids(ids))], False
         elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
-            prepared, batch = [cache.prepare_ids(x) for x in ids], True
+            prepared, batch = [await resolve(cache.prepare_ids(x)) for x in ids], True
         else:
             return  # input_embeds etc.: not ours
     except HTTPError:
         raise
+    except CacheUnavailable:  # the cache process is being restarted (logged once): serve, unrecorded
+        return
     except Exception:  # a cache bug must not break generation: pass the request through untouched
         log.exception("radix_tree: preparing the prompt failed; request passed through unrecorded")
         return
@@ -222,6 +259,8 @@ def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqSt
         return
     try:
         cache.record(st.prepared[k], merge_stream(group), ctx.worker.url if ctx.worker else None)
+    except CacheUnavailable:
+        pass
     except Exception:
         log.exception("radix_tree: recording a streamed trajectory failed")
 
@@ -237,14 +276,14 @@ async def post_response(ctx: RequestContext, response: Any) -> None:
     try:
         if st.batch and st.n == 0:
             return  # per-prompt n differs: the reply order is ambiguous, do not guess
-        n = max(1, st.n)
-        for i, reply in enumerate(items):
-            if not isinstance(reply, dict):
-                continue
-            k = i // n
-            if k >= len(st.prepared):
-                continue
-            await cache.record_async(st.prepared[k], reply, worker_url)
+        if isinstance(cache, CacheProcessClient):  # the worker's bytes go to the cache process as they came
+            cache.record_replies(st.prepared, ctx.raw_response if ctx.raw_response is not None else response,
+                                 worker_url, st.n)
+            return
+        for prepared, reply in reply_pairs(st.prepared, items, st.n):
+            await cache.record_async(prepared, reply, worker_url)
+    except CacheUnavailable:
+        pass
     except Exception:
         log.exception("radix_tree: recording a trajectory failed")
     finally:

@@ -1,0 +1,379 @@
+"""The trajectory cache in its own process (``--radix-tree-process``): the tree on another core.
+
+The router process keeps the HTTP side (parsing, routing, the upstream call, the reply); a child process owns
+the ``TrajectoryCache`` (tokenizer, trie, alignment) and answers over a Unix socket pair. On a 2-core box the
+cache's pure-Python work then runs next to the router's instead of after it.
+
+Wire: frames of ``<u32 length><pickle>`` both ways. Router -> child ``(op, rid, *args)``:
+``p`` prepare(text), ``i`` prepare_ids(ids), ``R`` record a /generate reply (the worker's bytes) for the
+prepares of one request and forget them, ``r`` record one reply, ``x`` forget a prepare (the last three have
+no answer), ``q`` retrieve(text, strict), ``s`` stats, ``c`` the tree's self-check (tests). Child -> router ``(rid, ok, value)``. Frames written in
+one pass of the event loop go out in one write.
+
+Ordering is the one guarantee the cache needs: one socket, one reader, requests handled in the order sent.
+A turn's record is sent before its reply reaches the client, so the next turn's prepare (sent after the
+client saw that reply) always finds it recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+from typing import Any
+
+from orjson import loads as orjson_loads
+
+from slime_router_core import HTTPError
+
+log = logging.getLogger("slime_router.radix_tree")
+
+_LEN = struct.Struct("<I")
+_DUMPS = pickle.dumps
+_LOADS = pickle.loads
+PROTO = pickle.HIGHEST_PROTOCOL
+# Prepares the router let go of without a record or a forget (cannot happen on the request paths; a bound all the
+# same): the oldest beyond this many are dropped.
+MAX_OPEN_PREPARES = 1 << 16
+
+
+def _frame(obj: Any) -> bytes:
+    data = _DUMPS(obj, PROTO)
+    return _LEN.pack(len(data)) + data
+
+
+class RemotePrepared:
+    """The router-side view of a prompt prepared in the cache process (what hooks and openai_compat read)."""
+
+    __slots__ = ("rid", "input_ids", "cached_tokens", "fresh_tokens", "worker_url", "_client", "_open")
+
+    def __init__(self, client: "CacheProcessClient", rid: int, input_ids: list[int], cached: int, fresh: int,
+                 worker_url: str | None) -> None:
+        self.rid, self.input_ids, self.cached_tokens, self.fresh_tokens = rid, input_ids, cached, fresh
+        self.worker_url = worker_url
+        self._client = client
+        self._open = True  # the child still holds this prepare
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __del__(self) -> None:  # the child holds the alignment data until told to let go
+        if self._open and self._client.transport is not None:
+            try:
+                self._client._send(("x", self.rid))
+            except Exception:
+                pass
+
+
+class CacheUnavailable(RuntimeError):
+    """The cache process is down (it is being restarted): the request passes through unrecorded."""
+
+
+class CacheProcessClient(asyncio.Protocol):
+    """Component "radix_tree" when the cache runs in its own process: the ``TrajectoryCache`` API, with
+    ``prepare_ids`` and ``retrieve`` awaited (``slime_router_core.resolve`` takes either) and ``stats()``
+    answering the snapshot of the last ``refresh()``.
+
+    If the child dies, it is started again (its records are lost, which is logged); meanwhile prepares raise
+    ``CacheUnavailable`` and the plugin passes requests through unrecorded.
+    """
+
+    remote = True
+
+    def __init__(self, checkpoint: str, max_size: int, gc_k: int, verbose: bool) -> None:
+        self.args = [sys.executable, "-m", "plugins.radix_tree.process", "--checkpoint", str(checkpoint),
+                     "--max-size", str(max_size), "--gc-k", str(gc_k)] + (["--verbose"] if verbose else [])
+        self.proc: subprocess.Popen | None = None
+        self.transport: asyncio.Transport | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._failure = "the trajectory cache process is not running"
+        self._closing = False
+        self._restart_task: asyncio.Task | None = None
+        self.restarts = 0
+        self.unavailable = 0  # calls refused while the process was down
+        self._stats: dict[str, Any] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the router's loop (tests call in from other threads)
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the child and wait until it has loaded the tokenizer (raises if it cannot)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(self.args + ["--fd", str(child.fileno())], pass_fds=(child.fileno(),))
+        finally:
+            child.close()
+        loop = self.loop = asyncio.get_running_loop()
+        self._buf.clear()
+        await loop.create_unix_connection(lambda: self, sock=parent)
+        ready = loop.create_future()
+        self._waiting[0] = ready
+        try:
+            self._stats = await asyncio.wait_for(ready, 120)
+        except BaseException:
+            await self._stop_child()
+            raise
+        log.info("radix_tree: trajectory cache process %d ready", self.proc.pid)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        await self._stop_child()
+
+    async def _stop_child(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # the child exits when its socket closes
+            self.transport = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    async def _restart(self) -> None:
+        delay = 0.5
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await self._stop_child()
+                await self.start()
+                self.restarts += 1
+                return
+            except Exception as e:
+                log.error("radix_tree: restarting the trajectory cache process failed (%s: %s); retrying in %.0f s",
+                          type(e).__name__, e, delay)
+                delay = min(delay * 2, 30.0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        waiting, self._waiting = self._waiting, {}
+        if self._closing:
+            for fut in waiting.values():
+                if not fut.done():
+                    fut.set_exception(CacheUnavailable("the router is shutting down"))
+            return
+        code = self.proc.poll() if self.proc is not None else None
+        self._failure = (f"the trajectory cache process exited (code {code})" if code is not None
+                         else "the trajectory cache process closed its socket")
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(CacheUnavailable(self._failure))
+        if 0 not in waiting:  # died while serving (not during start-up, whose caller sees the error)
+            log.error("radix_tree: %s; its records are lost. Restarting it; requests pass through unrecorded "
+                      "meanwhile.", self._failure)
+            if self._restart_task is None or self._restart_task.done():
+                self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos, n = 0, len(buf)
+        while n - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
+            end = pos + 4 + size
+            if end > n:
+                break
+            rid, ok, value = _LOADS(memoryview(buf)[pos + 4:end])
+            pos = end
+            fut = self._waiting.pop(rid, None)
+            if fut is None or fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            elif isinstance(value, tuple):  # an HTTPError raised in the child: same status, same message
+                fut.set_exception(HTTPError(value[0], value[1], **value[2]))
+            else:
+                fut.set_exception(RuntimeError(f"trajectory cache process: {value}"))
+        del buf[:pos]
+
+    # --- calls ----------------------------------------------------------------------------------
+
+    def _send(self, msg: tuple) -> None:
+        if self.transport is None:
+            self.unavailable += 1
+            raise CacheUnavailable(self._failure)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(_frame(msg))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def _call(self, op: str, *args: Any) -> "tuple[int, asyncio.Future]":
+        rid = next(self._ids)
+        self._send((op, rid, *args))
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        return rid, fut
+
+    async def prepare(self, text: str) -> RemotePrepared:
+        if not isinstance(text, str):
+            raise HTTPError(400, "'text' must be a string", param="text")
+        rid, fut = self._call("p", text)
+        recorded, fresh_ids, worker = await fut
+        ids = recorded.tolist()
+        cached = len(ids)
+        ids += fresh_ids
+        return RemotePrepared(self, rid, ids, cached, len(fresh_ids), worker)
+
+    async def prepare_ids(self, ids: list[int]) -> RemotePrepared:
+        ids = [int(x) for x in ids]
+        rid, fut = self._call("i", ids)
+        cached, fresh, worker = await fut
+        return RemotePrepared(self, rid, ids, cached, fresh, worker)
+
+    def record(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> None:
+        self._send(("r", prepared.rid, response, worker_url))
+
+    async def record_async(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> None:
+        self.record(prepared, response, worker_url)
+
+    def record_replies(self, prepared: list[RemotePrepared], reply: bytes | Any, worker_url: str | None,
+                       n: int) -> None:
+        """Record a whole /generate reply (``reply_pairs`` semantics) and let go of its prepares."""
+        self._send(("R", [p.rid for p in prepared], reply, worker_url, n))
+        for p in prepared:
+            p._open = False
+
+    async def retrieve(self, text: str, strict: bool = False) -> dict:
+        return await self._call("q", text, strict)[1]
+
+    async def refresh(self) -> None:
+        """Fetch the child's statistics (``stats()`` answers them until the next refresh)."""
+        try:
+            self._stats = await self._call("s")[1]
+        except CacheUnavailable:
+            pass
+
+    async def check_tree(self) -> None:
+        """Run the tree's structural self-check in the child (tests); raises what it raises."""
+        await self._call("c")[1]
+
+    def stats(self) -> dict:
+        return {**self._stats, "process": {"pid": self.proc.pid if self.proc is not None else None,
+                                           "running": self.transport is not None, "restarts": self.restarts,
+                                           "requests_passed_through": self.unavailable}}
+
+
+# --- the child ------------------------------------------------------------------------------------------
+
+
+def serve(sock: socket.socket, cache: Any) -> None:
+    """Answer frames until the router closes the socket. Each answer goes out as soon as it is ready: the
+    router works on the first requests of a burst while the later ones are still being prepared here."""
+    from .cache import reply_pairs
+
+    prepared: dict[int, Any] = {}
+    prepare, prepare_ids, record, retrieve = cache.prepare_sync, cache.prepare_ids, cache.record, cache.retrieve
+    buf = bytearray()
+    recv, sendall = sock.recv_into, sock.sendall
+    chunk = bytearray(1 << 20)
+    view = memoryview(chunk)
+    sock.sendall(_frame((0, True, cache.stats())))  # ready
+    while True:
+        got = recv(chunk)
+        if not got:
+            return
+        buf += view[:got]
+        pos, n = 0, len(buf)
+        while n - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
+            end = pos + 4 + size
+            if end > n:
+                break
+            msg = _LOADS(memoryview(buf)[pos + 4:end])
+            pos = end
+            op, rid = msg[0], msg[1]
+            try:
+                if op == "R":
+                    ps = [prepared.pop(r, None) for r in msg[1]]
+                    reply = orjson_loads(msg[2]) if isinstance(msg[2], bytes) else msg[2]
+                    if None not in ps:
+                        for p, one in reply_pairs(ps, reply, msg[4]):
+                            record(p, one, msg[3])
+                    continue
+                if op == "r":
+                    p = prepared.get(rid)
+                    if p is not None:
+                        record(p, msg[2], msg[3])
+                    continue
+                if op == "x":
+                    prepared.pop(rid, None)
+                    continue
+                if op == "p":
+                    p = prepare(msg[2])
+                    value: Any = (p.match.raw_ids, p.fresh_ids, p.worker_url)
+                elif op == "i":
+                    p = prepare_ids(msg[2])
+                    value = (p.cached_tokens, p.fresh_tokens, p.worker_url)
+                elif op == "q":
+                    value = retrieve(msg[2], msg[3])
+                elif op == "s":
+                    value = cache.stats()
+                elif op == "c":
+                    cache.tree.check()
+                    value = None
+                else:
+                    raise ValueError(f"unknown operation {op!r}")
+                if op in ("p", "i"):
+                    prepared[rid] = p
+                    if len(prepared) > MAX_OPEN_PREPARES:
+                        del prepared[next(iter(prepared))]
+                sendall(_frame((rid, True, value)))
+            except HTTPError as e:
+                sendall(_frame((rid, False, (e.status, e.message, {"type": e.type, "param": e.param, "code": e.code}))))
+            except Exception as e:  # the router logs it; a record that failed has no one waiting
+                log.exception("radix_tree process: %r failed", op)
+                if op not in ("R", "r", "x"):
+                    sendall(_frame((rid, False, f"{type(e).__name__}: {e}")))
+        del buf[:pos]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="slime-router trajectory cache process (started by the router)")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--max-size", type=int, required=True)
+    ap.add_argument("--gc-k", type=int, required=True)
+    ap.add_argument("--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s [cache process]: %(message)s")
+    from slime_router_core.tokenizers import load_tokenizer
+
+    from .cache import TrajectoryCache
+
+    sock = socket.socket(fileno=a.fd)
+    cache = TrajectoryCache(load_tokenizer(a.checkpoint), max_size=a.max_size, gc_k=a.gc_k, verbose=a.verbose)
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        serve(sock, cache)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
