@@ -9,7 +9,8 @@ all processes share the machine's cores. Reported per router:
 - router CPU per request: utime+stime of the router's process tree (``/proc/<pid>/stat``) over the run,
   divided by the requests served;
 - cache-on: multi-turn trajectory bodies (see ``loadgen.run_multiturn``) through slime-router with the
-  radix_tree plugin and the real (bundled Qwen3) tokenizer, vs sglang-router proxying the same bodies;
+  radix_tree plugin and the real (bundled Qwen3) tokenizer, the cache in the router's process and in its own
+  (``--radix-tree-process``), vs sglang-router proxying the same bodies;
 - streaming time to first byte (SSE fake workers) at 1 connection;
 - RSS of each router after warm-up and at the end, with the number of requests served in between.
 """
@@ -37,6 +38,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_PLUGINS = ["--no-plugin", "radix_tree", "--no-plugin", "openai_compat", "--no-plugin", "metrics",
               "--no-plugin", "balancing"]
+OWN = "slime cache-on, own process"  # the cache in its own process (--radix-tree-process)
+CACHED = ("slime cache-on", OWN, "slime default plugins")  # the targets with a /radix_tree/stats
 
 
 def free_ports(n: int) -> list[int]:
@@ -298,6 +301,9 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
             ("slime cache-on", slime_cmd(next(p), fw.urls, ["--plugin", "radix_tree", "--hf-checkpoint",
                                                               "builtin:qwen3", "--radix-tree-max-size",
                                                               str(cfg.cache_max_size)])),
+            (OWN, slime_cmd(next(p), fw.urls, ["--plugin", "radix_tree", "--hf-checkpoint", "builtin:qwen3",
+                                               "--radix-tree-max-size", str(cfg.cache_max_size),
+                                               "--radix-tree-process"])),
             ("baseline (FastAPI+httpx)", baseline_cmd(next(p), fw.urls)),
         ]
         sse_specs: list[tuple[str, list[str] | None]] = []
@@ -370,12 +376,12 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
                                                   for n, rs in runs.items()))
 
         # 3. cache on: multi-turn trajectories
-        cache_names = [n for n in (ref, "slime cache-on", "slime default plugins", "slime pass-through")
+        cache_names = [n for n in (ref, "slime cache-on", OWN, "slime default plugins", "slime pass-through")
                        if n in targets]
         cache_names = list(dict.fromkeys(cache_names))
         cruns: dict[str, list[dict]] = {n: [] for n in cache_names}
         stats_before = {}
-        for n in ("slime cache-on", "slime default plugins"):
+        for n in CACHED:
             if n in targets:
                 try:
                     stats_before[n] = get_json(targets[n].url + "/radix_tree/stats")
@@ -398,7 +404,7 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
                 cruns[n].append(runs_)
         res["cache"]["throughput_32"] = cruns
         res["cache"]["reference_fixed_32"] = ref_fixed
-        for n in ("slime cache-on", "slime default plugins"):
+        for n in CACHED:
             if n in targets:
                 try:
                     st = get_json(targets[n].url + "/radix_tree/stats")
@@ -462,13 +468,13 @@ def profile(cfg: Config, targets: dict[str, Target], body: bytes, out: Callable[
         return {"error": "py-spy not installed (pip install py-spy)"}
     os.makedirs(cfg.profile_dir, exist_ok=True)
     result = {}
-    for n, multiturn in (("slime pass-through", False), ("slime cache-on", True)):
+    for n, multiturn in (("slime pass-through", False), ("slime cache-on", True), (OWN, True)):
         if n not in targets:
             continue
         t = targets[n]
         path = Path(cfg.profile_dir) / (n.replace(" ", "_") + ".txt")
-        rec = subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(path),
-                                "--pid", str(t.proc.pid), "--duration", str(int(cfg.profile_seconds))],
+        rec = subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "250", "--nonblocking", "--subprocesses",
+                                "-o", str(path), "--pid", str(t.proc.pid), "--duration", str(int(cfg.profile_seconds))],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         if multiturn:
@@ -630,10 +636,11 @@ def targets_check(res: dict) -> list[str]:
                    f"= {add('slime pass-through') / add('sglang-router'):.2f}x (target <= 2x): "
                    f"{'MET' if add('slime pass-through') <= 2 * add('sglang-router') else 'NOT MET'}")
     cache = res.get("cache", {}).get("throughput_32", {})
-    if "slime cache-on" in cache:
-        q = paired_ratio(res, "slime cache-on")
-        out.append(f"cache-on: {q:.2f}x sglang-router pass-through, median of the per-round ratios (target >= 0.35x): "
-                   f"{'MET' if q >= 0.35 else 'NOT MET'}")
+    for n in ("slime cache-on", OWN):
+        if n in cache:
+            q = paired_ratio(res, n)
+            out.append(f"{n}: {q:.2f}x sglang-router pass-through, median of the per-round ratios "
+                       f"(target >= 0.35x): {'MET' if q >= 0.35 else 'NOT MET'}")
     return out
 
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from slime_router_core import Settings
 from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
 from slime_router_core.testing import ServerThread, start_router
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
@@ -22,9 +23,9 @@ NL = 198  # "\n" after the final <|im_end|> of a rendered conversation
 EOS = 151645
 
 
-def _router(worker_url: str, **kw: Any) -> ServerThread:
-    return start_router(plugins=["radix_tree", "openai_compat"], hf_checkpoint=BUILTIN_CHECKPOINT,
-                        worker_urls=[worker_url], **kw)
+def _router(worker_url: str, own_process: bool = False) -> ServerThread:
+    return start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+        hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker_url], extra={"radix_tree_process": own_process}))
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,14 @@ def worker() -> Iterator[str]:
     w.stop()
 
 
-@pytest.fixture
-def env(worker) -> Iterator[dict[str, Any]]:
-    """A fresh router (empty cache) per test; the worker reset."""
+@pytest.fixture(params=["in_process", "own_process"])
+def env(worker, request) -> Iterator[dict[str, Any]]:
+    """A fresh router (empty cache) per test, the cache in the router's process or in its own; the worker reset."""
     httpx.post(worker + "/mock/configure", json={"mode": "random", "reply_text": None, "think_text": None,
                                                  "stream_mode": "cumulative", "token_latency": 0.0,
                                                  "stop_at_eos": 1.0}).raise_for_status()
     httpx.delete(worker + "/mock/records")
-    router = _router(worker)
+    router = _router(worker, own_process=request.param == "own_process")
     yield {"worker": worker, "url": router.url, "router": router.app.router,
            "client": OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)}
     router.stop()
