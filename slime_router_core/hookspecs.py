@@ -161,7 +161,8 @@ def post_response(ctx: RequestContext, response: Any) -> Awaitable[None] | None:
 
     Non-streaming: ``response`` is the parsed JSON reply (dict, or list for a batch) after a
     successful (2xx) upstream call; mutate it in place, or set ``ctx.response`` to replace it.
-    Streaming: called once after the stream ended normally, with ``response`` = the list of
+    ``ctx.raw_response`` holds the worker's reply bytes as received (e.g. to hand them to another
+    process without re-serializing). Streaming: called once after the stream ended normally, with ``response`` = the list of
     chunks passed to ``stream_chunk`` (empty unless ``ctx.inspect_stream``); it can no longer
     change what the client got.
     """

@@ -2,6 +2,8 @@
 
 Per app, ``register_components`` builds one ``TrajectoryCache`` (component ``"radix_tree"``); the
 module's hooks find it through ``ctx.router`` (nothing is shared between two apps built in one process).
+With ``--radix-tree-process`` the component is a ``CacheProcessClient`` instead: the same calls, answered
+by a child process that owns the cache (``process.py``); started and stopped with the app.
 
 /generate (route "/generate" only; other routes, e.g. openai_compat's, prepare/record themselves):
 - pre_request: text prompts -> longest recorded prefix ids + tokens of the new text only; ``text`` is

@@ -11,8 +11,9 @@ no answer), ``q`` retrieve(text, strict), ``s`` stats, ``c`` the tree's self-che
 one pass of the event loop go out in one write.
 
 Ordering is the one guarantee the cache needs: one socket, one reader, requests handled in the order sent.
-A turn's record is sent before its reply reaches the client, so the next turn's prepare (sent after the
-client saw that reply) always finds it recorded.
+A turn's record is queued before its reply is written to the client, and the queue is flushed by a ready
+callback, which runs before the event loop polls its sockets again; so the next turn's request cannot be read,
+let alone its prepare sent, before the record is on the socket, and the child handles it first.
 """
 
 from __future__ import annotations
