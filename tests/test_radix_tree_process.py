@@ -68,6 +68,11 @@ def test_stats_cross_the_process_boundary(router, mock_worker):
         prom = c.get(r.url + "/metrics", params={"format": "prometheus"}).text
         assert "radix" in prom or "cache" in prom
         assert c.get(r.url + "/metrics").json()["cache_stats"]["records"] == 5
+        # every prepare is let go of in the child: by its record, or when the router drops it (streams)
+        with c.stream("POST", r.url + "/generate", json={"text": "a streamed one", "stream": True}) as resp:
+            assert resp.status_code == 200 and "[DONE]" in "".join(resp.iter_text())
+        wait_for(lambda: c.get(r.url + "/radix_tree/stats").json()["open_prepares"] == 0)
+        assert c.get(r.url + "/radix_tree/stats").json()["records"] == 6
 
 
 def test_child_death_is_survived_and_the_cache_restarts(router, mock_worker):

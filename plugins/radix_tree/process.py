@@ -40,9 +40,9 @@ _LEN = struct.Struct("<I")
 _DUMPS = pickle.dumps
 _LOADS = pickle.loads
 PROTO = pickle.HIGHEST_PROTOCOL
-# Prepares the router let go of without a record or a forget (cannot happen on the request paths; a bound all the
-# same): the oldest beyond this many are dropped.
-MAX_OPEN_PREPARES = 1 << 16
+# Every prepare is let go of by its record ("R") or by the router dropping it ("x"); this bound only guards against a
+# leak. Beyond it the oldest is dropped (its record, should it still come, is skipped), with a warning.
+MAX_OPEN_PREPARES = 1 << 20
 
 
 def _frame(obj: Any) -> bytes:
@@ -327,7 +327,7 @@ def serve(sock: socket.socket, cache: Any) -> None:
                 elif op == "q":
                     value = retrieve(msg[2], msg[3])
                 elif op == "s":
-                    value = cache.stats()
+                    value = {**cache.stats(), "open_prepares": len(prepared)}
                 elif op == "c":
                     cache.tree.check()
                     value = None
@@ -337,6 +337,8 @@ def serve(sock: socket.socket, cache: Any) -> None:
                     prepared[rid] = p
                     if len(prepared) > MAX_OPEN_PREPARES:
                         del prepared[next(iter(prepared))]
+                        log.warning("radix_tree process: more than %d prompts prepared and not recorded; the oldest "
+                                    "was dropped", MAX_OPEN_PREPARES)
                 sendall(_frame((rid, True, value)))
             except HTTPError as e:
                 sendall(_frame((rid, False, (e.status, e.message, {"type": e.type, "param": e.param, "code": e.code}))))
