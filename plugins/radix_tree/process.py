@@ -50,6 +50,20 @@ def _frame(obj: Any) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
+def _unframe(buf: bytearray) -> list:
+    """The whole frames at the start of ``buf``, decoded; they are removed from it (a partial one stays)."""
+    msgs, pos, n = [], 0, len(buf)
+    while n - pos >= 4:
+        (size,) = _LEN.unpack_from(buf, pos)
+        end = pos + 4 + size
+        if end > n:
+            break
+        msgs.append(_LOADS(memoryview(buf)[pos + 4:end]))
+        pos = end
+    del buf[:pos]
+    return msgs
+
+
 class RemotePrepared:
     """The router-side view of a prompt prepared in the cache process (what hooks and openai_compat read)."""
 
@@ -181,16 +195,8 @@ class CacheProcessClient(asyncio.Protocol):
                 self._restart_task = asyncio.get_running_loop().create_task(self._restart())
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        pos, n = 0, len(buf)
-        while n - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            end = pos + 4 + size
-            if end > n:
-                break
-            rid, ok, value = _LOADS(memoryview(buf)[pos + 4:end])
-            pos = end
+        self._buf += data
+        for rid, ok, value in _unframe(self._buf):
             fut = self._waiting.pop(rid, None)
             if fut is None or fut.done():
                 continue
@@ -200,7 +206,6 @@ class CacheProcessClient(asyncio.Protocol):
                 fut.set_exception(HTTPError(value[0], value[1], **value[2]))
             else:
                 fut.set_exception(RuntimeError(f"trajectory cache process: {value}"))
-        del buf[:pos]
 
     # --- calls ----------------------------------------------------------------------------------
 
@@ -293,14 +298,7 @@ def serve(sock: socket.socket, cache: Any) -> None:
         if not got:
             return
         buf += view[:got]
-        pos, n = 0, len(buf)
-        while n - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            end = pos + 4 + size
-            if end > n:
-                break
-            msg = _LOADS(memoryview(buf)[pos + 4:end])
-            pos = end
+        for msg in _unframe(buf):
             op, rid = msg[0], msg[1]
             try:
                 if op == "R":
@@ -346,7 +344,6 @@ def serve(sock: socket.socket, cache: Any) -> None:
                 log.exception("radix_tree process: %r failed", op)
                 if op not in ("R", "r", "x"):
                     sendall(_frame((rid, False, f"{type(e).__name__}: {e}")))
-        del buf[:pos]
 
 
 def main(argv: list[str] | None = None) -> None:
