@@ -171,7 +171,7 @@ def test_template_rewriting_history_is_reported_and_raw_mode_keeps_tokens(env):
     recs = records(w)
     res = retrieve(url, msgs)
     # Qwen3's template dropped turn 1's <think> block from turn 2's prompt: said, not hidden
-    assert res["history_rewritten"] is True and res["mismatch"] == "template"
+    assert res["history_rewritten"] is True and res["mismatch"] == "template_rule"
     assert [t["message_index"] for t in res["rewritten_turns"]] == [1]
     assert "<think>" in res["rewritten_turns"][0]["generated"]
     # the final sequence is turn 2's exact trajectory; turn 1's own exact trajectory is a separate segment

@@ -3,17 +3,18 @@
 - ``template_messages``: OpenAI messages (already validated) → the dicts HF chat templates expect
   (``developer`` → ``system``, content parts joined, tool-call arguments kept as the client's JSON text).
 - ``HistoryStore``: remembers, for every answer the router produced, the exact completion text the model
-  generated (``reply["text"]``) and its reasoning, keyed by the conversation before it plus the assistant
-  message as the client will send it back (content + tool calls, ids and reasoning ignored).
-- ``Renderer.prompt``: the text sent for a chat request. History modes (``--openai-history``):
-  ``template`` (default): the template renders the history as the client sent it; an assistant message the
-  router produced gets its ``reasoning_content`` restored when the client dropped it (Qwen3's template keeps
-  reasoning inside the current tool-calling loop only, so this matches what the model wrote there).
-  ``raw``: every assistant message the router produced is replaced by the exact text the model generated
-  (spliced into the template's rendering), so no generated token is ever lost from the history.
-- Splicing: assistant message i is rendered as a unique sentinel; the text up to the end of the template's
-  generation prompt for ``messages[:i]`` is kept, then the recorded text, then what follows the sentinel
-  (``<|im_end|>\\n``...). This is exactly the text the trajectory cache recorded for that turn.
+  generated (``reply["text"]``), its reasoning and the prompt it was generated for, keyed by the conversation
+  before it plus the assistant message as the client sends it back: content without outer whitespace, tool calls
+  by name and parsed arguments (so ``json.dumps`` of parsed arguments matches), no ids, no reasoning.
+- ``Renderer.render_turns``: the text sent for a chat request. Every assistant turn the router produced is put
+  back as the exact text the model generated (the API's own normalisation of what it returned never reaches the
+  worker): in ``raw`` mode (``--openai-history raw``) always, so no generated token is ever lost from the
+  history; in ``template`` mode (default, what SGLang would send) wherever the chat template keeps the turn as
+  it was generated, and rendered by the template where the template rewrites it (Qwen3 drops reasoning before
+  the last user message).
+- Splicing: the recognised assistant turns are rendered as unique sentinels; a turn's text from the start of
+  its generation prompt to the sentinel is replaced by the generation prompt + the recorded text, what follows
+  the sentinel (``<|im_end|>\\n``...) is kept. This is exactly the text the trajectory cache recorded for it.
 """
 
 from __future__ import annotations
@@ -63,54 +64,92 @@ def _canon_calls(calls: Any) -> list:
 
 
 def canonical_message(m: dict[str, Any]) -> list:
-    """What identifies a message for the history store (not ids, not reasoning)."""
+    """What identifies a message for the history store: role, content (outer whitespace ignored: the API returns
+    content without the whitespace the model wrote around it, and clients may strip it again), tool calls by name
+    and parsed arguments (clients re-serialize them, e.g. ``json.dumps`` of a parsed dict), and ``name``. Not ids,
+    not reasoning (most clients drop it)."""
     role = m.get("role")
     if role == "developer":
         role = "system"
-    return [role, content_text(m.get("content")) or "", _canon_calls(m.get("tool_calls")), m.get("name")]
+    return [role, (content_text(m.get("content")) or "").strip(), _canon_calls(m.get("tool_calls")), m.get("name")]
+
+
+def _digest(obj: Any) -> bytes:
+    return hashlib.blake2b(json.dumps(obj, ensure_ascii=False).encode(), digest_size=16).digest()
+
+
+def context_keys(messages: list[dict[str, Any]]) -> list[str]:
+    """``keys[i]`` identifies the conversation ``messages[:i]`` (one running hash: O(n) for all prefixes)."""
+    h = hashlib.blake2b(digest_size=16)
+    keys = [h.hexdigest()]
+    for m in messages:
+        h.update(_digest(canonical_message(m)))
+        keys.append(h.hexdigest())
+    return keys
+
+
+def message_key(m: dict[str, Any]) -> str:
+    return _digest(canonical_message(m)).hex()
 
 
 def history_key(context: list[dict[str, Any]], assistant: dict[str, Any]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for m in context:
-        h.update(json.dumps(canonical_message(m), ensure_ascii=False).encode())
-        h.update(b"\x1e")
-    h.update(b"\x1d")
-    h.update(json.dumps(canonical_message(assistant), ensure_ascii=False).encode())
-    return h.hexdigest()
+    return context_keys(context)[-1] + message_key(assistant)
+
+
+def text_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 @dataclass
 class HistoryEntry:
     raw: str  # the exact completion text the model generated (stop trimmed, special tokens skipped)
     reasoning: str | None
+    prompt_len: int = -1  # the prompt the turn was generated for: its length and digest (-1: unknown) ...
+    prompt_digest: bytes = b""  # ... so a retrieval can check that turn's trajectory is in the conversation
+    generated_tokens: int = 0  # how many tokens the model generated for it (the audit counts what is lost)
 
 
 class HistoryStore:
-    """LRU map: (conversation before, assistant message) → HistoryEntry."""
+    """LRU map: conversation before → {assistant message as returned → HistoryEntry}.
+
+    Grouped by conversation so that a message the router did not return for a conversation it did answer is
+    known as a client edit (several answers per conversation: ``n`` > 1, GRPO branches)."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
-        self._d: OrderedDict[str, HistoryEntry] = OrderedDict()
+        self._d: OrderedDict[str, dict[str, HistoryEntry]] = OrderedDict()
+        self._n = 0
 
     def __len__(self) -> int:
-        return len(self._d)
+        return self._n
 
     def put(self, context: list[dict[str, Any]], assistant: dict[str, Any], entry: HistoryEntry) -> None:
         if self.max_entries <= 0:
             return
-        key = history_key(context, assistant)
-        self._d[key] = entry
-        self._d.move_to_end(key)
-        while len(self._d) > self.max_entries:
-            self._d.popitem(last=False)
+        ck = context_keys(context)[-1]
+        group = self._d.get(ck)
+        if group is None:
+            group = self._d[ck] = {}
+        else:
+            self._d.move_to_end(ck)
+        mk = message_key(assistant)
+        if mk not in group:
+            self._n += 1
+        group[mk] = entry
+        while self._n > self.max_entries and self._d:
+            _, old = self._d.popitem(last=False)
+            self._n -= len(old)
+
+    def lookup(self, context_key: str, assistant: dict[str, Any]) -> tuple[bool, HistoryEntry | None]:
+        """(the router answered this conversation, the entry of this very answer or None)."""
+        group = self._d.get(context_key)
+        if group is None:
+            return False, None
+        self._d.move_to_end(context_key)
+        return True, group.get(message_key(assistant))
 
     def get(self, context: list[dict[str, Any]], assistant: dict[str, Any]) -> HistoryEntry | None:
-        key = history_key(context, assistant)
-        e = self._d.get(key)
-        if e is not None:
-            self._d.move_to_end(key)
-        return e
+        return self.lookup(context_keys(context)[-1], assistant)[1]
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -139,8 +178,26 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# Why an assistant turn of a conversation is not the exact text its model generated (reported by
+# /retrieve_from_messages and counted in the metrics).
+TEMPLATE_RULE = "template_rule"  # the chat template renders the turn differently later (Qwen3: earlier <think> dropped)
+CLIENT_EDIT = "client_edit"  # the client sent back something other than what the router returned
+ROUTER_NORMALISATION = "router_normalisation"  # the router could not put the generated text back in
+UNKNOWN_ORIGIN = "unknown_origin"  # not an answer of this router (another model, a hand-written turn, forgotten)
+CAUSES = (TEMPLATE_RULE, CLIENT_EDIT, ROUTER_NORMALISATION, UNKNOWN_ORIGIN)
+
+
 class SpliceError(RuntimeError):
     pass
+
+
+@dataclass
+class Rendered:
+    text: str
+    entries: dict[int, HistoryEntry]  # assistant turns the router produced, recognised as sent back
+    answered: set[int]  # assistant turns whose conversation before them the router answered
+    spliced: set[int]  # rendered as the exact generated text
+    not_spliced: dict[int, str]  # recognised turns the template renders its own way, and why
 
 
 class Renderer:
@@ -148,59 +205,124 @@ class Renderer:
         self.tokenizer = tokenizer
         self.store = store
         self.mode = mode
+        self._gen_prompts: OrderedDict[str, str | None] = OrderedDict()
 
     def template(self, msgs: list[dict[str, Any]], tools: list | None, kwargs: dict | None,
                  add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **(kwargs or {}))
 
-    def entries(self, messages: list[dict[str, Any]]) -> dict[int, HistoryEntry]:
-        out = {}
+    def generation_prompt(self, tools: list | None, kwargs: dict | None) -> str | None:
+        """What ``add_generation_prompt`` appends (``<|im_start|>assistant\\n``, plus an empty think block when
+        thinking is off), probed once per tools/kwargs; None when the template does not simply append one."""
+        key = json.dumps([tools, kwargs], sort_keys=True, default=str)
+        if key in self._gen_prompts:
+            return self._gen_prompts[key]
+        probe = [{"role": "user", "content": "x"}]
+        without = self.template(probe, tools, kwargs, False)
+        with_gen = self.template(probe, tools, kwargs, True)
+        gen = with_gen[len(without):] if with_gen.startswith(without) and len(with_gen) > len(without) else None
+        self._gen_prompts[key] = gen
+        if len(self._gen_prompts) > 64:
+            self._gen_prompts.popitem(last=False)
+        return gen
+
+    def lookup(self, messages: list[dict[str, Any]]) -> tuple[dict[int, HistoryEntry], set[int]]:
+        keys = context_keys(messages)
+        entries: dict[int, HistoryEntry] = {}
+        answered: set[int] = set()
         for i, m in enumerate(messages):
             if m.get("role") == "assistant":
-                e = self.store.get(messages[:i], m)
+                seen, e = self.store.lookup(keys[i], m)
+                if seen:
+                    answered.add(i)
                 if e is not None:
-                    out[i] = e
-        return out
+                    entries[i] = e
+        return entries, answered
 
-    def _prepared(self, messages: list[dict[str, Any]], mode: str, splice_last: bool
-                  ) -> tuple[list[dict[str, Any]], dict[int, str]]:
-        msgs = template_messages(messages)
-        entries = self.entries(messages)
-        splice: dict[int, str] = {}
-        for i, e in entries.items():
-            if mode == "raw" or (splice_last and i == len(messages) - 1):
-                splice[i] = e.raw
-            elif e.reasoning and msgs[i].get("reasoning_content") is None and "</think>" not in (msgs[i]["content"] or ""):
-                msgs[i] = dict(msgs[i], reasoning_content=e.reasoning)
-        return msgs, splice
+    def entries(self, messages: list[dict[str, Any]]) -> dict[int, HistoryEntry]:
+        return self.lookup(messages)[0]
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, kwargs: dict | None = None,
                add_generation_prompt: bool = True, mode: str | None = None, splice_last: bool = False) -> str:
-        mode = mode or self.mode
-        msgs, splice = self._prepared(messages, mode, splice_last)
-        return self.splice(msgs, splice, tools, kwargs, add_generation_prompt)
+        return self.render_turns(messages, tools, kwargs, add_generation_prompt, mode, splice_last).text
 
-    def splice(self, msgs: list[dict[str, Any]], splice: dict[int, str], tools: list | None, kwargs: dict | None,
-               add_generation_prompt: bool) -> str:
-        if not splice:
-            return self.template(msgs, tools, kwargs, add_generation_prompt)
+    def render_turns(self, messages: list[dict[str, Any]], tools: list | None = None, kwargs: dict | None = None,
+                     add_generation_prompt: bool = True, mode: str | None = None,
+                     splice_last: bool = False) -> Rendered:
+        """The conversation as text, every assistant turn the router produced put back as the exact text the
+        model generated -- in ``raw`` mode always, in ``template`` mode wherever the chat template keeps that
+        turn as it was generated (it renders the turn's generation prompt and, if the model reasoned, the
+        reasoning); where the template rewrites the turn (Qwen3 drops reasoning before the last user message) the
+        template renders it. The API's normalisation of what it returned (content without outer whitespace,
+        tool-call JSON as parsed) is thus never what the worker sees as history."""
+        mode = mode or self.mode
+        msgs = template_messages(messages)
+        entries, answered = self.lookup(messages)
+        for i, e in entries.items():  # a reasoning the client dropped (the template may keep it) is restored
+            if e.reasoning and msgs[i].get("reasoning_content") is None and "</think>" not in (msgs[i]["content"] or ""):
+                msgs[i] = dict(msgs[i], reasoning_content=e.reasoning)
+        if not entries:
+            return Rendered(self.template(msgs, tools, kwargs, add_generation_prompt), entries, answered, set(), {})
+        last = len(messages) - 1
+        force = set(entries) if mode == "raw" else ({last} & set(entries) if splice_last else set())
+        gen = self.generation_prompt(tools, kwargs)
+        todo = set(entries)
+        not_spliced: dict[int, str] = {}
         nonce = uuid.uuid4().hex[:12]
-        sent = {i: f"@@slime-splice-{nonce}-{i}@@" for i in splice}
+        while True:
+            text, rejected = self._splice(msgs, entries, todo, force, gen, nonce, tools, kwargs, add_generation_prompt)
+            if not rejected:
+                return Rendered(text, entries, answered, todo, not_spliced)
+            not_spliced.update(rejected)  # rendered as themselves in the next pass
+            todo -= set(rejected)
+
+    def _splice(self, msgs: list[dict[str, Any]], entries: dict[int, HistoryEntry], todo: set[int], force: set[int],
+                gen: str | None, nonce: str, tools: list | None, kwargs: dict | None, add_gen: bool
+                ) -> tuple[str, dict[int, str]]:
+        """Render with sentinels for the turns in ``todo`` and put their generated text in. Returns the text and
+        the turns (not forced) the template does not keep as generated, with the reason."""
+        if not todo:
+            return self.template(msgs, tools, kwargs, add_gen), {}
         sub = list(msgs)
-        for i in splice:
-            sub[i] = {"role": "assistant", "content": sent[i]}
-        full = self.template(sub, tools, kwargs, add_generation_prompt)
+        content: dict[int, str] = {}
+        reasoning: dict[int, str] = {}
+        for i in todo:
+            content[i] = f"@@slime-splice-{nonce}-{i}@@"
+            sub[i] = {"role": "assistant", "content": content[i]}
+            if entries[i].reasoning is not None and i not in force:  # does the template keep this turn's reasoning?
+                reasoning[i] = f"@@slime-reasoning-{nonce}-{i}@@"
+                sub[i]["reasoning_content"] = reasoning[i]
+        full = self.template(sub, tools, kwargs, add_gen)
         out: list[str] = []
+        rejected: dict[int, str] = {}
         cursor = 0
-        for i in sorted(splice):
-            head = self.template(sub[:i], tools, kwargs, True)
-            p = full.find(sent[i])
-            if p < 0 or not full.startswith(head) or len(head) > p or cursor > len(head):
-                raise SpliceError(f"the chat template does not render assistant message {i} after its "
-                                  f"generation prompt; cannot substitute the recorded text")
-            out.append(full[cursor:len(head)])
-            out.append(splice[i])
-            cursor = p + len(sent[i])
+        for i in sorted(todo):
+            p = full.find(content[i], cursor)
+            if p < 0:  # the template does not write an assistant turn's content verbatim
+                if i in force:
+                    raise SpliceError(f"the chat template does not render assistant message {i}'s content "
+                                      f"verbatim; cannot substitute the recorded text")
+                rejected[i] = ROUTER_NORMALISATION
+                continue
+            start = full.rfind(gen, cursor, p) if gen else -1
+            if i in force:
+                if start < 0 and gen and "\n" in gen:  # the template drops part of the generation prompt in
+                    start = full.rfind(gen[:gen.index("\n") + 1], cursor, p)  # history: put it back in raw mode
+                if start < 0:
+                    raise SpliceError(f"the chat template does not render assistant message {i} after its "
+                                      f"generation prompt; cannot substitute the recorded text")
+            else:
+                opening = full[start + len(gen):p] if start >= 0 and gen else None
+                kept = opening is not None and (opening == "" if i not in reasoning else reasoning[i] in opening)
+                if not kept:
+                    rejected[i] = TEMPLATE_RULE
+                    continue
+            out.append(full[cursor:start])
+            out.append(gen or "")
+            out.append(entries[i].raw)
+            cursor = p + len(content[i])
+        if rejected:
+            return "", rejected
         out.append(full[cursor:])
-        return "".join(out)
+        return "".join(out), {}

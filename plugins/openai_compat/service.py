@@ -15,7 +15,8 @@ from slime_router_core import HTTPError, RequestContext, resolve
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .parse import OutputParser, ParsedOutput, collect, parse_output
-from .render import HistoryEntry, HistoryStore, Renderer, SpliceError
+from .render import (CAUSES, CLIENT_EDIT, ROUTER_NORMALISATION, TEMPLATE_RULE, UNKNOWN_ORIGIN, HistoryEntry,
+                     HistoryStore, Renderer, SpliceError, text_digest)
 from .schema import bad
 from .stream import DONE, ChoiceAccumulator, IncrementalDecoder, sse
 
@@ -104,7 +105,11 @@ class OpenAIService:
         self.token_text = TokenText(self.tokenizer)
         self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
                                  recorded=0, not_recorded_incomplete=0, record_errors=0, retrievals=0,
-                                 history_rewritten=0, rewritten_turns=0, unverified_turns=0, spliced_turns=0)
+                                 history_rewritten=0, rewritten_turns=0, unverified_turns=0, spliced_turns=0,
+                                 audit_generated_tokens_exact=0)
+        for cause in CAUSES:  # per cause: assistant turns of retrieved conversations not exact, their generated tokens
+            self.counters[f"rewritten_turns_{cause}"] = 0
+            self.counters[f"audit_generated_tokens_{cause}"] = 0
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self._encode = (lambda t: backend.encode(t, add_special_tokens=False).ids) if backend is not None else \
             (lambda t: self.tokenizer.encode(t, add_special_tokens=False))
@@ -266,6 +271,7 @@ class OpenAIService:
             "in_reasoning": prompt.rstrip("\n").endswith("<think>"),
             "logprobs": bool(body.get("logprobs")), "top_logprobs": top_n,
             "messages": body["messages"], "prompt_tokens": len(ids), "prepared": prepared,
+            "prompt_len": len(prompt), "prompt_digest": text_digest(prompt),
             "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
             "n": int(body.get("n") or 1),
         }
@@ -291,7 +297,7 @@ class OpenAIService:
             cached = meta.get("cached_tokens", cached) if cached is None else cached
             version = meta.get("weight_version", version)
             await self.record(prepared, r, worker_url)
-            self.remember(body["messages"], message, r.get("text") or "", parsed.reasoning, finish)
+            self.remember(opts, message, r.get("text") or "", parsed.reasoning, finish, len(ids_i))
         self.router.finish(ctx, 200)
         return {
             "id": rid, "object": "chat.completion", "created": opts["created"], "model": opts["model"],
@@ -318,10 +324,13 @@ class OpenAIService:
             msg["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
         return msg
 
-    def remember(self, messages: list, message: dict, raw: str, reasoning: str | None, finish: str) -> None:
+    def remember(self, opts: dict, message: dict, raw: str, reasoning: str | None, finish: str,
+                 generated_tokens: int) -> None:
         if finish == "abort":
             return
-        self.store.put(messages, message, HistoryEntry(raw=raw, reasoning=reasoning))
+        self.store.put(opts["messages"], message, HistoryEntry(
+            raw=raw, reasoning=reasoning, prompt_len=opts["prompt_len"], prompt_digest=opts["prompt_digest"],
+            generated_tokens=generated_tokens))
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int, cached: Any, prepared: Any) -> dict[str, Any]:
@@ -412,8 +421,8 @@ class OpenAIService:
                                               "matched_stop": matched}])
                 job.finished_choice(merged, acc)
                 if finish != "abort":
-                    self.remember(opts["messages"], self.message_of(parsed), merged.get("text") or "",
-                                  parsed.reasoning, finish)
+                    self.remember(opts, self.message_of(parsed), merged.get("text") or "", parsed.reasoning, finish,
+                                  len(acc.ids))
         if job.error is None and opts["include_usage"]:
             yield self.chat_chunk(opts, [], usage=self.usage(opts["prompt_tokens"], job.completion_tokens,
                                                              job.cached, opts["prepared"]))
@@ -547,59 +556,109 @@ class OpenAIService:
         kwargs = body.get("chat_template_kwargs")
         strict = bool(body.get("strict", False))
         add_gen = bool(body.get("add_generation_prompt", False))
-        entries = self.renderer.entries(messages)
         try:
-            text = self.renderer.render(messages, tools, kwargs, add_generation_prompt=add_gen, mode=mode,
-                                        splice_last=True)
-            turns = []
-            for i in sorted(entries):
-                prompt_i = self.renderer.render(messages[:i], tools, kwargs, add_generation_prompt=True, mode=mode)
-                turns.append((i, prompt_i + entries[i].raw))
+            rendered = self.renderer.render_turns(messages, tools, kwargs, add_generation_prompt=add_gen, mode=mode,
+                                                  splice_last=True)
+            text = rendered.text
+            rewritten, unverified = [], []
+            for i, m in enumerate(messages):
+                if m.get("role") != "assistant":
+                    continue
+                e = rendered.entries.get(i)
+                if e is None:
+                    if i in rendered.answered:  # the router answered this conversation, with another message
+                        rewritten.append(self._rewritten(i, CLIENT_EDIT, None, text, None))
+                    else:
+                        unverified.append(i)
+                    continue
+                prompt = None if e.prompt_len >= 0 else self.renderer.render(messages[:i], tools, kwargs, True, mode)
+                if self._turn_in(text, e, prompt):
+                    self.counters.inc("audit_generated_tokens_exact", e.generated_tokens)
+                    continue
+                rewritten.append(self._rewritten(i, self._cause(rendered, i, e, messages, tools, kwargs, mode), e,
+                                                 text, prompt))
         except (TemplateError, SpliceError, TypeError, ValueError) as e:
             raise bad(f"The chat template could not render these messages: {e}", "messages") from e
-        assistant_idx = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-        unverified = [i for i in assistant_idx if i not in entries]
-        rewritten = []
-        for i, traj in turns:
-            if not text.startswith(traj):
-                pos = next((k for k, (a, b) in enumerate(zip(traj, text)) if a != b), min(len(traj), len(text)))
-                rewritten.append({
-                    "message_index": i,
-                    "reason": "the chat template renders this assistant turn differently in the later conversation "
-                              "(e.g. earlier <think> blocks dropped, tool calls re-serialized); its generated tokens "
-                              "are not part of the returned sequence",
-                    "diverges_at_char": pos,
-                    "generated": traj[pos:pos + 80],
-                    "rendered": text[pos:pos + 80],
-                })
         result = dict(await resolve(cache.retrieve(text, strict=strict)))
         if mode == "raw":
-            self.counters.inc("spliced_turns", len(entries))
+            self.counters.inc("spliced_turns", len(rendered.spliced))
         result.update({
             "history_mode": mode,
             "history_rewritten": bool(rewritten),
-            "mismatch": "template" if rewritten else None,
+            "mismatch": rewritten[0]["cause"] if rewritten else None,
             "rewritten_turns": rewritten,
             "unverified_turns": unverified,
         })
         if unverified:
             self.counters.inc("unverified_turns", len(unverified))
+            self.counters.inc(f"rewritten_turns_{UNKNOWN_ORIGIN}", len(unverified))
         if rewritten:
             self.counters.inc("history_rewritten")
             self.counters.inc("rewritten_turns", len(rewritten))
-            # Each rewritten turn's own trajectory (its prompt + the exact generated text) is still exact:
             segments = []
-            for i, traj in turns:
-                if any(r["message_index"] == i for r in rewritten):
-                    seg_text = self.renderer.render(messages[:i + 1], tools, kwargs, add_generation_prompt=False,
-                                                    mode=mode, splice_last=True)
-                    seg = dict(await resolve(cache.retrieve(seg_text, strict=False)))
-                    seg["message_indices"] = list(range(i + 1))
-                    segments.append(seg)
+            for r in rewritten:
+                self.counters.inc(f"rewritten_turns_{r['cause']}")
+                self.counters.inc(f"audit_generated_tokens_{r['cause']}", r["generated_tokens"])
+                if r["cause"] == CLIENT_EDIT and r["generated"] is None:
+                    continue  # which answer the client edited is unknown: no trajectory to give
+                # the turn's own trajectory (its prompt + the exact generated text) is still exact
+                i = r["message_index"]
+                seg_text = self.renderer.render(messages[:i + 1], tools, kwargs, add_generation_prompt=False,
+                                                mode=mode, splice_last=True)
+                seg = dict(await resolve(cache.retrieve(seg_text, strict=False)))
+                seg["message_indices"] = list(range(i + 1))
+                segments.append(seg)
             result["segments"] = segments
         if body.get("return_text"):
             result["text"] = text
         return result
+
+    @staticmethod
+    def _turn_in(text: str, e: HistoryEntry, prompt: str | None) -> bool:
+        """Is this turn's trajectory (the prompt it was generated for + its exact text) a prefix of ``text``?"""
+        if prompt is not None:
+            return text.startswith(prompt + e.raw)
+        return text_digest(text[:e.prompt_len]) == e.prompt_digest and text.startswith(e.raw, e.prompt_len)
+
+    def _cause(self, rendered: Any, i: int, e: HistoryEntry, messages: list, tools: Any, kwargs: Any,
+               mode: str) -> str:
+        if i in rendered.not_spliced:
+            return str(rendered.not_spliced[i])
+        if any(rendered.not_spliced.get(j) == TEMPLATE_RULE for j in rendered.not_spliced if j < i):
+            return TEMPLATE_RULE  # an earlier turn the template rewrites is part of this turn's prompt
+        if e.prompt_len >= 0:
+            now = self.renderer.render(messages[:i], tools, kwargs, True, mode)
+            if len(now) != e.prompt_len or text_digest(now) != e.prompt_digest:
+                return CLIENT_EDIT  # the conversation before the turn is not the one it was generated for
+        return ROUTER_NORMALISATION
+
+    _REASONS = {
+        TEMPLATE_RULE: "the chat template renders this assistant turn (or an earlier one in its prompt) differently "
+                       "in the later conversation (e.g. Qwen3 drops <think> blocks before the last user message); "
+                       "its generated tokens are not part of the returned sequence: see 'segments'",
+        CLIENT_EDIT: "the client sent back a conversation that differs from the one the router answered (an "
+                     "assistant message other than the one returned, or an earlier message changed); the tokens of "
+                     "the changed text are tokenized fresh (mask 0)",
+        ROUTER_NORMALISATION: "the router could not put the generated text back into the template's rendering of "
+                              "this turn; its generated tokens are not part of the returned sequence: see 'segments'",
+    }
+
+    def _rewritten(self, i: int, cause: str, e: HistoryEntry | None, text: str, prompt: str | None) -> dict:
+        out: dict[str, Any] = {"message_index": i, "cause": cause, "reason": self._REASONS[cause],
+                               "generated_tokens": e.generated_tokens if e is not None else 0,
+                               "diverges_at_char": None, "generated": None, "rendered": None}
+        if e is None:
+            return out
+        start = len(prompt) if prompt is not None else e.prompt_len
+        if prompt is not None and not text.startswith(prompt):
+            pos = next(k for k, (x, y) in enumerate(zip(prompt + "\0", text + "\1")) if x != y)
+            out.update(diverges_at_char=pos, generated=prompt[pos:pos + 80], rendered=text[pos:pos + 80])
+        elif prompt is not None or text_digest(text[:start]) == e.prompt_digest:
+            k = next(k for k, (x, y) in enumerate(zip(e.raw + "\0", text[start:] + "\1")) if x != y)
+            out.update(diverges_at_char=start + k, generated=e.raw[k:k + 80], rendered=text[start + k:start + k + 80])
+        else:  # the prompt it was generated for differs (only its digest is kept): where is not known
+            out.update(generated=e.raw[:80])
+        return out
 
 
 class StreamJob:
