@@ -1,0 +1,159 @@
+"""Exact history through the OpenAI API when the model writes what real models write (replies that start with
+whitespace or newlines, tool-call JSON with unusual spacing, parallel tool calls, empty content with tool calls,
+reasoning) and clients send back what they got: verbatim as the SDK gave it, or re-serialized the way LangChain
+does (arguments parsed and ``json.dumps``-ed, reasoning dropped). Every history mode, streamed and not, the cache
+in the router's process and in its own: ``/retrieve_from_messages`` gives back the worker's exact ids with mask 1
+on every generated token. Where a turn cannot be exact, the cause is named."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from slime_router_core import Settings
+from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
+from slime_router_core.testing import ServerThread, start_router
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+
+from test_openai_exact import assert_exact
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"},
+                                                    "day": {"type": "string"}}, "required": ["city"]}}}]
+
+# What the model writes in the issue's four-turn conversation (one tool round, then another after a user turn).
+TURNS = [
+    ' Let me check both cities.\n<tool_call>\n{"name":"get_weather", "arguments": {"city":"Paris",  "unit": "c"}}'
+    '\n</tool_call>\n<tool_call>\n{"name": "get_weather","arguments":{"city": "Oslo"}}\n</tool_call>',
+    "\n\n It is 21°C in Paris and 5°C in Oslo.  ",
+    '<think>\nThe user wants tomorrow.\n</think>\n\n<tool_call>\n{"name":"get_weather","arguments":'
+    '{"city":"Paris","day":"tomorrow"}}\n</tool_call>',
+    " Tomorrow: sunny, 23°C.",
+]
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[str]:
+    w = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
+    yield w.url
+    w.stop()
+
+
+@pytest.fixture(scope="module", params=["in_process", "own_process"])
+def router_url(worker: str, request: Any) -> Iterator[str]:
+    r = start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+        hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker],
+        extra={"radix_tree_process": request.param == "own_process"}))
+    yield r.url
+    r.stop()
+
+
+def configure(worker: str, **kw: Any) -> None:
+    httpx.post(worker + "/mock/configure", json=kw).raise_for_status()
+
+
+def records(worker: str) -> list[dict]:
+    return httpx.get(worker + "/mock/records").json()
+
+
+def ask(client: OpenAI, msgs: list, stream: bool, mode: str) -> dict:
+    """One chat turn; the assistant message as the client ends up holding it (the SDK's message object, or the
+    message a streaming client assembles from the deltas)."""
+    extra = {"history_mode": mode}
+    if not stream:
+        r = client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, extra_body=extra)
+        return r.choices[0].message.model_dump(exclude_none=True)
+    content, reasoning, calls = "", None, []
+    for ch in client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, stream=True, extra_body=extra):
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content += d.content or ""
+        if (d.model_extra or {}).get("reasoning_content"):
+            reasoning = (reasoning or "") + d.model_extra["reasoning_content"]
+        for tc in d.tool_calls or []:
+            calls.append({"id": tc.id, "type": "function",
+                          "function": {"name": tc.function.name, "arguments": tc.function.arguments}})
+    msg: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if reasoning is not None:
+        msg["reasoning_content"] = reasoning
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def echo(msg: dict, style: str) -> dict:
+    if style == "verbatim":  # everything the client got, as it got it
+        return msg
+    # LangChain / LangGraph: AIMessage(content=str, tool_calls=[{name, args: dict, id}]) serialized back
+    out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
+    if msg.get("tool_calls"):
+        out["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": json.dumps(json.loads(c["function"]["arguments"]))}}
+            for c in msg["tool_calls"]]
+    return out
+
+
+@pytest.mark.parametrize("style", ["verbatim", "langchain"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("mode", ["template", "raw"])
+def test_four_turn_tool_chat_with_real_model_text_is_exact(router_url, worker, mode, stream, style):
+    client = OpenAI(base_url=router_url + "/v1", api_key="none", max_retries=0)
+    httpx.delete(worker + "/mock/records")
+    msgs: list[dict] = [{"role": "system", "content": "You are a weather bot."},
+                        {"role": "user", "content": f"Weather in Paris and Oslo? ({uuid.uuid4().hex[:6]})"}]
+    for k, text in enumerate(TURNS):
+        configure(worker, mode="reply_text", reply_text=text)
+        got = ask(client, msgs, stream, mode)
+        if k == 0:
+            assert got["content"] == "Let me check both cities."  # what OpenAI clients expect to see
+            assert [json.loads(c["function"]["arguments"]) for c in got["tool_calls"]] == \
+                [{"city": "Paris", "unit": "c"}, {"city": "Oslo"}]
+            assert got["tool_calls"][0]["function"]["arguments"] == '{"city":"Paris",  "unit": "c"}'
+        msgs.append(echo(got, style))
+        if got.get("tool_calls"):
+            msgs += [{"role": "tool", "tool_call_id": c["id"], "content": f"{20 + i}°C"}
+                     for i, c in enumerate(got["tool_calls"])]
+        elif k == 1:
+            msgs.append({"role": "user", "content": "And tomorrow in Paris?"})
+    recs = records(worker)
+    assert len(recs) == 4
+    res = httpx.post(router_url + "/retrieve_from_messages",
+                     json={"messages": msgs, "tools": TOOLS, "history_mode": mode}).json()
+    assert sum(len(r["output_ids"]) for r in recs) == sum(res["loss_mask"])
+    assert_exact(res, recs)
+
+
+def test_causes_are_named(router_url, worker):
+    """template_rule: Qwen3 drops an earlier turn's reasoning; client_edit: the client changed what it got;
+    unknown_origin: an assistant message the router never returned."""
+    client = OpenAI(base_url=router_url + "/v1", api_key="none", max_retries=0)
+    tag = uuid.uuid4().hex[:6]
+    msgs: list[dict] = [{"role": "user", "content": f"Hi ({tag})"}]
+    configure(worker, mode="reply_text", reply_text="<think>\nA greeting.\n</think>\n\n Hello!")
+    msgs.append(ask(client, msgs, False, "template"))
+    msgs.append({"role": "user", "content": "How are you?"})
+    configure(worker, mode="reply_text", reply_text=" Fine.")
+    msgs.append(ask(client, msgs, False, "template"))
+    res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": msgs, "tools": TOOLS}).json()
+    assert [(t["message_index"], t["cause"]) for t in res["rewritten_turns"]] == [(1, "template_rule")]
+    assert res["mismatch"] == "template_rule" and res["rewritten_turns"][0]["generated_tokens"] > 0
+    assert len(res["segments"]) == 1 and res["unverified_turns"] == []
+
+    edited = msgs[:3] + [dict(msgs[3], content="Fine, thank you.")]
+    res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": edited, "tools": TOOLS}).json()
+    assert ("client_edit" in [t["cause"] for t in res["rewritten_turns"]]
+            and [t["message_index"] for t in res["rewritten_turns"] if t["cause"] == "client_edit"] == [3])
+
+    foreign = [{"role": "user", "content": f"Never asked ({tag})"}, {"role": "assistant", "content": "Made up."}]
+    res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": foreign}).json()
+    assert res["unverified_turns"] == [1] and res["rewritten_turns"] == []
+    stats = httpx.get(router_url + "/openai_compat/stats").json()
+    assert stats["rewritten_turns_template_rule"] >= 1 and stats["rewritten_turns_client_edit"] >= 1
+    assert stats["rewritten_turns_unknown_origin"] >= 1 and stats["audit_generated_tokens_template_rule"] > 0
