@@ -157,3 +157,40 @@ def test_causes_are_named(router_url, worker):
     stats = httpx.get(router_url + "/openai_compat/stats").json()
     assert stats["rewritten_turns_template_rule"] >= 1 and stats["rewritten_turns_client_edit"] >= 1
     assert stats["rewritten_turns_unknown_origin"] >= 1 and stats["audit_generated_tokens_template_rule"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["invoke", "stream"])
+def test_real_langchain_agent_loop_is_exact(router_url, worker, stream):
+    """LangChain itself holds the history (AIMessage with parsed tool-call args) and serializes it back."""
+    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+    from langchain_openai.chat_models.base import _convert_message_to_dict
+
+    httpx.delete(worker + "/mock/records")
+    llm = ChatOpenAI(base_url=router_url + "/v1", api_key="none", model="m", max_retries=0).bind_tools(TOOLS)
+
+    def call(history: list) -> Any:
+        if not stream:
+            return llm.invoke(history)
+        out = None
+        for chunk in llm.stream(history):
+            out = chunk if out is None else out + chunk
+        return out
+
+    history: list = [SystemMessage("You are a weather bot."),
+                     HumanMessage(f"Weather in Paris and Oslo? ({uuid.uuid4().hex[:6]})")]
+    for k, text in enumerate(TURNS):
+        configure(worker, mode="reply_text", reply_text=text)
+        msg = call(history)
+        history.append(msg)
+        for i, tc in enumerate(msg.tool_calls):
+            history.append(ToolMessage(f"{20 + i}°C", tool_call_id=tc["id"]))
+        if not msg.tool_calls and k == 1:
+            history.append(HumanMessage("And tomorrow in Paris?"))
+    assert history[2].tool_calls[0]["args"] == {"city": "Paris", "unit": "c"}
+    msgs = [_convert_message_to_dict(m) for m in history]
+    # what LangChain sends back is not what the model wrote: re-serialized arguments
+    assert msgs[2]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris", "unit": "c"}'
+    recs = records(worker)
+    res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": msgs, "tools": TOOLS}).json()
+    assert_exact(res, recs)
