@@ -4,6 +4,11 @@ Generation is deterministic (seed, input ids, ``sampling_seed``, sample index) a
 real text: tokens are the builtin Qwen3 tokenizer's ids of common English words (or the
 tokenizer's encoding of a scripted reply), ending with EOS ``<|im_end|>`` (151645).
 
+``realistic=True`` makes the worker as unkind as real models: replies that start or end with
+whitespace, non-canonical token splits, tool calls (to the prompt's ``<tools>``) with irregular
+JSON spacing, per-request random logprobs, and siblings of one prompt that share only their first
+few generated tokens.
+
 All state lives on the app instance (``app.state.mock``), so several workers can run in one
 process.
 """
@@ -16,11 +21,12 @@ import hashlib
 import json
 import os
 import random
+import re
 import struct
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import orjson
 from starlette.applications import Starlette
@@ -73,6 +79,11 @@ _WORDS = (
     "almost let above girl sometimes mountain cut young talk soon list song being leave family"
 ).split()
 _FIRST_WORDS = ("The", "I", "It", "We", "This", "There", "In", "When", "You", "Our", "My", "They", "He", "She", "A")
+# realistic mode: string argument values (non-ASCII and escapes included, as models write them)
+_ARG_STRINGS = ("Paris", "New York", "São Paulo", "東京", "celsius", "latest news", 'the "best" option', "a/b c")
+_SPLITTABLE = re.compile(r" ?[A-Za-z]+")  # word tokens whose sub-word splits decode to the same text
+_TOOLS_BLOCK = re.compile(r"<tools>(.*?)</tools>", re.DOTALL)
+_TOOL_NAME = re.compile(r'"name"\s*:\s*"([^"]+)"')
 
 
 @dataclass
@@ -108,6 +119,19 @@ class MockWorkerConfig:
     # bookkeeping
     prefix_cache_max_tokens: int = 2_000_000
     max_records: int = 100_000
+    # weight updates: >0 bumps weight_version ("v1", "v2", ... or the trailing number +1) after it served N
+    # sequences, so consecutive branches of a prompt carry different versions (0 = never)
+    version_every: int = 0
+    # realistic mode (every mode; the knobs below only act when realistic is on)
+    realistic: bool = False
+    realistic_seed: int | None = None  # per-request randomness: None = os.urandom, else seeded by a request counter
+    leading_whitespace_rate: float = 0.5  # reply (or answer after </think>) starts with ' Word', '\n' or '\n\n'
+    trailing_whitespace_rate: float = 0.2  # ' ', '\n' or '\n\n' right before EOS
+    split_rate: float = 0.05  # per word token: emitted as 2-3 sub-word ids the tokenizer would not produce
+    tool_call_rate: float = 0.5  # random/think modes: answer with tool calls when the prompt has <tools>
+    parallel_tool_call_rate: float = 0.3  # 2-3 <tool_call> blocks instead of one
+    shared_prefix_min: int = 0  # siblings (same prompt) share their first k generated tokens (k drawn per
+    shared_prefix_max: int = 8  # sequence in [min, max], at least min(k) of two siblings), then diverge
 
     def validate(self) -> None:
         if self.stream_mode not in STREAM_MODES:
@@ -116,6 +140,14 @@ class MockWorkerConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 <= self.failure_rate <= 1.0:
             raise ValueError("failure_rate must be within [0, 1]")
+        for name in ("leading_whitespace_rate", "trailing_whitespace_rate", "split_rate", "tool_call_rate",
+                     "parallel_tool_call_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if not 0 <= self.shared_prefix_min <= self.shared_prefix_max:
+            raise ValueError("need 0 <= shared_prefix_min <= shared_prefix_max")
+        if self.version_every < 0:
+            raise ValueError("version_every must be >= 0")
         self.weight_version = str(self.weight_version)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +214,12 @@ def _hash_int(*parts: Any) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def _next_version(version: str) -> str:
+    """'v3' -> 'v4', '7' -> '8', 'default' -> 'v1'."""
+    m = re.fullmatch(r"(.*?)(\d+)", version)
+    return f"{m.group(1)}{int(m.group(2)) + 1}" if m else "v1"
+
+
 class MockWorkerState:
     def __init__(self, config: MockWorkerConfig):
         config.validate()
@@ -194,6 +232,9 @@ class MockWorkerState:
         self.cache = PrefixCache(config.prefix_cache_max_tokens)
         self.resume = asyncio.Event()
         self.resume.set()
+        self.requests_seeded = 0
+        self._version_counted = config.weight_version  # the version _version_sequences counts for
+        self._version_sequences = 0
         self.stats = {
             "requests_received": 0,  # /generate HTTP requests
             "sequences_generated": 0,
@@ -222,22 +263,72 @@ class MockWorkerState:
             ids = self.encode(" " + w)
             if len(ids) == 1 and self.decode(ids) == " " + w:
                 words.append(ids[0])
+        spaced_firsts = []
         for w in _FIRST_WORDS:
             ids = self.encode(w)
             if len(ids) == 1 and self.decode(ids) == w:
                 firsts.append(ids[0])
+            ids = self.encode(" " + w)
+            if len(ids) == 1:
+                spaced_firsts.append(ids[0])
         self.word_ids = sorted(set(words))
         self.first_ids = sorted(set(firsts)) or self.word_ids
+        self.spaced_first_ids = sorted(set(spaced_firsts)) or self.word_ids
         self.comma_id = self.encode(",")[0]
         self.period_id = self.encode(".")[0]
         self.eos_ids = frozenset({EOS_TOKEN_ID, ENDOFTEXT_TOKEN_ID})
         self._piece_cache: dict[int, str] = {}
+        self._splittable: dict[int, bool] = {}
 
     def token_text(self, tid: int) -> str:
         s = self._piece_cache.get(tid)
         if s is None:
             s = self._piece_cache[tid] = self.decode([tid], skip_special_tokens=False)
         return s
+
+    def splittable(self, tid: int) -> bool:
+        """A plain word token (optional leading space) that is its own text's canonical encoding."""
+        ok = self._splittable.get(tid)
+        if ok is None:
+            s = self.token_text(tid)
+            ok = self._splittable[tid] = (
+                tid < ENDOFTEXT_TOKEN_ID and len(s) >= 2 and bool(_SPLITTABLE.fullmatch(s)) and self.encode(s) == [tid]
+            )
+        return ok
+
+    def prompt_tools(self, input_ids: list[int]) -> list[tuple[str, Any]]:
+        """(name, parameters schema) of each tool the prompt offers in a Qwen ``<tools>`` block."""
+        tools: list[tuple[str, Any]] = []
+        for block in _TOOLS_BLOCK.findall(self.decode(input_ids, skip_special_tokens=False)):
+            found = []
+            for line in block.splitlines():
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                fn = obj.get("function", obj) if isinstance(obj, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                    found.append((fn["name"], fn.get("parameters")))
+            # not one JSON object per line (a hand-written prompt): take the names
+            tools += found or [(name, None) for name in _TOOL_NAME.findall(block)]
+        return tools
+
+    def request_seed(self) -> int:
+        """Seed of one sequence's own randomness (realistic mode): differs for identical requests."""
+        self.requests_seeded += 1
+        if self.config.realistic_seed is None:
+            return int.from_bytes(os.urandom(8), "little")
+        return _hash_int(self.config.realistic_seed, self.requests_seeded)
+
+    def sequence_started(self) -> None:
+        """With ``version_every``, each weight version serves N sequences, then the next one takes over."""
+        c = self.config
+        if c.weight_version != self._version_counted:  # changed by a weight update or /mock/configure
+            self._version_counted, self._version_sequences = c.weight_version, 0
+        if 0 < c.version_every <= self._version_sequences:
+            c.weight_version = self._version_counted = _next_version(c.weight_version)
+            self._version_sequences = 0
+        self._version_sequences += 1
 
     # -- health
     def healthy_status(self) -> int:
@@ -334,19 +425,33 @@ class Sequence:
         self.finish_reason: dict | None = None
         self.abort_message: str | None = None
         self.cached_tokens = 0
-        seed = state.config.seed
-        self.rng = random.Random(_hash_int(seed, params.sampling_seed, sample_idx, input_ids))
-        self._plan = self._plan_iter()
+        c = state.config
+        self.shared_k: int | None = None
+        self._plan: Iterator[int]
+        if c.realistic:
+            # The prompt seeds what siblings share; the sequence's own source draws k, the logprobs and
+            # (from token k on) the rest, so identical requests differ like sampled ones do.
+            self.req_rng = random.Random(state.request_seed())
+            self.shared_k = self.req_rng.randint(c.shared_prefix_min, c.shared_prefix_max)
+            self.rng = random.Random(_hash_int(c.seed, "family", input_ids)) if self.shared_k else self.req_rng
+            self.lp_rng = self.req_rng
+            self._plan = self._realistic_plan()
+        else:
+            self.rng = random.Random(_hash_int(c.seed, params.sampling_seed, sample_idx, input_ids))
+            self.lp_rng = self.rng
+            self._plan = self._plan_iter()
 
     # -- token plan
-    def _iter_random_words(self, n: int):
+    def _iter_random_words(self, n: int, first: list[int] | None = None) -> Iterator[int]:
         """A sentence of n words (lazily): Capitalized first word, ' word' tokens, commas, a final period."""
-        st, rng = self.state, self.rng
-        words, first, comma = st.word_ids, st.first_ids, st.comma_id
-        yield first[int(rng.random() * len(first))]
+        st = self.state
+        words, comma = st.word_ids, st.comma_id
+        first = first or st.first_ids
+        # self.rng is read at every draw: realistic mode switches it mid-sentence
+        yield first[int(self.rng.random() * len(first))]
         for i in range(n - 1):
-            yield words[int(rng.random() * len(words))]
-            if i < n - 2 and rng.random() < 0.08:
+            yield words[int(self.rng.random() * len(words))]
+            if i < n - 2 and self.rng.random() < 0.08:
                 yield comma
         yield st.period_id
 
@@ -390,8 +495,149 @@ class Sequence:
         while True:  # the model keeps talking (ignore_eos, or no EOS drawn)
             yield from self._iter_random_words(rng.randint(3, 20))
 
+    # -- realistic plan: every draw reads self.rng (see __init__), switched after shared_k tokens
+    def _realistic_plan(self) -> Iterator[int]:
+        n = 0
+        for tid in self._realistic_tokens():
+            for t in self._split(tid):
+                yield t
+                n += 1
+                if n == self.shared_k:
+                    self.rng = self.req_rng
+
+    def _realistic_tokens(self) -> Iterator[int]:
+        c, st = self.state.config, self.state
+        tools = st.prompt_tools(self.input_ids) if c.mode != "reply_text" else []
+        if c.mode == "think":
+            yield from st.encode("<think>\n")
+            if c.think_text is None:
+                yield from self._iter_random_words(self.rng.randint(4, 16))
+            else:
+                yield from st.encode(c.think_text.strip("\n"))
+            yield from st.encode("\n</think>\n\n")
+        if c.mode == "tool_call" or (tools and self.rng.random() < c.tool_call_rate):
+            yield from self._tool_calls(tools)
+        elif c.mode == "reply_text" or (c.mode == "think" and c.reply_text is not None):
+            text = c.reply_text if c.reply_text is not None else "Hello! How can I help you today?"
+            yield from st.encode(self._lead() + text)
+        elif c.mode == "think":
+            yield from self._answer_words(self.rng.randint(2, 12))
+        else:
+            lo = max(1, c.min_random_tokens)
+            yield from self._answer_words(self.rng.randint(lo, max(lo, c.max_random_tokens)))
+        if c.mode != "random" or self.rng.random() < c.stop_at_eos:
+            if self.rng.random() < c.trailing_whitespace_rate:
+                yield from st.encode(self.rng.choice((" ", "\n", "\n\n")))
+            yield EOS_TOKEN_ID
+        while True:  # the model keeps talking (ignore_eos, or no EOS drawn)
+            yield from self._iter_random_words(self.rng.randint(3, 20))
+
+    def _lead(self) -> str:
+        """What a reply starts with: mostly nothing or a space (' The'), sometimes a newline or two."""
+        if self.rng.random() >= self.state.config.leading_whitespace_rate:
+            return ""
+        return self.rng.choice((" ", " ", " ", "\n", "\n\n"))
+
+    def _answer_words(self, n: int) -> Iterator[int]:
+        lead = self._lead()
+        if lead == " ":
+            yield from self._iter_random_words(n, self.state.spaced_first_ids)
+        else:
+            yield from self.state.encode(lead)
+            yield from self._iter_random_words(n)
+
+    def _split(self, tid: int) -> list[int]:
+        """Mostly [tid]; sometimes the word's text as 2-3 sub-word ids (never the tokenizer's encoding)."""
+        st = self.state
+        if self.rng.random() >= st.config.split_rate or not st.splittable(tid):
+            return [tid]
+        s = st.token_text(tid)
+        cuts = sorted(self.rng.sample(range(1, len(s)), min(len(s) - 1, self.rng.choice((1, 1, 1, 2)))))
+        return [t for a, b in zip([0, *cuts], [*cuts, len(s)]) for t in st.encode(s[a:b])]
+
+    def _tool_calls(self, tools: list[tuple[str, Any]]) -> Iterator[int]:
+        """Sometimes content first, then 1-3 <tool_call> blocks to the prompt's tools (else tool_name)."""
+        c, st = self.state.config, self.state
+        if self.rng.random() < 0.3:
+            yield from self._answer_words(self.rng.randint(3, 12))
+            yield from st.encode("\n\n")
+        calls = 1 + (self.rng.randint(1, 2) if self.rng.random() < c.parallel_tool_call_rate else 0)
+        for i in range(calls):
+            if tools:
+                name, schema = self.rng.choice(tools)
+                args: Any = self._arg_value({**(schema if isinstance(schema, dict) else {}), "type": "object"}, 0)
+            else:
+                name, args = c.tool_name, c.tool_arguments
+            yield from st.encode(("\n" if i else "") + "<tool_call>\n" + self._call_json(name, args) + "\n</tool_call>")
+
+    def _arg_value(self, schema: Any, depth: int) -> Any:
+        """A plausible value for a JSON schema (untyped: any type, objects nest up to 3 levels)."""
+        rng = self.rng  # no yield in here: safe to hold
+        schema = schema if isinstance(schema, dict) else {}
+        if schema.get("enum"):
+            return rng.choice(schema["enum"])
+        t = schema.get("type")
+        if isinstance(t, list):
+            t = t[0] if t else None
+        if t is None:
+            t = rng.choice(("string", "integer", "number", "boolean", "object", "array")[: 6 if depth < 2 else 3])
+        if t == "integer":
+            return rng.randint(-5, 1000)
+        if t == "number":
+            return round(rng.uniform(-100, 100), rng.randint(0, 3))
+        if t == "boolean":
+            return rng.random() < 0.5
+        if t == "null":
+            return None
+        if t == "array":
+            return [self._arg_value(schema.get("items"), depth + 1) for _ in range(rng.randint(0, 3))]
+        if t == "object":
+            props = schema.get("properties")
+            if isinstance(props, dict) and props:
+                required = schema.get("required") or []
+                return {k: self._arg_value(v, depth + 1) for k, v in props.items()
+                        if k in required or rng.random() < 0.6}
+            n = rng.randint(1, 3) if depth < 3 else 0
+            return {rng.choice(_WORDS): self._arg_value({}, depth + 1) for _ in range(n)}
+        return rng.choice(_ARG_STRINGS)
+
+    def _call_json(self, name: str, args: Any) -> str:
+        """The call object as models write it: json.dumps spacing, compact, or irregular; keys sometimes reordered."""
+        style = self.rng.choice(("dumps", "compact", "odd", "odd"))
+        fields: list[tuple[str | None, str]] = [
+            ('"name"', json.dumps(name, ensure_ascii=False)),
+            ('"arguments"', args if isinstance(args, str) else self._json(args, style)),
+        ]
+        if self.rng.random() < 0.15:
+            fields.reverse()
+        return self._join("{", fields, "}", style)
+
+    def _json(self, v: Any, style: str) -> str:
+        if isinstance(v, dict):
+            items = list(v.items())
+            if self.rng.random() < 0.2:
+                self.rng.shuffle(items)
+            return self._join("{", [(json.dumps(str(k), ensure_ascii=False), self._json(x, style)) for k, x in items],
+                              "}", style)
+        if isinstance(v, list):
+            return self._join("[", [(None, self._json(x, style)) for x in v], "]", style)
+        return json.dumps(v, ensure_ascii=False)
+
+    def _join(self, open_: str, items: list[tuple[str | None, str]], close: str, style: str) -> str:
+        out = open_
+        for i, (key, value) in enumerate(items):
+            if style == "dumps":
+                item_sep, key_sep = ", ", ": "
+            elif style == "compact":
+                item_sep, key_sep = ",", ":"
+            else:
+                item_sep = self.rng.choice((", ", ",", ",  ", " , "))
+                key_sep = self.rng.choice((": ", ":", " : ", ":  "))
+            out += (item_sep if i else "") + (key + key_sep if key is not None else "") + value
+        return out + close
+
     def _logprob(self) -> float:
-        return -round(self.rng.random() * 2.5 + 1e-4, 6)
+        return -round(self.lp_rng.random() * 2.5 + 1e-4, 6)
 
     # -- stepping
     def step(self) -> None:
@@ -517,7 +763,7 @@ class Sequence:
         return {"text": self.text(final=True), "output_ids": list(self.output_ids), "meta_info": self.meta(final=True)}
 
     def record(self, path: str) -> dict:
-        return {
+        rec = {
             "rid": self.rid,
             "index": self.index,
             "input_ids": list(self.input_ids),
@@ -533,12 +779,16 @@ class Sequence:
             "cached_tokens": self.cached_tokens,
             "prompt_tokens": len(self.input_ids),
         }
+        if self.shared_k is not None:  # siblings of one prompt share at least min(their k) generated tokens
+            rec["shared_prefix_tokens"] = self.shared_k
+        return rec
 
     # -- the driver
     async def run(self) -> AsyncIterator[None]:
         """Generate; yields whenever a streaming chunk is due. Always records the sequence."""
         st, c = self.state, self.state.config
         key = id(self)
+        st.sequence_started()
         st.running[key] = self
         try:
             self.cached_tokens = min(st.cache.match(self.partition, self.input_ids), max(0, len(self.input_ids) - 1))

@@ -17,6 +17,10 @@ from .app import MODES, STREAM_MODES, MockWorkerConfig, serve_mock_worker
 
 __all__ = ["build_parser", "main", "mock_worker_command"]
 
+_D = MockWorkerConfig()
+_RATES = ("leading_whitespace_rate", "trailing_whitespace_rate", "split_rate", "tool_call_rate",
+          "parallel_tool_call_rate")
+
 
 def build_parser() -> argparse.ArgumentParser:
     d = MockWorkerConfig()
@@ -45,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crash-after-n", type=int, default=d.crash_after_n)
     p.add_argument("--health-status", type=int, default=d.health_status)
     p.add_argument("--unhealthy-after", type=float, default=None)
+    p.add_argument("--version-every", type=int, default=d.version_every,
+                   help="bump the weight version every N sequences (0 = never)")
+    p.add_argument("--realistic", action="store_true", help="reply like a real model (see MockWorkerConfig)")
+    p.add_argument("--realistic-seed", type=int, default=None, help="reproducible realistic randomness")
+    for name in _RATES:
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--shared-prefix-min", type=int, default=d.shared_prefix_min)
+    p.add_argument("--shared-prefix-max", type=int, default=d.shared_prefix_max)
     return p
 
 
@@ -67,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         latency=a.latency, token_latency=a.token_latency, prefill_time_per_token=a.prefill_time_per_token,
         fail_first_n=a.fail_first_n, failure_rate=a.failure_rate, fail_status=a.fail_status,
         crash_after_n=a.crash_after_n, health_status=a.health_status, unhealthy_after=a.unhealthy_after,
+        version_every=a.version_every, realistic=a.realistic, realistic_seed=a.realistic_seed,
+        shared_prefix_min=a.shared_prefix_min, shared_prefix_max=a.shared_prefix_max,
+        **{name: getattr(a, name) for name in _RATES},
     )
     serve_mock_worker(a.host, a.port, cfg)
 
@@ -102,6 +117,20 @@ def mock_worker_command(
     crash_after_n: int = typer.Option(0, "--crash-after-n", envvar="SLIME_MOCK_CRASH_AFTER_N"),
     health_status: int = typer.Option(200, "--health-status", envvar="SLIME_MOCK_HEALTH_STATUS"),
     unhealthy_after: Optional[float] = typer.Option(None, "--unhealthy-after", envvar="SLIME_MOCK_UNHEALTHY_AFTER"),
+    version_every: int = typer.Option(_D.version_every, "--version-every", envvar="SLIME_MOCK_VERSION_EVERY",
+                                      help="Bump the weight version every N sequences (0 = never)."),
+    realistic: bool = typer.Option(False, "--realistic", envvar="SLIME_MOCK_REALISTIC",
+                                   help="Reply like a real model: whitespace, non-canonical splits, odd tool-call "
+                                        "JSON, per-request logprobs, branches sharing a prefix."),
+    realistic_seed: Optional[int] = typer.Option(None, "--realistic-seed", envvar="SLIME_MOCK_REALISTIC_SEED",
+                                                 help="Seed the realistic randomness (default: os.urandom)."),
+    leading_whitespace_rate: float = typer.Option(_D.leading_whitespace_rate, "--leading-whitespace-rate"),
+    trailing_whitespace_rate: float = typer.Option(_D.trailing_whitespace_rate, "--trailing-whitespace-rate"),
+    split_rate: float = typer.Option(_D.split_rate, "--split-rate"),
+    tool_call_rate: float = typer.Option(_D.tool_call_rate, "--tool-call-rate"),
+    parallel_tool_call_rate: float = typer.Option(_D.parallel_tool_call_rate, "--parallel-tool-call-rate"),
+    shared_prefix_min: int = typer.Option(_D.shared_prefix_min, "--shared-prefix-min"),
+    shared_prefix_max: int = typer.Option(_D.shared_prefix_max, "--shared-prefix-max"),
 ) -> None:
     """Run a mock SGLang worker (real Qwen3 tokenizer, deterministic text, failure knobs)."""
     cfg = _make_config(
@@ -111,7 +140,11 @@ def mock_worker_command(
         strict_sampling_params=strict_sampling_params, latency=latency, token_latency=token_latency,
         prefill_time_per_token=prefill_time_per_token, fail_first_n=fail_first_n, failure_rate=failure_rate,
         fail_status=fail_status, crash_after_n=crash_after_n, health_status=health_status,
-        unhealthy_after=unhealthy_after,
+        unhealthy_after=unhealthy_after, version_every=version_every, realistic=realistic,
+        realistic_seed=realistic_seed, leading_whitespace_rate=leading_whitespace_rate,
+        trailing_whitespace_rate=trailing_whitespace_rate, split_rate=split_rate, tool_call_rate=tool_call_rate,
+        parallel_tool_call_rate=parallel_tool_call_rate, shared_prefix_min=shared_prefix_min,
+        shared_prefix_max=shared_prefix_max,
     )
     serve_mock_worker(host, port, cfg)
 
