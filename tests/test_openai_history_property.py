@@ -62,6 +62,44 @@ def reply(draw: Any) -> tuple[str, bool, bool]:
     return text, bool(calls), reasoning
 
 
+def check_served_back(res: dict, recs: list[dict], msgs: list[dict], user_after: list[bool], mode: str,
+                      reasoned: list[bool]) -> None:
+    """Every record's generated tokens: in the sequence (mask 1, its logprobs), or -- template mode, a turn
+    the template rewrites because a user message followed a reasoning turn -- in its template_rule segment."""
+    assert len(recs) == len(user_after)
+    seq = recs[-1]["input_ids"] + recs[-1]["output_ids"]
+    assert res["tokens"][:len(seq)] == seq
+    assistant_idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    rewritten = {t["message_index"]: t for t in res["rewritten_turns"]}
+    assert res["unverified_turns"] == []
+    segments = {s["message_indices"][-1]: s for s in res.get("segments", [])}
+    expected_mask = [0] * len(res["tokens"])
+    for k, rec in enumerate(recs):
+        traj = rec["input_ids"] + rec["output_ids"]
+        start = len(rec["input_ids"])
+        if res["tokens"][:len(traj)] == traj:
+            got = res
+            assert assistant_idx[k] not in rewritten
+            expected_mask[len(rec["input_ids"]):len(traj)] = [1] * len(rec["output_ids"])
+        else:  # only a chat template's own rule may keep a turn out of the sequence, and it is said
+            assert mode == "template" and user_after[k] and any(reasoned[:k + 1])
+            t = rewritten[assistant_idx[k]]
+            assert t["cause"] == "template_rule"
+            seg = segments[assistant_idx[k]]
+            assert seg["tokens"][:len(traj)] == traj
+            got = seg
+        n = len(rec["output_ids"])
+        assert got["loss_mask"][start:start + n] == [1] * n
+        assert got["rollout_logp"][start:start + n] == pytest.approx(rec["output_logprobs"], abs=1e-5)
+        versions = [rec["weight_version"]] * n
+        for span in rec["weight_versions"]:
+            versions[span["start"]:span["end"]] = [span["version"]] * (span["end"] - span["start"])
+        assert got["weight_versions"][start:start + n] == versions
+    assert res["loss_mask"] == expected_mask[:len(res["loss_mask"])]  # prompt tokens: mask 0
+    if mode == "raw" or not any(reasoned):
+        assert res["rewritten_turns"] == []
+
+
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, Any]]:
     w = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
@@ -92,32 +130,48 @@ def test_every_generated_token_comes_back(env, turns, stream, mode, style):
             msgs.append({"role": "user", "content": "And then?"})
             user_after = [True] * len(user_after)
     recs = records(w)
-    assert len(recs) == len(turns)
     res = httpx.post(url + "/retrieve_from_messages",
                      json={"messages": msgs, "tools": TOOLS, "history_mode": mode}).json()
-    seq = recs[-1]["input_ids"] + recs[-1]["output_ids"]
-    assert res["tokens"][:len(seq)] == seq
-    assistant_idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    rewritten = {t["message_index"]: t for t in res["rewritten_turns"]}
-    assert res["unverified_turns"] == []
-    segments = {s["message_indices"][-1]: s for s in res.get("segments", [])}
-    expected_mask = [0] * len(res["tokens"])
-    for k, rec in enumerate(recs):
-        traj = rec["input_ids"] + rec["output_ids"]
-        start = len(rec["input_ids"])
-        if res["tokens"][:len(traj)] == traj:
-            got_mask, got_lp = res["loss_mask"], res["rollout_logp"]
-            assert assistant_idx[k] not in rewritten
-            expected_mask[len(rec["input_ids"]):len(traj)] = [1] * len(rec["output_ids"])
-        else:  # only a chat template's own rule may keep a turn out of the sequence, and it is said
-            assert mode == "template" and user_after[k] and any(r for _, _, r in turns[:k + 1])
-            t = rewritten[assistant_idx[k]]
-            assert t["cause"] == "template_rule"
-            seg = segments[assistant_idx[k]]
-            assert seg["tokens"][:len(traj)] == traj
-            got_mask, got_lp = seg["loss_mask"], seg["rollout_logp"]
-        assert got_mask[start:start + len(rec["output_ids"])] == [1] * len(rec["output_ids"])
-        assert got_lp[start:start + len(rec["output_ids"])] == pytest.approx(rec["output_logprobs"], abs=1e-5)
-    assert res["loss_mask"] == expected_mask[:len(res["loss_mask"])]  # prompt tokens: mask 0
-    if mode == "raw" or not any(r for _, _, r in turns):
-        assert res["rewritten_turns"] == []
+    check_served_back(res, recs, msgs, user_after, mode, [r for _, _, r in turns])
+
+
+@pytest.fixture(scope="module", params=["in_process", "own_process"])
+def realistic_env(request: Any) -> Iterator[dict[str, Any]]:
+    w = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT, realistic=True,
+                                                             realistic_seed=0, max_random_tokens=24))).start()
+    r = start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+        hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[w.url],
+        extra={"radix_tree_process": request.param == "own_process"}))
+    yield {"worker": w.url, "url": r.url, "client": OpenAI(base_url=r.url + "/v1", api_key="none", max_retries=0)}
+    r.stop()
+    w.stop()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(n_turns=st.integers(1, 4), seed=st.integers(0, 10 ** 6), think=st.lists(st.booleans(), min_size=4, max_size=4),
+       stream=st.booleans(), mode=st.sampled_from(["template", "raw"]),
+       style=st.sampled_from(["verbatim", "langchain"]))
+def test_realistic_worker_every_generated_token_comes_back(realistic_env, n_turns, seed, think, stream, mode, style):
+    """The same property with the realistic worker deciding what to write (its whitespace, non-canonical splits,
+    tool calls to the offered tool, per-request logprobs, a weight version bump every other sequence)."""
+    env = realistic_env
+    w, url = env["worker"], env["url"]
+    httpx.delete(w + "/mock/records")
+    configure(w, realistic_seed=seed, version_every=2)
+    msgs: list[dict] = [{"role": "user", "content": f"Weather? {uuid.uuid4().hex[:8]}"}]
+    user_after: list[bool] = []
+    for k in range(n_turns):
+        configure(w, mode="think" if think[k] else "random")
+        got = ask(env["client"], msgs, stream, mode)
+        msgs.append(echo(got, style))
+        user_after.append(False)
+        if got.get("tool_calls"):
+            msgs += [{"role": "tool", "tool_call_id": c["id"], "content": "sunny"} for c in got["tool_calls"]]
+        elif k < n_turns - 1:
+            msgs.append({"role": "user", "content": "And then?"})
+            user_after = [True] * len(user_after)
+    recs = records(w)
+    res = httpx.post(url + "/retrieve_from_messages",
+                     json={"messages": msgs, "tools": TOOLS, "history_mode": mode}).json()
+    check_served_back(res, recs, msgs, user_after, mode, [bool(t) for t in think[:n_turns]])
