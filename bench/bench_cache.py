@@ -3,7 +3,9 @@
 1. Tokenization saved per turn on multi-turn trajectories (real Qwen3 tokenizer, turns 1-10, ~100 to
    ~8,000 tokens): time of ``TrajectoryCache.prepare`` (longest recorded prefix + tokenizing only the
    new text) vs tokenizing the full text each turn.
-2. Memory per cached token (tracemalloc, and the trie's own sys.getsizeof count), text included.
+2. Memory per cached token (tracemalloc, and the trie's own sys.getsizeof count), text included; and the same
+   for 8 branches per prompt (GRPO samples sharing the prompt and their first few generated tokens, each
+   with its own logprobs, which the trie keeps per branch).
 3. Lookups and inserts per second at 1e4, 1e5 and 1e6 cached tokens.
 4. Per-request cache cost (in-process): prepare() and record() microseconds per turn on 10-turn chat
    trajectories (~40-token user messages, ~100-250-token replies), in a cache shared by many
@@ -98,6 +100,29 @@ def bench_memory(rng: random.Random, total: int) -> None:
           f"getsizeof {t.nbytes() / t.size:.1f} B/token (text, ids, logprobs, widths, mask+version, nodes)")
 
 
+def bench_memory_branches(rng: random.Random, total: int, branches: int = 8) -> None:
+    print(f"\n2b) memory per cached token, {branches} branches per prompt (200-token prompt, 800 generated tokens per "
+          f"branch, the first 1-8 of them the same ids in every branch but each branch with its own logprobs)")
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    t = StringRadixTrie(max_tokens=10 * total)
+    recorded = 0
+    while t.size < total:
+        ptext, pids, pends = synthetic(rng, 200)
+        htext, hids, hends = synthetic(rng, rng.randint(1, 8))  # the tokens every branch sampled first
+        ptext, pids, pends = ptext + htext, pids + hids, pends + [len(ptext) + e for e in hends]
+        for _ in range(branches):
+            text, ids, ends = synthetic(rng, 1000 - len(pids))
+            lps = [-0.5] * 200 + [-5 * rng.random() for _ in range(800)]
+            t.insert(ptext + text, pids + ids, pends + [len(ptext) + e for e in ends], lps, [0] * 200 + [1] * 800, "1")
+            recorded += 1000
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    print(f"   {recorded:,} tokens recorded, {t.size:,} stored in {t.node_count:,} nodes: tracemalloc "
+          f"{used / t.size:.1f} B per cached token ({used / recorded:.1f} B per recorded token), getsizeof "
+          f"{t.nbytes() / t.size:.1f} B per cached token")
+
+
 def bench_rates(rng: random.Random, sizes: list[int]) -> None:
     print("\n3) lookup / insert rates (1,000-token trajectories; lookups of a recorded trajectory + 40 new chars)")
     for size in sizes:
@@ -175,14 +200,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only-per-request", action="store_true", help="run only section 4")
+    ap.add_argument("--only-memory", action="store_true", help="run only section 2 (and 2b)")
     args = ap.parse_args()
     rng = random.Random(0)
+    if args.only_memory:
+        bench_memory(rng, 100_000 if args.quick else 1_000_000)
+        bench_memory_branches(rng, 100_000 if args.quick else 1_000_000)
+        return
     tok = load_tokenizer(BUILTIN_CHECKPOINT)
     if args.only_per_request:
         bench_per_request(tok, 30 if args.quick else 100, rng)
         return
     bench_turns(tok, 3 if args.quick else 10, rng)
     bench_memory(rng, 100_000 if args.quick else 1_000_000)
+    bench_memory_branches(rng, 100_000 if args.quick else 1_000_000)
     bench_rates(rng, [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     bench_per_request(tok, 30 if args.quick else 100, rng)
 

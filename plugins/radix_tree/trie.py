@@ -24,6 +24,16 @@ descendants; where two recorded chains disagree (e.g. one sample produced " ther
 exactly at an internal node lives in that node's ``""`` (terminal) child. Lookups re-validate
 contiguity, so a broken chain can only make a lookup shorter, never wrong.
 
+Shared tokens agree in value, not only in id: chains share a stored token only if ids and widths are equal
+and the metadata agrees. A token both chains generated (mask 1) agrees only with the same weight version
+and the same logprob (as stored, float32; NaN equals NaN), so sibling trajectories that sampled the same
+first tokens (GRPO branches, a retry, a weight update in between) each keep their own logprobs and versions;
+the first disagreeing token is a divergence like a differing id (pushed down with the rest). Where values
+agree, the prefix is stored once. A prompt token (mask 0) on either side agrees: a prompt record never
+hides generated tokens, and a record that generated tokens stored as prompt upgrades them (bringing its
+values for the prompt tokens of that stretch too). Text is the only key: the very same text recorded twice
+with different values keeps the latest record's (from the first disagreeing token on, never a mix).
+
 Continued leaves: when a record continues a chain exactly at the end of a leaf (the next turn of a
 trajectory), the leaf itself grows (its text and token arrays are extended) instead of getting a child,
 up to a quarter of ``max_tokens`` per leaf: a conversation stays one node deep below its shared prefix, so lookups walk
@@ -40,21 +50,79 @@ query after it. So "<prompt><reply>" and "<prompt><reply><|im_end|>" both map to
 exactly one EOS.
 
 Bounded by ``max_tokens`` (LRU eviction of leaves) and GC by weight version (keep the newest ``gc_k``
-versions by first observation). All public methods take one re-entrant lock.
+versions by first observation). What they remove is accounted: generated tokens no retrieval had returned
+(``Node.retrieved``) are counted and logged, and the removed text is remembered (``removed_index``) so that a
+retrieval running into it can say so (``removed_at``). All public methods take one re-entrant lock.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import sys
 import threading
+import time
 from array import array
 from bisect import bisect_right
 from operator import sub as _sub
 from typing import Any, Iterable, Sequence
 
 NAN = float("nan")
+
+log = logging.getLogger("slime_router.radix_tree")
+
+# The bound, in tokens (--radix-tree-max-size): 2**26 tokens, ~1 GiB at the measured ~16 bytes per cached token
+# (bench/README.md), holds a realistic rollout step (e.g. 1,024 trajectories of 64k tokens) on an ordinary machine.
+DEFAULT_MAX_TOKENS = 1 << 26
+BYTES_PER_TOKEN = 16
+WARN_INTERVAL_S = 60.0  # eviction / refused-record warnings: at most one per interval, summarising the rest
+# Removed text remembered so that a retrieval can say "evicted" instead of silently tokenizing afresh: entries of
+# (path hash -> first characters of the removed node, its length, its generated tokens, why), LRU-bounded;
+# ~250 bytes each (tracemalloc), so ~15 MB at 2**16 entries, allocated only as nodes are removed.
+REMOVED_INDEX_SIZE = 1 << 16
+REMOVED_SNIPPET = 32
+
+
+def max_record_tokens(max_tokens: int) -> int:
+    """Most tokens one record may add to the tree: a quarter of the bound (the cap of an extended leaf too), so
+    one request can never evict more than that share of the other trajectories."""
+    return max(1, int(max_tokens) // 4)
+
+
+def bound_mb(tokens: int) -> str:
+    """The memory ``tokens`` cached tokens take (at BYTES_PER_TOKEN), for messages: "1,024 MB", "0.15 MB"."""
+    mb = tokens * BYTES_PER_TOKEN / 2**20
+    return f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2g} MB"
+
+
+class RateLimit:
+    """``ready()`` is true at most once per ``interval`` seconds (warnings that summarise instead of flooding)."""
+
+    __slots__ = ("interval", "last")
+
+    def __init__(self, interval: float = WARN_INTERVAL_S) -> None:
+        self.interval = interval
+        self.last = float("-inf")
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
+
+
+_ODD_BYTES = bytes(range(1, 256, 2))
+
+
+def _generated(mv: array, start: int = 0) -> int:
+    """Mask-1 (generated) tokens in ``mv[start:]`` -- the low bit of each value -- at C speed: removing a long
+    leaf must not cost a Python loop over its tokens."""
+    b = mv[start:].tobytes()
+    if mv.itemsize > 1:  # the low byte of each value holds the bit
+        b = b[0 if sys.byteorder == "little" else mv.itemsize - 1::mv.itemsize]
+    return len(b) - len(b.translate(None, _ODD_BYTES))
 
 
 def _uarr(values: Iterable[int], small: str = "B") -> array:
@@ -94,7 +162,7 @@ def _common(text: str, off: int, s: str, i: int, m: int) -> int:
 
 class Node:
     __slots__ = ("text", "parent", "children", "ids", "widths", "first", "last", "logp", "mv", "stamp",
-                 "version", "worker", "tails", "terminal", "stops", "alive", "gen", "__weakref__")
+                 "version", "worker", "tails", "terminal", "stops", "alive", "gen", "retrieved", "__weakref__")
 
     def __init__(self, text: str, parent: "Node | None") -> None:
         self.text = text
@@ -114,6 +182,9 @@ class Node:
         self.stops: set[int] | None = None  # relative offsets inside the text where recorded chains end
         self.alive = True
         self.gen = 0  # bumped whenever text, parent or tokens change (validates insert anchors)
+        # leading tokens a retrieval returned (tokens appended later, e.g. the next turn, are not covered): removing
+        # generated tokens beyond them loses training data nobody has read
+        self.retrieved = 0
 
     @property
     def key(self) -> str:
@@ -239,7 +310,7 @@ class Match:
 class StringRadixTrie:
     """Text -> exact token chain (ids, logprobs, loss mask, weight versions). Thread-safe."""
 
-    def __init__(self, max_tokens: int = 10000, gc_k: int = 5) -> None:
+    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, gc_k: int = 5) -> None:
         self.max_tokens = int(max_tokens)
         self.gc_k = int(gc_k)
         self.root = Node("", None)
@@ -255,6 +326,12 @@ class StringRadixTrie:
         self.evicted_tokens = 0
         self.gc_runs = 0
         self.gc_removed_tokens = 0
+        # removed nodes holding generated tokens no retrieval returned: (nodes, those generated tokens)
+        self.evicted_unretrieved = [0, 0]
+        self.gc_removed_unretrieved = [0, 0]
+        self._unreported = [0, 0, 0, 0]  # the same, since the last warning (evicted, gc)
+        self._loss_warning = RateLimit()
+        self.removed_index: dict[int, tuple[str, int, int, str]] = {}  # see REMOVED_INDEX_SIZE
         self.inserts = 0
 
     # --- versions -----------------------------------------------------------------------------
@@ -291,17 +368,21 @@ class StringRadixTrie:
         heapq.heappush(self._heap, (child.stamp, next(self._seq), child))
         return child
 
-    def _remove(self, node: Node) -> int:
-        """Remove ``node`` and its subtree; returns tokens removed."""
+    def _remove(self, node: Node, reason: str | None = None) -> int:
+        """Remove ``node`` and its subtree; returns tokens removed. With a ``reason`` ("evicted" / "gc") recorded
+        data is lost: it is accounted (``_account_removal``); None: the insert replaces a chain itself."""
         removed = 0
-        stack = [node]
+        stack = [(node, self._path_text(node) if reason is not None else "")]
         while stack:
-            n = stack.pop()
+            n, path = stack.pop()
             removed += len(n.ids)
             n.alive = False
             self.node_count -= 1
+            if reason is not None:
+                self._account_removal(n, path, reason)
             if n.children:
-                stack.extend(n.children.values())
+                below = path + n.text if reason is not None else ""
+                stack.extend((ch, below) for ch in n.children.values())
         parent = node.parent
         if parent is not None and parent.children is not None:
             if parent.children.get(node.key) is node:
@@ -595,35 +676,24 @@ class StringRadixTrie:
         for pi, (node, s) in enumerate(path):
             e = s + len(node.text)
             k = bisect_right(ends, e, carry) if pi < len(path) - 1 else n
-            # common prefix of the node's tokens and chain[carry:k]
+            # the tokens the node shares with chain[carry:k]: equal ids and widths and agreeing metadata
             old_n = len(node.ids)
             chain_start = ends[carry - 1] if carry else cs0
-            j = 0
-            if old_n and s + node.first == chain_start:
-                m = min(old_n, k - carry)
-                if node.ids[:m].tolist() == ids[carry:carry + m] and node.widths[:m].tolist() == \
-                        widths[carry:carry + m]:
-                    j = m
-                else:
-                    while j < m and node.ids[j] == ids[carry + j] and node.widths[j] == widths[carry + j]:
-                        j += 1
+            j = self._shared(node, s + node.first == chain_start, ids, widths, lps, mv, carry, k)
             if j < old_n and (node.children or pi < len(path) - 1):
                 self._push_down(node, j, s)
             last = pi == len(path) - 1
-            if j:  # equal tokens: a generated record beats a prompt record (mask 1 wins)
-                self._merge_meta(node, j, lps[carry:carry + j], mv[carry:carry + j])
             if last:
-                rem = slice(carry + j, n)
                 rem_first = (ends[carry + j - 1] if carry + j else cs0) - e
                 if node.children:
                     term = node.children.get("")
                     if carry + j < n:
+                        jt = 0
                         if term is None:
                             term = self._new_child(node, "")
-                        self.size -= len(term.ids)
-                        term.set_tokens(array("i", ids[rem]), _uarr(widths[rem]), rem_first, array("f", lps[rem]),
-                                        _uarr(mv[rem]))
-                        self.size += len(term.ids)
+                        else:  # the chain recorded for this very text: keep what agrees, the rest is replaced
+                            jt = self._shared(term, term.first == rem_first, ids, widths, lps, mv, carry + j, n)
+                        self._keep_then(term, jt, ids, widths, lps, mv, carry + j + jt, rem_first)
                         term.terminal = True
                         node.terminal = False
                         self._stamp(term, stamp, rec_version, worker)
@@ -631,22 +701,8 @@ class StringRadixTrie:
                         if term is not None:
                             self._remove(term)
                         node.terminal = True
-                else:
-                    keep = min(j, old_n)
-                    self.size -= old_n - keep
-                    if carry + j < n:
-                        if keep:
-                            a_ids, a_w, a_l, a_mv = self._seg(node, 0, keep)
-                            a_ids.extend(ids[rem])
-                            a_l.extend(lps[rem])
-                            node.set_tokens(a_ids, _ucat(a_w, _uarr(widths[rem])), node.first, a_l,
-                                            _ucat(a_mv, _uarr(mv[rem])))
-                        else:
-                            node.set_tokens(array("i", ids[rem]), _uarr(widths[rem]), rem_first + len(node.text),
-                                            array("f", lps[rem]), _uarr(mv[rem]))
-                        self.size += n - carry - j
-                    elif keep < old_n:
-                        node.set_tokens(*_reorder(self._seg(node, 0, keep), node.first))
+                else:  # a leaf: the chain recorded for this very text; what does not agree is replaced
+                    self._keep_then(node, j, ids, widths, lps, mv, carry + j, rem_first + len(node.text))
                     node.terminal = True
             else:
                 carry += j
@@ -660,13 +716,81 @@ class StringRadixTrie:
         self._touch(node, stamp)
 
     @staticmethod
-    def _merge_meta(node: Node, j: int, lps: list[float], mv: list[int]) -> None:
-        old = node.mv[:j]
-        if sum(x & 1 for x in mv) > sum(x & 1 for x in old):
-            node.logp[:j] = array("f", lps)
-            new = list(node.mv)
-            new[:j] = mv
-            node.mv = _uarr(new)
+    def _shared(node: Node, aligned: bool, ids: list[int], widths: list[int], lps: list[float], mv: list[int], a: int,
+                b: int) -> int:
+        """How many leading tokens of ``node`` chain[a:b] shares (``aligned``: the node's chain starts where
+        chain[a] does): equal ids and widths, and metadata that agrees (``_agree``; upgrades merged in)."""
+        old_n = len(node.ids)
+        if not old_n or not aligned:
+            return 0
+        m = min(old_n, b - a)
+        j = 0
+        if node.ids[:m].tolist() == ids[a:a + m] and node.widths[:m].tolist() == widths[a:a + m]:
+            j = m
+        else:
+            while j < m and node.ids[j] == ids[a + j] and node.widths[j] == widths[a + j]:
+                j += 1
+        return StringRadixTrie._agree(node, j, lps, mv, a) if j else 0
+
+    @staticmethod
+    def _agree(node: Node, j: int, lps: list[float], mv: list[int], a: int) -> int:
+        """Of the node's first ``j`` tokens (ids and widths equal to chain[a:a+j]), how many the chain may share.
+
+        A token generated by both (mask 1 on both sides) is shared only with the same weight version and the
+        same logprob (as stored, float32; NaN equals NaN): siblings that sampled the same first tokens keep their
+        own values. A prompt token (mask 0) on either side agrees; see ``_merge_meta`` for which values stay."""
+        nm, nl = node.mv, node.logp
+        new_l = array("f", lps[a:a + j])  # rounded as they would be stored
+        if nm[:j].tolist() == mv[a:a + j] and nl[:j].tobytes() == new_l.tobytes():
+            return j  # identical (the usual case: a prefix carried over from a match)
+        for i in range(j):
+            x, y = nm[i], mv[a + i]
+            if x & y & 1:
+                if x != y:
+                    return i
+                p, q = nl[i], new_l[i]
+                if p != q and (p == p or q == q):
+                    return i
+        StringRadixTrie._merge_meta(node, j, lps, mv, a)
+        return j
+
+    @staticmethod
+    def _merge_meta(node: Node, j: int, lps: list[float], mv: list[int], a: int = 0) -> None:
+        """Merge chain[a:a+j] into the node's first j tokens, which agree (``_agree``): a token the node holds as
+        prompt (mask 0) that this chain generated takes the generated values, and such a record also brings its
+        values for the prompt tokens of that stretch (a generated record beats a prompt record). Generated
+        tokens already stored are never overwritten (they are equal, or the chain has them as prompt)."""
+        old = node.mv
+        if not any(mv[a + i] & 1 and not old[i] & 1 for i in range(j)):
+            return
+        new = old.tolist()
+        nl = node.logp
+        for i in range(j):
+            if not new[i] & 1:
+                new[i] = mv[a + i]
+                nl[i] = lps[a + i]
+        node.mv = _uarr(new)
+
+    def _keep_then(self, node: Node, keep: int, ids: list[int], widths: list[int], lps: list[float], mv: list[int],
+                   a: int, first: int) -> None:
+        """The node's tokens become its first ``keep`` tokens followed by chain[a:] (``first``: where chain[a]
+        starts relative to the node, used when nothing is kept)."""
+        old_n = len(node.ids)
+        self.size -= old_n - keep
+        n = len(ids)
+        if a < n:
+            rem = slice(a, n)
+            if keep:
+                a_ids, a_w, a_l, a_mv = self._seg(node, 0, keep)
+                a_ids.extend(ids[rem])
+                a_l.extend(lps[rem])
+                node.set_tokens(a_ids, _ucat(a_w, _uarr(widths[rem])), node.first, a_l, _ucat(a_mv, _uarr(mv[rem])))
+            else:
+                node.set_tokens(array("i", ids[rem]), _uarr(widths[rem]), first, array("f", lps[rem]),
+                                _uarr(mv[rem]))
+            self.size += n - a
+        elif keep < old_n:
+            node.set_tokens(*_reorder(self._seg(node, 0, keep), node.first))
 
     def _add_marker(self, text: str, start: int, span: str, node: Node | None = None, pos: int = 0) -> None:
         """Mark ``span`` at ``start`` optional; the walk starts below ``node`` (whose end is at ``pos``, default:
@@ -729,13 +853,18 @@ class StringRadixTrie:
                     cands.append((nstart + len(node.text), ch.tails[0], ch, nstart + len(node.text), len(path)))
         return node, nstart, off, i
 
-    def match(self, query: str, touch: bool = True) -> Match:
-        """The longest recorded chain for a prefix of ``query`` (optional spans may be skipped)."""
-        with self.lock:
-            m = self._match_plain(query, touch)
-            return m if m is not None else self._match_skipping(query, touch)
+    def match(self, query: str, touch: bool = True, trailing: bool = True) -> Match:
+        """The longest recorded chain for a prefix of ``query`` (optional spans may be skipped).
 
-    def _match_plain(self, query: str, touch: bool) -> Match | None:
+        ``trailing``: may the chain end with an optional span the query does not reach (the EOS of a reply the
+        query ends with)? Yes for a retrieval (the trainer gets the EOS the model generated); no for a prompt
+        (``prepare``: what is sent must be the query's text, e.g. a sibling of an EOS-only reply must not be sent
+        its prompt + EOS)."""
+        with self.lock:
+            m = self._match_plain(query, touch, trailing)
+            return m if m is not None else self._match_skipping(query, touch, trailing)
+
+    def _match_plain(self, query: str, touch: bool, trailing: bool = True) -> Match | None:
         """``match`` when the walk needs no optional span skipped (the usual case), in two passes over the
         path; None when it would (the query ends or diverges inside an optional span): ``_match_skipping``
         answers those."""
@@ -754,16 +883,18 @@ class StringRadixTrie:
             i += _common(text, 0, query, i, min(len(text), n - i))
             break
         t = i
-        for nd, s in path:  # an optional span covering the stop position: a skip may match further
-            if nd.tails:
-                for r, o in nd.tails.items():
-                    if s + r <= t < s + r + len(o):
-                        return None
+        if trailing or i < n:  # the query goes on (or a trailing span may be taken): a skip may match further
+            for nd, s in path:  # an optional span covering the stop position
+                if nd.tails:
+                    for r, o in nd.tails.items():
+                        if s + r <= t < s + r + len(o):
+                            return None
         at_end = t == (path[-1][1] + len(node.text) if path else 0)
         if at_end and node.children:
-            for ch in node.children.values():
-                if ch.tails and 0 in ch.tails:
-                    return None
+            if trailing or i < n:
+                for ch in node.children.values():
+                    if ch.tails and 0 in ch.tails:
+                        return None
             term = node.children.get("")
             if term is not None:
                 path.append((term, t))
@@ -832,7 +963,7 @@ class StringRadixTrie:
         m.canonical = "".join(parts)
         return m
 
-    def _match_skipping(self, query: str, touch: bool) -> Match:
+    def _match_skipping(self, query: str, touch: bool, trailing: bool = True) -> Match:
         """``match`` in general: optional spans the query omits are taken whole and the walk goes on after
         them."""
         path: list[tuple[Node, int]] = []
@@ -849,7 +980,7 @@ class StringRadixTrie:
                 V, o = c[0], c[1]
                 if seg_start <= V <= t < V + len(o) and (best is None or V < best[0]):
                     best = c
-            if best is None:
+            if best is None or (not trailing and q >= len(query)):
                 break
             V, o, vnode, ns, plen = best
             sub = path[:plen] + [(vnode, ns)]
@@ -995,15 +1126,18 @@ class StringRadixTrie:
 
     def _evict_to(self, limit: int) -> None:
         heap = self._heap
+        before = self.evictions
         while self.size > limit and heap:
             stamp, _, node = heapq.heappop(heap)
             if not node.alive or node.children or node.stamp != stamp or node is self.root:
                 continue
-            removed = self._remove(node)
+            removed = self._remove(node, "evicted")
             self.evictions += 1
             self.evicted_tokens += removed
         if len(heap) > 4 * self.node_count + 64:
             self._rebuild_heap()
+        if self.evictions != before and self._unreported[0]:
+            self._report_loss()
 
     def _rebuild_heap(self) -> None:
         self._heap = [(n.stamp, next(self._seq), n) for n in self._iter_nodes() if not n.children]
@@ -1030,11 +1164,139 @@ class StringRadixTrie:
                 n = stack.pop()
                 for ch in list((n.children or {}).values()):
                     if ch.version < cutoff:
-                        removed += self._remove(ch)
+                        removed += self._remove(ch, "gc")
                     else:
                         stack.append(ch)
             self.gc_removed_tokens += removed
+            if self._unreported[2]:
+                self._report_loss()
             return removed
+
+    @staticmethod
+    def _path_text(node: Node) -> str:
+        """The text from the root to where ``node`` starts."""
+        parts = []
+        p = node.parent
+        while p is not None:
+            parts.append(p.text)
+            p = p.parent
+        return "".join(reversed(parts))
+
+    def _account_removal(self, n: Node, path: str, reason: str) -> None:
+        """Remember the text of a removed node (starting after ``path``) for ``removed_at``, and count its generated
+        tokens that no retrieval returned. Only on eviction / GC: records and lookups never pay for it."""
+        k = len(n.ids)
+        gen = _generated(n.mv) if k else 0
+        key = hash((path, n.text[:1]))
+        idx = self.removed_index
+        idx.pop(key, None)
+        idx[key] = (self._snippet(n), len(n.text), gen, reason)
+        if len(idx) > REMOVED_INDEX_SIZE:
+            del idx[next(iter(idx))]
+        lost = 0
+        if gen:
+            r = n.retrieved
+            lost = gen if not r else _generated(n.mv, r) if r < k else 0
+        if lost:
+            total, o = (self.evicted_unretrieved, 0) if reason == "evicted" else (self.gc_removed_unretrieved, 2)
+            total[0] += 1
+            total[1] += lost
+            self._unreported[o] += 1
+            self._unreported[o + 1] += lost
+
+    @staticmethod
+    def _snippet(n: Node) -> str:
+        """The first REMOVED_SNIPPET characters of a node's text without its optional spans (a query may omit an
+        EOS and go on)."""
+        parts, pos, size = [], 0, 0
+        for r, o in sorted((n.tails or {}).items()):
+            if r < pos:
+                continue
+            if size + r - pos >= REMOVED_SNIPPET:
+                break
+            parts.append(n.text[pos:r])
+            size += r - pos
+            pos = r + len(o)
+        parts.append(n.text[pos:pos + REMOVED_SNIPPET - size])
+        return "".join(parts)
+
+    def _report_loss(self) -> None:
+        """One WARNING per interval about generated tokens removed before any retrieval returned them."""
+        ev, ev_gen, gc_n, gc_gen = self._unreported
+        if not self._loss_warning.ready():
+            return
+        self._unreported = [0, 0, 0, 0]
+        what = []
+        if ev:
+            what.append(f"{ev:,} entries holding {ev_gen:,} generated tokens evicted at the bound of "
+                        f"{self.max_tokens:,} tokens (~{bound_mb(self.max_tokens)})")
+        if gc_n:
+            what.append(f"{gc_n:,} entries holding {gc_gen:,} generated tokens removed by weight-version GC (only the "
+                        f"newest {self.gc_k} versions are kept, --radix-tree-gc-k)")
+        log.warning("radix_tree: trajectories were removed from the cache before any retrieval returned them: "
+                    "%s (since the last such warning). A retrieval of them now gets fresh tokens with loss_mask 0 "
+                    "and is marked \"evicted\". Size --radix-tree-max-size to at least tokens per trajectory x live "
+                    "trajectories (~%d bytes per token), or retrieve trajectories sooner; totals are in /metrics "
+                    "(evicted_unretrieved, gc_removed_unretrieved).", "; ".join(what), BYTES_PER_TOKEN)
+
+    def mark_retrieved(self, m: Match) -> None:
+        """Flag the tokens a retrieval returned (``m``, matched under the same lock hold): removing them later
+        loses nothing unread."""
+        canon = m.canonical
+        path: list[tuple[Node, int]] = []
+        node, i, n = self.root, 0, len(canon)
+        with self.lock:
+            while i < n:
+                ch = node.children.get(canon[i]) if node.children else None
+                if ch is None:
+                    break
+                path.append((ch, i))
+                if not canon.startswith(ch.text, i):
+                    break  # the chain ends inside ch
+                i += len(ch.text)
+                node = ch
+            if i == n and node.children and "" in node.children:
+                path.append((node.children[""], i))  # the chain recorded for a text ending right there
+            for nd, _, cnt in self._collect(path, n)[0]:
+                if cnt > nd.retrieved:
+                    nd.retrieved = cnt
+
+    def removed_at(self, m: Match, query: str) -> tuple[int, int, str] | None:
+        """Does ``query`` go on, where the chain of its match ``m`` stops, into text that was recorded and then
+        removed (eviction or GC)? Returns (where that text starts in ``query``, generated tokens removed with it,
+        "evicted" / "gc"), or None. Only retrievals that tokenize a rest afresh ask: the hot paths never do."""
+        idx = self.removed_index
+        if not idx:
+            return None
+        q = m.canonical + query[m.query_pos:]  # tree coordinates (optional spans written out) up to the chain end
+        c, n = m.chain_end, len(q)
+        with self.lock:
+            bounds = [0]  # node boundaries along q: where a removed node can have started
+            node, i = self.root, 0
+            while i < n:
+                ch = node.children.get(q[i]) if node.children else None
+                if ch is None or not q.startswith(ch.text, i):
+                    break
+                i += len(ch.text)
+                bounds.append(i)
+                node = ch
+            start = max(b for b in bounds if b <= c)  # the boundary before the chain end
+            for b in bounds:
+                if b < start:
+                    continue
+                key = hash((q[:b], q[b:b + 1]))
+                e = idx.get(key)
+                # q goes on with the removed text (as far as q goes)
+                if e is None or not e[0].startswith(q[b:b + len(e[0])]) or b + e[1] <= c:
+                    continue
+                idx[key] = idx.pop(key)  # recently asked for: kept longest
+                at, gen, reason = max(b, c), 0, e[3]
+                while e is not None and e[0].startswith(q[b:b + len(e[0])]):  # and what was removed below it
+                    gen += e[2]
+                    b += e[1]
+                    e = idx.get(hash((q[:b], q[b:b + 1]))) if e[1] else None
+                return m.query_pos + at - c, gen, reason
+        return None
 
     # --- introspection ------------------------------------------------------------------------
 
