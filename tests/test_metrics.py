@@ -23,6 +23,7 @@ from slime_router_core.testing import free_port
 from slime_router_plugins.metrics import dashboard_path
 from slime_router_plugins.metrics.collector import BoundedCounter, Histogram
 from slime_router_plugins.metrics.plugin import wants_prometheus
+from slime_router_plugins.radix_tree.trie import DEFAULT_MAX_TOKENS
 
 ROUTER_KEYS = {"active_workers", "worker_loads", "total_in_flight"}
 CACHE_KEYS = {"total_entries", "cache_hits", "cache_misses", "hit_rate", "cur_cache_size", "max_cache_size",
@@ -401,7 +402,7 @@ def test_cache_section_with_the_real_trajectory_cache(router, mock_worker):
     assert m["cache"]["hit_rate"] == pytest.approx(1 / 3)
     assert m["cache"]["cur_cache_size"] == stats["cur_cache_size"] > 0
     assert m["cache"]["cache_size_mb"] == pytest.approx(stats["cache_size_bytes"] / 2**20, rel=1e-3)
-    assert m["cache"]["max_cache_size"] == 10000 and m["cache"]["gc_threshold_k"] == 5
+    assert m["cache"]["max_cache_size"] == DEFAULT_MAX_TOKENS and m["cache"]["gc_threshold_k"] == 5
     fams = scrape(r.url)
     assert value(fams, "slime_router_cache_hits") == 1 and value(fams, "slime_router_cache_misses") == 2
 

@@ -512,13 +512,32 @@ class RouterCollector:
                   ("size_tokens", "cur_cache_size", "Tokens held by the trajectory cache."),
                   ("max_size_tokens", "max_cache_size", "Token capacity of the trajectory cache."),
                   ("size_bytes", "cache_size_bytes", "Bytes used by the trajectory cache."),
-                  ("hit_rate", "hit_rate", "Hit rate as the cache reports it."))
+                  ("hit_rate", "hit_rate", "Hit rate as the cache reports it."),
+                  ("max_record_tokens", "max_record_tokens",
+                   "Most tokens one record may add (a quarter of the bound)."))
         counters = (("hits", "cache_hits", "Cache lookups that reused recorded tokens."),
                     ("misses", "cache_misses", "Cache lookups that found nothing to reuse."),
                     ("hit_tokens", "hit_tokens", "Prompt tokens reused from the cache."),
                     ("lookup_tokens", "lookup_tokens", "Prompt tokens looked up in the cache."),
                     ("evictions", "evictions", "Entries evicted from the cache."),
-                    ("gc_runs", "gc_runs", "Cache garbage-collection runs."))
+                    ("evicted_tokens", "evicted_tokens", "Tokens evicted from the cache."),
+                    ("gc_runs", "gc_runs", "Cache garbage-collection runs."),
+                    # training data lost or at risk: each should stay 0 with a well-sized bound
+                    ("records_too_large", "records_too_large",
+                     "Requests passed through unrecorded: their record would add more than max_record_tokens."),
+                    ("records_too_large_tokens", "records_too_large_tokens", "Tokens of those records."),
+                    ("evicted_unretrieved", "evicted_unretrieved",
+                     "Evicted entries holding generated tokens no retrieval had returned."),
+                    ("evicted_unretrieved_generated_tokens", "evicted_unretrieved_generated_tokens",
+                     "Generated tokens evicted before any retrieval returned them."),
+                    ("gc_removed_unretrieved", "gc_removed_unretrieved",
+                     "Entries removed by weight-version GC holding generated tokens no retrieval had returned."),
+                    ("gc_removed_unretrieved_generated_tokens", "gc_removed_unretrieved_generated_tokens",
+                     "Generated tokens removed by weight-version GC before any retrieval returned them."),
+                    ("retrievals_after_eviction", "retrievals_after_eviction",
+                     "Retrievals that ran into evicted text (answered with \"evicted\": true, or 410 if strict)."),
+                    ("retrievals_after_eviction_generated_tokens", "retrievals_after_eviction_generated_tokens",
+                     "Generated tokens such retrievals got back as fresh tokens (loss_mask 0)."))
         for name, key, doc in gauges:
             v = num(key)
             if v is not None:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from slime_router_core import HTTPError
 from slime_router_core.tokenizers import bytes_to_unicode
 
-from .trie import Match, StringRadixTrie
+from .trie import DEFAULT_MAX_TOKENS, Match, RateLimit, StringRadixTrie, bound_mb, max_record_tokens
 
 log = logging.getLogger("slime_router.radix_tree")
 
@@ -441,6 +441,29 @@ class PreparedPrompt:
 FINISHED = ("stop", "length")
 
 
+def record_tokens(prepared: Any, response: dict) -> int:
+    """Tokens recording ``response`` adds to the tree (what ``max_record_tokens`` bounds): the prompt's tokens not
+    recorded yet and the generated ones (none for an unfinished generation). Counted without parsing the tokens,
+    the same way in the router and in the cache process (``--radix-tree-process``)."""
+    n = prepared.fresh_tokens
+    meta = response.get("meta_info")
+    if isinstance(meta, dict):
+        fr = meta.get("finish_reason")
+        if isinstance(fr, dict) and fr.get("type") in FINISHED:
+            out = meta.get("output_token_logprobs") or response.get("output_ids")
+            if isinstance(out, list):
+                n += len(out)
+    return n
+
+
+def too_large_message(tokens: int, limit: int) -> str:
+    """Why a record of ``tokens`` tokens was refused, and the fix (for the client and the log)."""
+    return (f"not recorded: it would add {tokens:,} tokens to the trajectory cache, more than one record may "
+            f"({limit:,}, a quarter of --radix-tree-max-size, so that one request cannot evict the other live "
+            f"trajectories); raise --radix-tree-max-size above {4 * tokens:,} tokens (~{bound_mb(4 * tokens)}) "
+            f"to record it")
+
+
 def reply_pairs(prepared: list, response: Any, n: int) -> "list[tuple[Any, dict]]":
     """(prepared prompt, reply) for each sequence of a /generate reply: a batch of k prompts with ``n``
     samples each answers k * n objects, prompt-major."""
@@ -452,10 +475,12 @@ def reply_pairs(prepared: list, response: Any, n: int) -> "list[tuple[Any, dict]
 class TrajectoryCache:
     """Component "radix_tree"."""
 
-    def __init__(self, tokenizer: Any, max_size: int = 10000, gc_k: int = 5, verbose: bool = False) -> None:
+    def __init__(self, tokenizer: Any, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
+                 ) -> None:
         self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)
         self.tree = StringRadixTrie(max_tokens=max_size, gc_k=gc_k)
+        self.max_record_tokens = max_record_tokens(max_size)
         self.verbose = verbose
         self.cache_hits = 0
         self.cache_misses = 0
@@ -465,12 +490,18 @@ class TrajectoryCache:
         self.records_prompt_only = 0
         self.records_incremental = 0  # records that only walked the new tokens (anchor still valid)
         self.retrievals = 0
+        self.records_too_large = 0  # records refused (max_record_tokens) and the tokens they would have added
+        self.records_too_large_tokens = 0
+        self._too_large_unreported = [0, 0, 0]  # since the last warning: records, tokens, the largest
+        self._too_large_warning = RateLimit()
+        self.retrievals_after_eviction = 0  # retrievals that went on into removed text, and its generated tokens
+        self.retrievals_after_eviction_generated_tokens = 0
         self._lock = threading.Lock()
 
     # --- prepare ------------------------------------------------------------------------------
 
     def _prepare_sync(self, text: str) -> PreparedPrompt:
-        m = self.tree.match(text)
+        m = self.tree.match(text, trailing=False)
         rest = text[m.query_pos:]
         return self._prepared(text, m, rest, self.detok.encode(rest) if rest else [])
 
@@ -501,7 +532,7 @@ class TrajectoryCache:
         trie walk does not, and a thread hop costs more than the walk of a typical prompt)."""
         if not isinstance(text, str):
             raise HTTPError(400, "'text' must be a string", param="text")
-        m = self.tree.match(text)
+        m = self.tree.match(text, trailing=False)
         rest = text[m.query_pos:]
         if len(rest) > OFFLOAD_CHARS:
             fresh = await asyncio.to_thread(self.detok.encode, rest)
@@ -553,11 +584,16 @@ class TrajectoryCache:
 
     # --- record -------------------------------------------------------------------------------
 
-    def record(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> None:
+    def record(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> bool:
         """Record the prompt ids (fresh ones with mask 0) and the worker's output (mask 1, logprobs, versions).
 
-        An unfinished or aborted generation records only its prompt.
+        An unfinished or aborted generation records only its prompt. Returns False when the record would add more
+        than ``max_record_tokens`` tokens: it is not recorded (it would evict the other live trajectories).
         """
+        size = record_tokens(prepared, response)
+        if size > self.max_record_tokens:
+            self._refuse(size)
+            return False
         meta = response.get("meta_info") or {}
         fr = meta.get("finish_reason")
         finished = isinstance(fr, dict) and fr.get("type") in FINISHED
@@ -586,7 +622,7 @@ class TrajectoryCache:
             new_widths += ow
             new_markers = [(L1 + p, o) for p, o in om]
         if not text or not (prepared.cached_tokens or fresh or out_ids):
-            return
+            return True
         nf = len(fresh)
         runs = [(nf, version, 0), *out_runs]
         anchor = prepared.match.anchor if prepared.match is not None and prepared._ends is None else None
@@ -618,8 +654,29 @@ class TrajectoryCache:
             self.records += 1
             if not out_ids:
                 self.records_prompt_only += 1
+        return True
 
-    async def record_async(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> None:
+    def _refuse(self, size: int) -> None:
+        """Count a record refused as too large; one WARNING per interval, summarising."""
+        with self._lock:
+            self.records_too_large += 1
+            self.records_too_large_tokens += size
+            u = self._too_large_unreported
+            u[0] += 1
+            u[1] += size
+            u[2] = max(u[2], size)
+            if not self._too_large_warning.ready():
+                return
+            n, tokens, largest = u
+            self._too_large_unreported = [0, 0, 0]
+        t = self.tree.max_tokens
+        log.warning("radix_tree: %d trajectory record(s) (%s tokens in all) were not recorded since the last such "
+                    "warning: each would add more than the %s tokens one record may (a quarter of the bound of %s "
+                    "tokens, ~%s), so recording it would evict the other live trajectories. The largest would add "
+                    "%s tokens: raise --radix-tree-max-size above %s to record such requests.", n, f"{tokens:,}",
+                    f"{self.max_record_tokens:,}", f"{t:,}", bound_mb(t), f"{largest:,}", f"{4 * largest:,}")
+
+    async def record_async(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> bool:
         """``record``, in a worker thread only when the *new* work is large (tokens walked: the fresh prompt
         tokens and the output, plus the recorded prefix when the chain cannot be continued at an anchor)."""
         meta = response.get("meta_info")
@@ -628,33 +685,49 @@ class TrajectoryCache:
         if prepared.match is None or prepared.match.anchor is None or prepared._ends is not None:
             work += prepared.cached_tokens
         if work > OFFLOAD_TOKENS:
-            await asyncio.to_thread(self.record, prepared, response, worker_url)
-        else:
-            self.record(prepared, response, worker_url)
+            return await asyncio.to_thread(self.record, prepared, response, worker_url)
+        return self.record(prepared, response, worker_url)
 
     # --- retrieve -----------------------------------------------------------------------------
 
     def retrieve(self, text: str, strict: bool = False) -> dict:
-        """Recorded tokens for ``text`` (+ fresh tokens of any unrecorded rest, counted as such)."""
+        """Recorded tokens for ``text`` (+ fresh tokens of any unrecorded rest, counted as such).
+
+        A rest that the router once recorded but has since removed (LRU eviction at the bound, or weight-version
+        GC) is flagged: ``"evicted": true`` with ``evicted_at_char``, ``evicted_generated_tokens`` and a
+        ``warning``; with ``strict`` the answer is 410 (code "evicted") instead of 404 ("not_recorded")."""
         if not isinstance(text, str):
             raise HTTPError(400, f"'text' must be a string, got {type(text).__name__}", param="text")
         if not text:
             raise HTTPError(400, "'text' must be a non-empty string", param="text")
-        m = self.tree.match(text)
-        rest = text[m.query_pos:]
+        t = self.tree
+        removed = None
+        with t.lock:  # one hold: the flags go on the very nodes matched
+            m = t.match(text)
+            rest = text[m.query_pos:]
+            if rest:
+                removed = t.removed_at(m, text)
+            if not (strict and rest):
+                t.mark_retrieved(m)
         with self._lock:
             self.retrievals += 1
+            if removed is not None:
+                self.retrievals_after_eviction += 1
+                self.retrievals_after_eviction_generated_tokens += removed[1]
+        warning = self._removed_warning(text, removed) if removed is not None else None
         if strict and rest:
+            if warning is not None:
+                raise HTTPError(410, f"{warning} Refused because \"strict\" is set.", code="evicted")
             raise HTTPError(404, f"Only {m.query_pos} of {len(text)} characters of this text were recorded through "
-                                 f"the router (or the rest was evicted); {len(rest)} characters would need fresh "
-                                 f"tokenization. Retry without \"strict\" to get them tokenized with loss_mask 0.",
-                            code="not_recorded")
+                                 f"the router (or the rest was evicted long ago); {len(rest)} characters would need "
+                                 f"fresh tokenization. Retry without \"strict\" to get them tokenized with "
+                                 f"loss_mask 0.", code="not_recorded")
         fresh = self.detok.encode(rest) if rest else []
         tokens = m.ids + fresh
         mask = m.loss_mask + [0] * len(fresh)
         logp = [(0.0 if x is None else x) for x in m.logprobs] + [0.0] * len(fresh)
         versions: list[str | None] = list(m.versions) + [None] * len(fresh)
-        return {
+        out: dict[str, Any] = {
             "tokens": tokens,
             "response": text,
             "loss_mask": mask,
@@ -667,7 +740,23 @@ class TrajectoryCache:
             "generated_tokens": sum(mask),
             "recorded_chars": m.query_pos,
             "worker_url": m.worker,
+            "evicted": removed is not None,
         }
+        if removed is not None:
+            out.update(evicted_at_char=removed[0], evicted_generated_tokens=removed[1], warning=warning)
+        return out
+
+    def _removed_warning(self, text: str, removed: tuple[int, int, str]) -> str:
+        """What a retrieval that goes on into removed text (``StringRadixTrie.removed_at``) tells the trainer."""
+        at, gen, reason = removed
+        t = self.tree
+        why = (f"evicted (least recently used) at the cache bound of {t.max_tokens:,} tokens (~"
+               f"{bound_mb(t.max_tokens)})" if reason == "evicted" else
+               f"removed by weight-version GC (only the newest {t.gc_k} weight versions are kept, --radix-tree-gc-k)")
+        return (f"The text from character {at} of {len(text)} on was recorded through the router but {why} before "
+                f"this retrieval: its tokens are tokenized afresh with loss_mask 0, and ~{gen:,} generated tokens are "
+                f"lost as training data. Size --radix-tree-max-size to at least tokens per trajectory x live "
+                f"trajectories, or retrieve trajectories sooner.")
 
     # --- stats --------------------------------------------------------------------------------
 
@@ -676,6 +765,7 @@ class TrajectoryCache:
         with t.lock:
             size, nodes = t.size, t.node_count
             evictions, ev_tokens, gc_runs = t.evictions, t.evicted_tokens, t.gc_runs
+            (ev_lost, ev_lost_gen), (gc_lost, gc_lost_gen) = t.evicted_unretrieved, t.gc_removed_unretrieved
         lookups = self.cache_hits + self.cache_misses
         return {
             "total_entries": nodes,
@@ -698,4 +788,13 @@ class TrajectoryCache:
             "gc_threshold_k": t.gc_k,
             "versions": t.versions(),
             "retrievals": self.retrievals,
+            "max_record_tokens": self.max_record_tokens,
+            "records_too_large": self.records_too_large,
+            "records_too_large_tokens": self.records_too_large_tokens,
+            "evicted_unretrieved": ev_lost,
+            "evicted_unretrieved_generated_tokens": ev_lost_gen,
+            "gc_removed_unretrieved": gc_lost,
+            "gc_removed_unretrieved_generated_tokens": gc_lost_gen,
+            "retrievals_after_eviction": self.retrievals_after_eviction,
+            "retrievals_after_eviction_generated_tokens": self.retrievals_after_eviction_generated_tokens,
         }

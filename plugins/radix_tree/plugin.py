@@ -12,7 +12,10 @@ by a child process that owns the cache (``process.py``); started and stopped wit
   Prompts given as ``input_ids`` pass through unchanged and are recorded under their decoded text.
   Batches (list of texts / ids) and ``n > 1`` are handled per item.
 - post_response: records every finished sequence (streams: merged from the chunks when the stream
-  completed). Aborted / failed generations record only their prompt.
+  completed). Aborted / failed generations record only their prompt. A sequence whose record would add more
+  than ``max_record_tokens`` (a quarter of the bound) is not recorded, so that it cannot evict the other live
+  trajectories; only then its reply's ``meta_info`` gets ``"trajectory": {"recorded": false, "reason":
+  "too_large", "tokens", "max_record_tokens", "message"}`` (for a stream: the sequence's last chunk).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from fastapi.responses import Response
 
 from slime_router_core import HTTPError, hookimpl, resolve
 
-from .cache import OFFLOAD_CHARS, TrajectoryCache, reply_pairs
+from .cache import OFFLOAD_CHARS, TrajectoryCache, record_tokens, reply_pairs, too_large_message
 from .process import CacheProcessClient, CacheUnavailable
+from .trie import BYTES_PER_TOKEN, DEFAULT_MAX_TOKENS, bound_mb
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -48,8 +52,11 @@ LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs", "output_top_log
 
 @hookimpl
 def add_options(options: OptionRegistry) -> None:
-    options.add("--radix-tree-max-size", type=int, default=10000,
-                help="Trajectory cache bound, in tokens; least-recently-used leaves are evicted beyond it.")
+    options.add("--radix-tree-max-size", type=int, default=DEFAULT_MAX_TOKENS,
+                help=f"Trajectory cache bound, in tokens (~{BYTES_PER_TOKEN} bytes each: the default "
+                     f"{DEFAULT_MAX_TOKENS:,} is ~{bound_mb(DEFAULT_MAX_TOKENS)}); least-recently-used "
+                     f"trajectories are evicted beyond it. Size it to tokens per trajectory x live trajectories. "
+                     f"A request that would add more than a quarter of it is passed through unrecorded.")
     options.add("--radix-tree-gc-k", type=int, default=5,
                 help="Keep trajectories of the newest K weight versions (ordered by first observation); "
                      "older ones are garbage-collected when a new version appears.")
@@ -68,17 +75,20 @@ def register_components(registry: ComponentRegistry, router: Router) -> None:
     if not registry.has("tokenizer"):
         return  # start-up then fails with required_components' clear message
     s = router.settings
+    max_size = int(s.get("radix_tree_max_size", DEFAULT_MAX_TOKENS) or DEFAULT_MAX_TOKENS)
+    gc_k, verbose = int(s.get("radix_tree_gc_k", 5) or 5), bool(s.get("verbose", False))
+    cache: TrajectoryCache | CacheProcessClient
     if s.get("radix_tree_process", False):
         if not s.hf_checkpoint:
             raise ValueError("--radix-tree-process needs --hf-checkpoint (the cache process loads the tokenizer "
                              "itself)")
-        registry.register("radix_tree", CacheProcessClient(
-            str(s.hf_checkpoint), max_size=int(s.get("radix_tree_max_size", 10000) or 10000),
-            gc_k=int(s.get("radix_tree_gc_k", 5) or 5), verbose=bool(s.get("verbose", False))), owner="radix_tree")
-        return
-    cache = TrajectoryCache(registry.get("tokenizer"), max_size=int(s.get("radix_tree_max_size", 10000) or 10000),
-                            gc_k=int(s.get("radix_tree_gc_k", 5) or 5), verbose=bool(s.get("verbose", False)))
+        cache = CacheProcessClient(str(s.hf_checkpoint), max_size=max_size, gc_k=gc_k, verbose=verbose)
+    else:
+        cache = TrajectoryCache(registry.get("tokenizer"), max_size=max_size, gc_k=gc_k, verbose=verbose)
     registry.register("radix_tree", cache, owner="radix_tree")
+    log.info("radix_tree: trajectory cache bound %s tokens (~%s at ~%d bytes per token; "
+             "--radix-tree-max-size); a request adding more than %s tokens is passed through unrecorded",
+             f"{max_size:,}", bound_mb(max_size), BYTES_PER_TOKEN, f"{cache.max_record_tokens:,}")
 
 
 def _cache(router: Router) -> TrajectoryCache:
@@ -108,9 +118,11 @@ def register_routes(app: FastAPI, router: Router) -> None:
     async def retrieve_from_text(request: Request) -> Response:
         """Recorded tokens, loss mask, rollout logprobs and weight versions for a trajectory text.
 
-        Body ``{"text": str, "strict": bool = false}``. Text never produced through the router (or
-        evicted) is tokenized fresh with loss_mask 0 and counted in ``fresh_tokens``; with
-        ``strict`` the answer is 404 instead.
+        Body ``{"text": str, "strict": bool = false}``. Text never produced through the router is tokenized
+        fresh with loss_mask 0 and counted in ``fresh_tokens``; with ``strict`` the answer is 404 instead. Text
+        that was recorded but has been evicted (or GC'd) since is also tokenized fresh, and the answer says so:
+        ``"evicted": true``, ``evicted_at_char``, ``evicted_generated_tokens``, ``warning``; with ``strict`` the
+        answer is 410 (code "evicted"). ``"evicted"`` is in every answer.
         """
         raw = await request.body()
         try:
@@ -247,10 +259,20 @@ def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
         idx = int(chunk.get("index", 0) or 0) if st.batch else 0
         if idx not in st.recorded:
             st.recorded.add(idx)
-            _record_stream_group(cache, ctx, st, idx)
+            _record_stream_group(cache, ctx, st, idx, chunk)
 
 
-def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqState, idx: int) -> None:
+def _not_recorded(reply: dict, tokens: int, limit: int) -> None:
+    """Tell the client its trajectory was not recorded (the rare case: other replies are left as they are)."""
+    meta = reply.get("meta_info")
+    if not isinstance(meta, dict):
+        meta = reply["meta_info"] = {}
+    meta["trajectory"] = {"recorded": False, "reason": "too_large", "tokens": tokens, "max_record_tokens": limit,
+                          "message": f"This trajectory was {too_large_message(tokens, limit)}."}
+
+
+def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqState, idx: int, chunk: dict
+                         ) -> None:
     from slime_router_core.sglang import merge_stream
 
     if st.batch and st.n == 0:
@@ -260,7 +282,9 @@ def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqSt
     if k >= len(st.prepared):
         return
     try:
-        cache.record(st.prepared[k], merge_stream(group), ctx.worker.url if ctx.worker else None)
+        merged = merge_stream(group)
+        if not cache.record(st.prepared[k], merged, ctx.worker.url if ctx.worker else None):
+            _not_recorded(chunk, record_tokens(st.prepared[k], merged), cache.max_record_tokens)
     except CacheUnavailable:
         pass
     except Exception:
@@ -279,11 +303,15 @@ async def post_response(ctx: RequestContext, response: Any) -> None:
         if st.batch and st.n == 0:
             return  # per-prompt n differs: the reply order is ambiguous, do not guess
         if isinstance(cache, CacheProcessClient):  # the worker's bytes go to the cache process as they came
-            cache.record_replies(st.prepared, ctx.raw_response if ctx.raw_response is not None else response,
-                                 worker_url, st.n)
-            return
-        for prepared, reply in reply_pairs(st.prepared, items, st.n):
-            await cache.record_async(prepared, reply, worker_url)
+            refused = cache.record_replies(st.prepared, ctx.raw_response if ctx.raw_response is not None
+                                           else response, worker_url, st.n, items)
+        else:
+            refused = []
+            for prepared, reply in reply_pairs(st.prepared, items, st.n):
+                if not await cache.record_async(prepared, reply, worker_url):
+                    refused.append((reply, record_tokens(prepared, reply)))
+        for reply, tokens in refused:
+            _not_recorded(reply, tokens, cache.max_record_tokens)
     except CacheUnavailable:
         pass
     except Exception:

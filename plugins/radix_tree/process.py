@@ -34,6 +34,9 @@ from orjson import loads as orjson_loads
 
 from slime_router_core import HTTPError
 
+from .cache import record_tokens, reply_pairs
+from .trie import DEFAULT_MAX_TOKENS, max_record_tokens
+
 log = logging.getLogger("slime_router.radix_tree")
 
 _LEN = struct.Struct("<I")
@@ -102,7 +105,9 @@ class CacheProcessClient(asyncio.Protocol):
 
     remote = True
 
-    def __init__(self, checkpoint: str, max_size: int, gc_k: int, verbose: bool) -> None:
+    def __init__(self, checkpoint: str, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
+                 ) -> None:
+        self.max_record_tokens = max_record_tokens(max_size)
         self.args = [sys.executable, "-m", "plugins.radix_tree.process", "--checkpoint", str(checkpoint),
                      "--max-size", str(max_size), "--gc-k", str(gc_k)] + (["--verbose"] if verbose else [])
         self.proc: subprocess.Popen | None = None
@@ -245,18 +250,26 @@ class CacheProcessClient(asyncio.Protocol):
         cached, fresh, worker = await fut
         return RemotePrepared(self, rid, ids, cached, fresh, worker)
 
-    def record(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> None:
+    def record(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> bool:
+        """Sent, not awaited; False when the child will refuse it as too large (``max_record_tokens``): the rule is
+        applied here on the same numbers, as the child applies it (and counts and logs it)."""
         self._send(("r", prepared.rid, response, worker_url))
+        return record_tokens(prepared, response) <= self.max_record_tokens
 
-    async def record_async(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> None:
-        self.record(prepared, response, worker_url)
+    async def record_async(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> bool:
+        return self.record(prepared, response, worker_url)
 
     def record_replies(self, prepared: list[RemotePrepared], reply: bytes | Any, worker_url: str | None,
-                       n: int) -> None:
-        """Record a whole /generate reply (``reply_pairs`` semantics) and let go of its prepares."""
+                       n: int, replies: Any = None) -> list[tuple[dict, int]]:
+        """Record a whole /generate reply (``reply_pairs`` semantics) and let go of its prepares. ``replies``: the
+        reply objects, parsed; those the child will refuse as too large are returned with their sizes."""
         self._send(("R", [p.rid for p in prepared], reply, worker_url, n))
         for p in prepared:
             p._open = False
+        limit = self.max_record_tokens
+        if isinstance(reply, bytes) and len(reply) + sum(p.fresh_tokens for p in prepared) <= limit:
+            return []  # each generated token takes at least one byte of the reply: none can be too large
+        return [(r, k) for p, r in reply_pairs(prepared, replies or [], n) if (k := record_tokens(p, r)) > limit]
 
     async def retrieve(self, text: str, strict: bool = False) -> dict:
         return await self._call("q", text, strict)[1]
@@ -284,8 +297,6 @@ class CacheProcessClient(asyncio.Protocol):
 def serve(sock: socket.socket, cache: Any) -> None:
     """Answer frames until the router closes the socket. Each answer goes out as soon as it is ready: the
     router works on the first requests of a burst while the later ones are still being prepared here."""
-    from .cache import reply_pairs
-
     prepared: dict[int, Any] = {}
     prepare, prepare_ids, record, retrieve = cache.prepare_sync, cache.prepare_ids, cache.record, cache.retrieve
     buf = bytearray()
