@@ -47,7 +47,7 @@ def worker() -> Iterator[str]:
 
 @pytest.fixture(scope="module", params=["in_process", "own_process"])
 def router_url(worker: str, request: Any) -> Iterator[str]:
-    r = start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+    r = start_router(plugins=["radix_tree", "openai_compat", "metrics"], settings=Settings(
         hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker],
         extra={"radix_tree_process": request.param == "own_process"}))
     yield r.url
@@ -194,3 +194,56 @@ def test_real_langchain_agent_loop_is_exact(router_url, worker, stream):
     recs = records(worker)
     res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": msgs, "tools": TOOLS}).json()
     assert_exact(res, recs)
+
+
+def test_audit_counts_where_generated_tokens_went(router_url, worker):
+    """/metrics (JSON and Prometheus): generated tokens recorded vs served back exactly vs kept out of a retrieved
+    chat's sequence by a template rule, and fresh tokens by cause."""
+
+    def audit() -> dict:
+        return httpx.get(router_url + "/metrics").json()["audit"]
+
+    client = OpenAI(base_url=router_url + "/v1", api_key="none", max_retries=0)
+    before = audit()
+    msgs: list[dict] = [{"role": "user", "content": f"Hi ({uuid.uuid4().hex[:6]})"}]
+    configure(worker, mode="reply_text", reply_text="<think>\nA greeting.\n</think>\n\n Hello!")
+    msgs.append(ask(client, msgs, False, "template"))
+    msgs.append({"role": "user", "content": "How are you?"})
+    configure(worker, mode="reply_text", reply_text=" Fine.")
+    msgs.append(ask(client, msgs, False, "template"))
+    recs = records(worker)[-2:]
+    n1, n2 = (len(r["output_ids"]) for r in recs)
+    res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": msgs, "tools": TOOLS}).json()
+    assert res["rewritten_turns"][0]["cause"] == "template_rule"
+    after = audit()
+    gen = {k: after["generated_tokens"].get(k, 0) - before["generated_tokens"].get(k, 0)
+           for k in after["generated_tokens"]}
+    assert gen["recorded"] == n1 + n2
+    # the sequence holds turn 2's tokens; turn 1's are in its segment (a second retrieval, served exactly too)
+    assert gen["served_exact"] == n2 + n1
+    assert gen["chat_turn_not_in_sequence_template_rule"] == n1
+    fresh = after["fresh_tokens_served"]["never_recorded"] - before["fresh_tokens_served"]["never_recorded"]
+    assert fresh == len(res["tokens"]) - res["exact_tokens"] + sum(len(s["tokens"]) - s["exact_tokens"]
+                                                                   for s in res["segments"])
+    prom = httpx.get(router_url + "/metrics/prometheus").text
+    assert f'slime_router_audit_generated_tokens_total{{outcome="recorded"}} {float(after["generated_tokens"]["recorded"])}' in prom
+    assert 'slime_router_audit_fresh_tokens_served_total{cause="evicted"}' in prom
+
+
+def test_chat_too_large_for_the_cache_says_it_was_not_recorded(worker):
+    r = start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+        hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker], extra={"radix_tree_max_size": 400}))
+    try:
+        client = OpenAI(base_url=r.url + "/v1", api_key="none", max_retries=0)
+        configure(worker, mode="reply_text", reply_text="Short.")
+        small = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+        assert small.model_extra["trajectory"]["recorded"] is True
+        big = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 300}])
+        assert big.model_extra["trajectory"]["recorded"] is False
+        assert httpx.get(r.url + "/openai_compat/stats").json()["not_recorded_too_large"] == 1
+        # the earlier conversation is still there
+        res = httpx.post(r.url + "/retrieve_from_messages", json={"messages": [
+            {"role": "user", "content": "Hi"}, small.choices[0].message.model_dump(exclude_none=True)]}).json()
+        assert res["fresh_tokens"] <= 1 and sum(res["loss_mask"]) == len(records(worker)[-2]["output_ids"])
+    finally:
+        r.stop()

@@ -317,6 +317,28 @@ class MetricsState:
     def cache_stats(self) -> dict[str, Any] | None:
         return self._component_stats("radix_tree")
 
+    def audit(self) -> dict[str, dict[str, int]] | None:
+        """Where the generated tokens went: recorded, served back exactly, or lost (and why), and the tokens
+        retrievals had to tokenize afresh, by cause -- so drift shows in production, not in a post-mortem."""
+        cache, openai = self.cache_stats(), self.openai_stats()
+        if cache is None:
+            return None
+        a = cache.get("audit") or {}
+        generated = {
+            "recorded": a.get("generated_recorded", 0),
+            "not_recorded_too_large": a.get("generated_not_recorded_too_large", 0),
+            "served_exact": a.get("generated_served_exact", 0),
+            "evicted_before_retrieval": cache.get("evicted_unretrieved_generated_tokens", 0),
+            "gc_removed_before_retrieval": cache.get("gc_removed_unretrieved_generated_tokens", 0),
+            "missing_from_retrieval_evicted": cache.get("retrievals_after_eviction_generated_tokens", 0),
+        }
+        for key, v in (openai or {}).items():  # chat conversations: generated turns kept out of the sequence
+            if key.startswith("audit_generated_tokens_") and key != "audit_generated_tokens_exact":
+                generated["chat_turn_not_in_sequence_" + key[len("audit_generated_tokens_"):]] = v
+        fresh = {"never_recorded": a.get("fresh_served_never_recorded", 0),
+                 "evicted": a.get("fresh_served_evicted", 0)}
+        return {"generated_tokens": generated, "fresh_tokens_served": fresh}
+
     def balancing_stats(self) -> Any:
         registry = self.router.registry
         if not registry.has("balancing"):
@@ -378,6 +400,9 @@ class MetricsState:
             }
             out["cache_stats"] = stats  # everything the cache reports (token-level hit rate, evictions...)
         openai = self.openai_stats()
+        audit = self.audit()
+        if audit is not None:
+            out["audit"] = audit
         if openai is not None:
             out["openai_compat"] = openai  # incl. history_rewritten / rewritten_turns (templates rewriting history)
         out["workers"] = self.worker_details()
@@ -455,6 +480,7 @@ class RouterCollector:
                               "version", s.weight_versions.items())
         yield from self.collect_workers()
         yield from self.collect_cache()
+        yield from self.collect_audit()
         yield from self.collect_openai()
         yield GaugeMetricFamily(P + "start_time_seconds", "Unix time the router started.", value=s.started_at)
 
@@ -490,6 +516,19 @@ class RouterCollector:
             if isinstance(ema, (int, float)):
                 latency.add_metric(url, float(ema))
         yield from (inflight, requests, failures, healthy, available, circuit, latency)
+
+    def collect_audit(self) -> Iterator[Metric]:
+        audit = self.state.audit()
+        if audit is None:
+            return
+        yield _counter_family(PREFIX + "audit_generated_tokens", "Generated tokens by what became of them: recorded, "
+                              "not recorded (one request over a quarter of the bound), served back exactly by "
+                              "retrievals, evicted / GC-removed before any retrieval, missing from a retrieval "
+                              "(evicted), kept out of a retrieved chat's sequence (by cause).", "outcome",
+                              audit["generated_tokens"])
+        yield _counter_family(PREFIX + "audit_fresh_tokens_served", "Tokens retrievals tokenized afresh (loss_mask 0), "
+                              "by cause: text never recorded, or recorded and evicted.", "cause",
+                              audit["fresh_tokens_served"])
 
     def collect_openai(self) -> Iterator[Metric]:
         stats = self.state.openai_stats()

@@ -104,7 +104,8 @@ class OpenAIService:
         self.renderer = Renderer(self.tokenizer, self.store, self.history_mode)
         self.token_text = TokenText(self.tokenizer)
         self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
-                                 recorded=0, not_recorded_incomplete=0, record_errors=0, retrievals=0,
+                                 recorded=0, not_recorded_incomplete=0, not_recorded_too_large=0, record_errors=0,
+                                 retrievals=0,
                                  history_rewritten=0, rewritten_turns=0, unverified_turns=0, spliced_turns=0,
                                  audit_generated_tokens_exact=0)
         for cause in CAUSES:  # per cause: assistant turns of retrieved conversations not exact, their generated tokens
@@ -185,12 +186,15 @@ class OpenAIService:
         try:
             record_async = getattr(cache, "record_async", None)
             if record_async is not None:  # large records are done off the event loop
-                await record_async(prepared, reply, worker_url)
+                done = await record_async(prepared, reply, worker_url)
             else:
-                cache.record(prepared, reply, worker_url)
+                done = cache.record(prepared, reply, worker_url)
         except Exception:
             self.counters.inc("record_errors")
             log.exception("recording a trajectory failed")
+            return False
+        if done is False:  # refused: one request may add at most a quarter of the cache's bound
+            self.counters.inc("not_recorded_too_large")
             return False
         self.counters.inc("recorded")
         return True
@@ -280,7 +284,7 @@ class OpenAIService:
             return await self.open_stream(ctx, opts, self.chat_events)
         reply = await self._generate(ctx)
         worker_url = ctx.worker.url if ctx.worker is not None else None
-        choices, completion_tokens, cached, version = [], 0, None, None
+        choices, completion_tokens, cached, version, recorded = [], 0, None, None, True
         for i, r in enumerate(self._replies(reply)):
             meta = r.get("meta_info") or {}
             parsed = parse_output(r.get("text") or "", opts["reasoning"], opts["tools"], opts["in_reasoning"])
@@ -296,14 +300,14 @@ class OpenAIService:
             completion_tokens += int(meta.get("completion_tokens", len(ids_i)) or 0)
             cached = meta.get("cached_tokens", cached) if cached is None else cached
             version = meta.get("weight_version", version)
-            await self.record(prepared, r, worker_url)
+            recorded = await self.record(prepared, r, worker_url) and recorded
             self.remember(opts, message, r.get("text") or "", parsed.reasoning, finish, len(ids_i))
         self.router.finish(ctx, 200)
         return {
             "id": rid, "object": "chat.completion", "created": opts["created"], "model": opts["model"],
             "choices": choices, "usage": self.usage(len(ids), completion_tokens, cached, prepared),
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "metadata": self.metadata(version), "trajectory": self.trajectory(prepared),
+            "metadata": self.metadata(version), "trajectory": self.trajectory(prepared, recorded),
         }
 
     @staticmethod
@@ -343,11 +347,13 @@ class OpenAIService:
         return {"weight_version": str(version) if version is not None else "default"}
 
     @staticmethod
-    def trajectory(prepared: Any) -> dict[str, Any] | None:
+    def trajectory(prepared: Any, recorded: bool) -> dict[str, Any] | None:
+        """The trajectory cache's part: prompt tokens from records / tokenized now, and whether every choice was
+        recorded (False: a choice unfinished, or refused as larger than a quarter of the cache's bound)."""
         if prepared is None:
             return None
         return {"cached_tokens": int(getattr(prepared, "cached_tokens", 0) or 0),
-                "fresh_tokens": int(getattr(prepared, "fresh_tokens", 0) or 0)}
+                "fresh_tokens": int(getattr(prepared, "fresh_tokens", 0) or 0), "recorded": recorded}
 
     # --- streaming --------------------------------------------------------------------------------
 
@@ -478,7 +484,7 @@ class OpenAIService:
             return await self.open_stream(ctx, opts, self.completion_events)
         reply = await self._generate(ctx)
         worker_url = ctx.worker.url if ctx.worker is not None else None
-        choices, completion_tokens, cached, version = [], 0, None, None
+        choices, completion_tokens, cached, version, recorded = [], 0, None, None, True
         for i, r in enumerate(self._replies(reply)):
             meta = r.get("meta_info") or {}
             ids_i, lps = self._ids_lps(r)
@@ -490,12 +496,12 @@ class OpenAIService:
             completion_tokens += int(meta.get("completion_tokens", len(ids_i)) or 0)
             cached = meta.get("cached_tokens") if cached is None else cached
             version = meta.get("weight_version", version)
-            await self.record(prepared, r, worker_url)
+            recorded = await self.record(prepared, r, worker_url) and recorded
         self.router.finish(ctx, 200)
         return {"id": rid, "object": "text_completion", "created": opts["created"], "model": opts["model"],
                 "choices": choices, "usage": self.usage(len(ids), completion_tokens, cached, prepared),
                 "system_fingerprint": SYSTEM_FINGERPRINT, "metadata": self.metadata(version),
-                "trajectory": self.trajectory(prepared)}
+                "trajectory": self.trajectory(prepared, recorded)}
 
     def legacy_logprobs(self, ids: list[int], lps: list, tops: list | None, top_n: int) -> dict[str, Any]:
         tokens, offsets, top = [], [], []

@@ -441,6 +441,10 @@ class PreparedPrompt:
 FINISHED = ("stop", "length")
 
 
+AUDIT_KEYS = ("generated_recorded", "generated_not_recorded_too_large", "generated_served_exact",
+              "fresh_served_never_recorded", "fresh_served_evicted")
+
+
 def record_tokens(prepared: Any, response: dict) -> int:
     """Tokens recording ``response`` adds to the tree (what ``max_record_tokens`` bounds): the prompt's tokens not
     recorded yet and the generated ones (none for an unfinished generation). Counted without parsing the tokens,
@@ -490,6 +494,8 @@ class TrajectoryCache:
         self.records_prompt_only = 0
         self.records_incremental = 0  # records that only walked the new tokens (anchor still valid)
         self.retrievals = 0
+        # the audit: generated tokens recorded, refused, served back exactly; fresh tokens served, by cause
+        self.audit = dict.fromkeys(AUDIT_KEYS, 0)
         self.records_too_large = 0  # records refused (max_record_tokens) and the tokens they would have added
         self.records_too_large_tokens = 0
         self._too_large_unreported = [0, 0, 0]  # since the last warning: records, tokens, the largest
@@ -593,6 +599,8 @@ class TrajectoryCache:
         size = record_tokens(prepared, response)
         if size > self.max_record_tokens:
             self._refuse(size)
+            with self._lock:
+                self.audit["generated_not_recorded_too_large"] += size - prepared.fresh_tokens
             return False
         meta = response.get("meta_info") or {}
         fr = meta.get("finish_reason")
@@ -652,6 +660,7 @@ class TrajectoryCache:
             self.tree.insert(text, ids, ends, lps, mask, versions, markers=markers, worker=worker_url)
         with self._lock:
             self.records += 1
+            self.audit["generated_recorded"] += len(out_ids)
             if not out_ids:
                 self.records_prompt_only += 1
         return True
@@ -725,6 +734,9 @@ class TrajectoryCache:
         fresh = self.detok.encode(rest) if rest else []
         tokens = m.ids + fresh
         mask = m.loss_mask + [0] * len(fresh)
+        with self._lock:
+            self.audit["generated_served_exact"] += sum(mask)
+            self.audit["fresh_served_evicted" if removed is not None else "fresh_served_never_recorded"] += len(fresh)
         logp = [(0.0 if x is None else x) for x in m.logprobs] + [0.0] * len(fresh)
         versions: list[str | None] = list(m.versions) + [None] * len(fresh)
         out: dict[str, Any] = {
@@ -788,6 +800,7 @@ class TrajectoryCache:
             "gc_threshold_k": t.gc_k,
             "versions": t.versions(),
             "retrievals": self.retrievals,
+            "audit": dict(self.audit),
             "max_record_tokens": self.max_record_tokens,
             "records_too_large": self.records_too_large,
             "records_too_large_tokens": self.records_too_large_tokens,
