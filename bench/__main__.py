@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttfb-requests", type=int, help="streaming requests per router for TTFB (default 1000)")
     ap.add_argument("--rss-requests", type=int, default=0,
                     help="extra requests through slime pass-through for the RSS check (e.g. 200000)")
-    ap.add_argument("--cache-max-size", type=int, default=1_000_000, help="--radix-tree-max-size for cache-on")
+    ap.add_argument("--cache-max-size", type=int, default=None,
+                    help="--radix-tree-max-size for the cache-on routers (default: the router's own default)")
     ap.add_argument("--baseline-all-conns", action="store_true",
                     help="measure the baseline at every connection count (default: only the first; at 256 it "
                          "queues requests for seconds)")

@@ -225,7 +225,7 @@ class Config:
     connections: tuple[int, ...] = (32, 256)
     ttfb_requests: int = 1000
     rss_requests: int = 0  # extra requests through slime pass-through for the RSS check (0: none)
-    cache_max_size: int = 1_000_000
+    cache_max_size: int | None = None  # None: the router's default bound
     tool: str = "auto"
     prompt_words: int = 100
     profile_dir: str | None = None  # py-spy profiles of slime-router under load go here
@@ -293,16 +293,15 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
         p = iter(ports[4:])
         direct = Target("worker-direct", fw.urls[0])
         sg = sglang_cmd(next(p), fw.urls)
+        # the cache bound users run (the shipped default) unless --cache-max-size says otherwise
+        size = ["--radix-tree-max-size", str(cfg.cache_max_size)] if cfg.cache_max_size else []
         specs: list[tuple[str, list[str] | None]] = [
             ("sglang-router", sg),
             ("slime pass-through", slime_cmd(next(p), fw.urls, NO_PLUGINS)),
-            ("slime default plugins", slime_cmd(next(p), fw.urls, ["--hf-checkpoint", "builtin:qwen3",
-                                                                     "--radix-tree-max-size", str(cfg.cache_max_size)])),
+            ("slime default plugins", slime_cmd(next(p), fw.urls, ["--hf-checkpoint", "builtin:qwen3", *size])),
             ("slime cache-on", slime_cmd(next(p), fw.urls, ["--plugin", "radix_tree", "--hf-checkpoint",
-                                                              "builtin:qwen3", "--radix-tree-max-size",
-                                                              str(cfg.cache_max_size)])),
-            (OWN, slime_cmd(next(p), fw.urls, ["--plugin", "radix_tree", "--hf-checkpoint", "builtin:qwen3",
-                                               "--radix-tree-max-size", str(cfg.cache_max_size),
+                                                              "builtin:qwen3", *size])),
+            (OWN, slime_cmd(next(p), fw.urls, ["--plugin", "radix_tree", "--hf-checkpoint", "builtin:qwen3", *size,
                                                "--radix-tree-process"])),
             ("baseline (FastAPI+httpx)", baseline_cmd(next(p), fw.urls)),
         ]

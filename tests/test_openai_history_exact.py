@@ -226,7 +226,8 @@ def test_audit_counts_where_generated_tokens_went(router_url, worker):
     assert fresh == len(res["tokens"]) - res["exact_tokens"] + sum(len(s["tokens"]) - s["exact_tokens"]
                                                                    for s in res["segments"])
     prom = httpx.get(router_url + "/metrics/prometheus").text
-    assert f'slime_router_audit_generated_tokens_total{{outcome="recorded"}} {float(after["generated_tokens"]["recorded"])}' in prom
+    recorded = float(after["generated_tokens"]["recorded"])
+    assert f'slime_router_audit_generated_tokens_total{{outcome="recorded"}} {recorded}' in prom
     assert 'slime_router_audit_fresh_tokens_served_total{cause="evicted"}' in prom
 
 

@@ -260,8 +260,9 @@ class Renderer:
         msgs = template_messages(messages)
         entries, answered = self.lookup(messages)
         for i, e in entries.items():  # a reasoning the client dropped (the template may keep it) is restored
-            if e.reasoning and msgs[i].get("reasoning_content") is None and "</think>" not in (msgs[i]["content"] or ""):
-                msgs[i] = dict(msgs[i], reasoning_content=e.reasoning)
+            m = msgs[i]
+            if e.reasoning and m.get("reasoning_content") is None and "</think>" not in (m["content"] or ""):
+                msgs[i] = dict(m, reasoning_content=e.reasoning)
         if not entries:
             return Rendered(self.template(msgs, tools, kwargs, add_generation_prompt), entries, answered, set(), {})
         last = len(messages) - 1
