@@ -767,8 +767,10 @@ class TrajectoryCache:
                f"removed by weight-version GC (only the newest {t.gc_k} weight versions are kept, --radix-tree-gc-k)")
         return (f"The text from character {at} of {len(text)} on was recorded through the router but {why} before "
                 f"this retrieval: its tokens are tokenized afresh with loss_mask 0, and ~{gen:,} generated tokens are "
-                f"lost as training data. Size --radix-tree-max-size to at least tokens per trajectory x live "
-                f"trajectories, or retrieve trajectories sooner.")
+                f"lost as training data. To keep such text, "
+                + ("size --radix-tree-max-size to at least tokens per trajectory x live trajectories"
+                   if reason == "evicted" else "raise --radix-tree-gc-k above the weight versions a rollout spans")
+                + ", or retrieve trajectories sooner.")
 
     # --- stats --------------------------------------------------------------------------------
 

@@ -1233,11 +1233,16 @@ class StringRadixTrie:
         if gc_n:
             what.append(f"{gc_n:,} entries holding {gc_gen:,} generated tokens removed by weight-version GC (only the "
                         f"newest {self.gc_k} versions are kept, --radix-tree-gc-k)")
+        fixes = []
+        if ev:
+            fixes.append(f"size --radix-tree-max-size to at least tokens per trajectory x live trajectories "
+                         f"(~{BYTES_PER_TOKEN} bytes per token)")
+        if gc_n:
+            fixes.append("raise --radix-tree-gc-k above the number of weight versions a rollout spans")
         log.warning("radix_tree: trajectories were removed from the cache before any retrieval returned them: "
                     "%s (since the last such warning). A retrieval of them now gets fresh tokens with loss_mask 0 "
-                    "and is marked \"evicted\". Size --radix-tree-max-size to at least tokens per trajectory x live "
-                    "trajectories (~%d bytes per token), or retrieve trajectories sooner; totals are in /metrics "
-                    "(evicted_unretrieved, gc_removed_unretrieved).", "; ".join(what), BYTES_PER_TOKEN)
+                    "and is marked \"evicted\". To keep them, %s, or retrieve trajectories sooner; totals are in "
+                    "/metrics (evicted_unretrieved, gc_removed_unretrieved).", "; ".join(what), " and ".join(fixes))
 
     def mark_retrieved(self, m: Match) -> None:
         """Flag the tokens a retrieval returned (``m``, matched under the same lock hold): removing them later
