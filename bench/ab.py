@@ -1,0 +1,98 @@
+"""Paired A/B of the trajectory cache under load: this checkout against an earlier commit.
+
+    python -m bench.ab --baseline HEAD~3 --rounds 6
+
+Exports the baseline commit (``git archive``) to a temporary directory, starts the cache-on router (in-process
+and ``--radix-tree-process``) from both source trees side by side in front of one fake worker (nginx when
+installed), and measures the multi-turn load (``loadgen.run_multiturn``, 32 connections) on each in turn, the
+order reversed every other round, so a slow minute of a shared machine hits both sides of a ratio. Prints, per
+mode, this checkout's req/s and CPU per request relative to the baseline's in each round, and the medians. Both
+trees run with the same cache bound (``--radix-tree-max-size``, default: this checkout's default), so a change of
+the default does not count as a change of speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import loadgen
+from bench.fake_worker import start_fake_workers
+from bench.overhead import REPLY_TEXT, Target, _measure, free_ports, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export(rev: str) -> Path:
+    """The source tree of ``rev``, importable the way the installed package is (plugins/ as slime_router_plugins)."""
+    out = Path(tempfile.mkdtemp(prefix="ab-baseline-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    (out / "slime_router_plugins").symlink_to(out / "plugins")
+    return out
+
+
+def main() -> None:
+    from slime_router_plugins.radix_tree.trie import DEFAULT_MAX_TOKENS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", required=True, help="git revision to compare against (e.g. HEAD~3, a tag)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
+    ap.add_argument("--max-size", type=int, default=DEFAULT_MAX_TOKENS, help="--radix-tree-max-size for both")
+    a = ap.parse_args()
+
+    base = export(a.baseline)
+    trees = {"this": (ROOT, {}), "baseline": (base, {"PYTHONPATH": str(base)})}  # PYTHONPATH beats the install
+    logdir = Path(tempfile.mkdtemp(prefix="ab-logs-"))
+    ports = free_ports(12)
+    fw = start_fake_workers(ports[0:2], ports[2:4])
+    exe = str(Path(sys.executable).parent / "slime-router")
+    targets: dict[tuple[str, str], Target] = {}
+    it = iter(ports[4:])
+    try:
+        for tree, (root, env_extra) in trees.items():
+            for mode in ("in-process", "own process"):
+                port = next(it)
+                cmd = [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--worker-url", fw.urls[0],
+                       "--worker-url", fw.urls[1], "--plugin", "radix_tree", "--hf-checkpoint", "builtin:qwen3",
+                       "--radix-tree-max-size", str(a.max_size)]
+                if mode == "own process":
+                    cmd.append("--radix-tree-process")
+                log = open(logdir / f"{tree}-{mode.replace(' ', '-')}.log", "wb")
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(root),
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1", **env_extra))
+                targets[(tree, mode)] = Target(f"{tree} {mode}", f"http://127.0.0.1:{port}", proc, log)
+        body = loadgen.generate_body(100)
+        for t in targets.values():
+            wait_ready(t, body)
+        print(f"baseline {a.baseline} exported to {base}; fake worker {fw.kind}; logs in {logdir}", flush=True)
+        res: dict[tuple[str, str], list[tuple[float, float]]] = {k: [] for k in targets}
+        for rnd in range(a.rounds):
+            order = list(targets) if rnd % 2 == 0 else list(reversed(targets))
+            for k in order:
+                t = targets[k]
+                spec = loadgen.MultiTurnSpec(reply_text=REPLY_TEXT, tag=f"ab{rnd}{k[0][0]}{k[1][0]}")
+                d = _measure(t, lambda: loadgen.run_multiturn(t.url + "/generate", spec, 32, a.duration))
+                res[k].append((d["rps"], d["cpu_us_per_req"]))
+                print(f"round {rnd}: {t.name:22s} {d['rps']:8,.0f} req/s {d['cpu_us_per_req']:6.0f} us CPU/req",
+                      flush=True)
+    finally:
+        for t in targets.values():
+            t.stop()
+        fw.stop()
+    for mode in ("in-process", "own process"):
+        pairs = list(zip(res[("this", mode)], res[("baseline", mode)]))
+        rps = [x[0] / y[0] for x, y in pairs]
+        cpu = [x[1] / y[1] for x, y in pairs]
+        print(f"{mode}: this / baseline req/s per round {[round(r, 3) for r in rps]}, median "
+              f"{statistics.median(rps):.3f}; CPU per request, median {statistics.median(cpu):.3f}")
+
+
+if __name__ == "__main__":
+    main()
