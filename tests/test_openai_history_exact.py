@@ -242,9 +242,16 @@ def test_chat_too_large_for_the_cache_says_it_was_not_recorded(worker):
         big = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 300}])
         assert big.model_extra["trajectory"]["recorded"] is False
         assert httpx.get(r.url + "/openai_compat/stats").json()["not_recorded_too_large"] == 1
+        chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 300}],
+                                                     stream=True))
+        assert chunks[-1].choices == [] and chunks[-1].model_extra["trajectory"]["recorded"] is False
+        small_stream = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Yo"}],
+                                                           stream=True))
+        assert all("trajectory" not in (ch.model_extra or {}) for ch in small_stream)
         # the earlier conversation is still there
         res = httpx.post(r.url + "/retrieve_from_messages", json={"messages": [
             {"role": "user", "content": "Hi"}, small.choices[0].message.model_dump(exclude_none=True)]}).json()
-        assert res["fresh_tokens"] <= 1 and sum(res["loss_mask"]) == len(records(worker)[-2]["output_ids"])
+        first = next(rec for rec in records(worker) if rec["text"] == "Short." and len(rec["input_ids"]) < 50)
+        assert res["fresh_tokens"] <= 1 and sum(res["loss_mask"]) == len(first["output_ids"])
     finally:
         r.stop()

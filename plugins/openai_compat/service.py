@@ -681,6 +681,7 @@ class StreamJob:
         self.error: str | None = None
         self.closed = False
         self.finished_replies: list[tuple[dict, ChoiceAccumulator]] = []
+        self.recorded = False  # every choice recorded in the trajectory cache (known once closed)
         self.completion_tokens = 0
         self.cached: Any = None
         stops = ((ctx.body.get("sampling_params") or {}).get("stop")) or []
@@ -725,6 +726,11 @@ class StreamJob:
             else:
                 # record before [DONE]: a client may send its next turn as soon as it sees [DONE]
                 await self.close(True)
+                if not self.recorded and self.opts["prepared"] is not None:  # say so, like a non-streamed reply
+                    kind = "chat.completion.chunk" if self.events_fn == self.svc.chat_events else "text_completion"
+                    yield sse({"id": self.opts["id"], "object": kind, "created": self.opts["created"],
+                               "model": self.opts["model"], "choices": [],
+                               "trajectory": self.svc.trajectory(self.opts["prepared"], False)})
             yield DONE
         finally:
             await self.close(False)
@@ -741,8 +747,9 @@ class StreamJob:
         if ok:
             url = ctx.worker.url if ctx.worker is not None else None
             if len(self.finished_replies) == self.opts["n"]:
+                self.recorded = True
                 for merged, _ in self.finished_replies:
-                    await svc.record(self.opts["prepared"], merged, url)
+                    self.recorded = await svc.record(self.opts["prepared"], merged, url) and self.recorded
             svc.router.finish(ctx, 200)
         elif self.error is not None:
             svc.router.finish(ctx, 502, self.error)
