@@ -107,7 +107,7 @@ def test_openai_samples_each_retrieve_their_own_values(url, worker, mode, stream
     for rec in distinct_siblings(recs):
         msg = next(a for a in answers if (a.get("content") or "").strip() == rec["text"].strip())
         got = httpx.post(url + "/retrieve_from_messages",
-                         json={"messages": msgs + [msg], "history_mode": mode}).json()
+                         json={"messages": msgs + [msg], "history_mode": mode, "strict": True}).json()
         check_own(got, rec)
         # what the template writes after the final turn: "\n" (and "<|im_end|>" when the sample hit max_tokens)
         assert got["fresh_tokens"] == (1 if rec["output_ids"][-1] == 151645 else 2)

@@ -125,7 +125,7 @@ def test_four_turn_tool_chat_with_real_model_text_is_exact(router_url, worker, m
     recs = records(worker)
     assert len(recs) == 4
     res = httpx.post(router_url + "/retrieve_from_messages",
-                     json={"messages": msgs, "tools": TOOLS, "history_mode": mode}).json()
+                     json={"messages": msgs, "tools": TOOLS, "history_mode": mode, "strict": True}).json()
     assert sum(len(r["output_ids"]) for r in recs) == sum(res["loss_mask"])
     assert_exact(res, recs)
 
@@ -146,6 +146,13 @@ def test_causes_are_named(router_url, worker):
     assert res["mismatch"] == "template_rule" and res["rewritten_turns"][0]["generated_tokens"] > 0
     assert len(res["segments"]) == 1 and res["unverified_turns"] == []
 
+    # strict: a finished conversation is served (the template's closing newline is not generated text) ...
+    ok = httpx.post(router_url + "/retrieve_from_messages", json={"messages": msgs, "tools": TOOLS, "strict": True})
+    assert ok.status_code == 200 and ok.json()["fresh_tokens"] == 1
+    # ... one whose last turn was never generated is refused
+    made_up = msgs[:3] + [{"role": "assistant", "content": "Something the model never said."}]
+    r = httpx.post(router_url + "/retrieve_from_messages", json={"messages": made_up, "tools": TOOLS, "strict": True})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_recorded"
     edited = msgs[:3] + [dict(msgs[3], content="Fine, thank you.")]
     res = httpx.post(router_url + "/retrieve_from_messages", json={"messages": edited, "tools": TOOLS}).json()
     assert ("client_edit" in [t["cause"] for t in res["rewritten_turns"]]

@@ -198,6 +198,7 @@ class Rendered:
     answered: set[int]  # assistant turns whose conversation before them the router answered
     spliced: set[int]  # rendered as the exact generated text
     not_spliced: dict[int, str]  # recognised turns the template renders its own way, and why
+    body_end: int = -1  # where the template's closing text after a final generated turn starts (else len(text))
 
 
 class Renderer:
@@ -264,7 +265,8 @@ class Renderer:
             if e.reasoning and m.get("reasoning_content") is None and "</think>" not in (m["content"] or ""):
                 msgs[i] = dict(m, reasoning_content=e.reasoning)
         if not entries:
-            return Rendered(self.template(msgs, tools, kwargs, add_generation_prompt), entries, answered, set(), {})
+            text = self.template(msgs, tools, kwargs, add_generation_prompt)
+            return Rendered(text, entries, answered, set(), {}, len(text))
         last = len(messages) - 1
         force = set(entries) if mode == "raw" else ({last} & set(entries) if splice_last else set())
         gen = self.generation_prompt(tools, kwargs)
@@ -272,19 +274,23 @@ class Renderer:
         not_spliced: dict[int, str] = {}
         nonce = uuid.uuid4().hex[:12]
         while True:
-            text, rejected = self._splice(msgs, entries, todo, force, gen, nonce, tools, kwargs, add_generation_prompt)
+            text, rejected, tail = self._splice(msgs, entries, todo, force, gen, nonce, tools, kwargs,
+                                                add_generation_prompt)
             if not rejected:
-                return Rendered(text, entries, answered, todo, not_spliced)
+                body_end = tail if last in todo else len(text)
+                return Rendered(text, entries, answered, todo, not_spliced, body_end)
             not_spliced.update(rejected)  # rendered as themselves in the next pass
             todo -= set(rejected)
 
     def _splice(self, msgs: list[dict[str, Any]], entries: dict[int, HistoryEntry], todo: set[int], force: set[int],
                 gen: str | None, nonce: str, tools: list | None, kwargs: dict | None, add_gen: bool
-                ) -> tuple[str, dict[int, str]]:
-        """Render with sentinels for the turns in ``todo`` and put their generated text in. Returns the text and
-        the turns (not forced) the template does not keep as generated, with the reason."""
+                ) -> tuple[str, dict[int, str], int]:
+        """Render with sentinels for the turns in ``todo`` and put their generated text in. Returns the text, the
+        turns (not forced) the template does not keep as generated with the reason, and where the text after the
+        last spliced turn starts."""
         if not todo:
-            return self.template(msgs, tools, kwargs, add_gen), {}
+            text = self.template(msgs, tools, kwargs, add_gen)
+            return text, {}, len(text)
         sub = list(msgs)
         content: dict[int, str] = {}
         reasoning: dict[int, str] = {}
@@ -324,6 +330,7 @@ class Renderer:
             out.append(entries[i].raw)
             cursor = p + len(content[i])
         if rejected:
-            return "", rejected
+            return "", rejected, 0
+        tail = sum(map(len, out))
         out.append(full[cursor:])
-        return "".join(out), {}
+        return "".join(out), {}, tail

@@ -585,7 +585,17 @@ class OpenAIService:
                                                  text, prompt))
         except (TemplateError, SpliceError, TypeError, ValueError) as e:
             raise bad(f"The chat template could not render these messages: {e}", "messages") from e
-        result = dict(await resolve(cache.retrieve(text, strict=strict)))
+        # strict: every character up to the end of the final generated turn must come from records; the template's
+        # closing text after it (Qwen: the "\n" after <|im_end|>) is never generated, so it may be fresh
+        closing = strict and rendered.body_end < len(text)
+        result = dict(await resolve(cache.retrieve(text, strict=strict and not closing)))
+        if closing and result["recorded_chars"] < rendered.body_end:
+            if result.get("evicted"):
+                raise HTTPError(410, f"{result['warning']} Refused because \"strict\" is set.", code="evicted")
+            raise HTTPError(404, f"Only {result['recorded_chars']} of the {rendered.body_end} characters of this "
+                                 f"conversation up to its last generated turn were recorded through the router; the "
+                                 f"rest would need fresh tokenization. Retry without \"strict\" to get them tokenized "
+                                 f"with loss_mask 0.", code="not_recorded")
         if mode == "raw":
             self.counters.inc("spliced_turns", len(rendered.spliced))
         result.update({
