@@ -62,15 +62,16 @@ def records(worker: str) -> list[dict]:
     return httpx.get(worker + "/mock/records").json()
 
 
-def ask(client: OpenAI, msgs: list, stream: bool, mode: str) -> dict:
+def ask(client: OpenAI, msgs: list, stream: bool, mode: str, tools: list | None = TOOLS) -> dict:
     """One chat turn; the assistant message as the client ends up holding it (the SDK's message object, or the
     message a streaming client assembles from the deltas)."""
     extra = {"history_mode": mode}
+    kw: dict[str, Any] = {"tools": tools} if tools else {}
     if not stream:
-        r = client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, extra_body=extra)
+        r = client.chat.completions.create(model="m", messages=msgs, extra_body=extra, **kw)
         return r.choices[0].message.model_dump(exclude_none=True)
     content, reasoning, calls = "", None, []
-    for ch in client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, stream=True, extra_body=extra):
+    for ch in client.chat.completions.create(model="m", messages=msgs, stream=True, extra_body=extra, **kw):
         if not ch.choices:
             continue
         d = ch.choices[0].delta

@@ -112,16 +112,16 @@ def env() -> Iterator[dict[str, Any]]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
-@given(turns=st.lists(reply(), min_size=1, max_size=4), stream=st.booleans(),
+@given(turns=st.lists(reply(), min_size=1, max_size=4), stream=st.booleans(), with_tools=st.booleans(),
        mode=st.sampled_from(["template", "raw"]), style=st.sampled_from(["verbatim", "langchain"]))
-def test_every_generated_token_comes_back(env, turns, stream, mode, style):
+def test_every_generated_token_comes_back(env, turns, stream, with_tools, mode, style):
     w, url = env["worker"], env["url"]
     httpx.delete(w + "/mock/records")
     msgs: list[dict] = [{"role": "user", "content": f"Weather? {uuid.uuid4().hex[:8]}"}]
     user_after: list[bool] = []  # per model turn: does a user message come later in the conversation
     for k, (text, _, _) in enumerate(turns):
         configure(w, mode="reply_text", reply_text=text)
-        got = ask(env["client"], msgs, stream, mode)
+        got = ask(env["client"], msgs, stream, mode, TOOLS if with_tools else None)
         msgs.append(echo(got, style))
         user_after = [u or False for u in user_after] + [False]
         if got.get("tool_calls"):
@@ -131,7 +131,7 @@ def test_every_generated_token_comes_back(env, turns, stream, mode, style):
             user_after = [True] * len(user_after)
     recs = records(w)
     res = httpx.post(url + "/retrieve_from_messages",
-                     json={"messages": msgs, "tools": TOOLS, "history_mode": mode}).json()
+                     json={"messages": msgs, "tools": TOOLS if with_tools else None, "history_mode": mode}).json()
     check_served_back(res, recs, msgs, user_after, mode, [r for _, _, r in turns])
 
 
