@@ -6,11 +6,17 @@ pre-built request head and the body in one call and parses replies with httptool
 installed with ``uvicorn[standard]``). It does only what the hot path needs: POST a JSON body to a
 worker, read the whole reply or stream it. Control-plane calls (health checks, broadcasts) use the
 router's aiohttp session.
+
+``https://`` workers are spoken to over TLS: the pool's ``ssl.SSLContext`` (by default the system's, as
+``ssl.create_default_context()`` builds it, like aiohttp's verified default for the control plane, so both
+honour ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``) wraps new connections, with the URL's host as the SNI and
+hostname to verify. Only connecting differs: the request path over an open connection is the same for both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from typing import AsyncIterator
 
@@ -151,24 +157,56 @@ class StreamReply:
             self._conn.close()
 
 
-class UpstreamPool:
-    """Keep-alive connections per worker URL (``http://host:port``)."""
+def default_ssl_context() -> ssl.SSLContext:
+    """The client context for ``https://`` workers: system CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured),
+    certificate and hostname verified, HTTP/1.1 offered by ALPN (what aiohttp's verified default does)."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
-    def __init__(self, connect_timeout: float = 5.0) -> None:
+
+class UpstreamPool:
+    """Keep-alive connections per worker URL (``http://host:port`` or ``https://host:port``).
+
+    The pool key is the normalized URL, so scheme, host and port all separate connections. ``ssl_context``
+    is used for ``https://`` workers; ``None``: :func:`default_ssl_context`, built on the first one.
+    """
+
+    def __init__(self, connect_timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
         self._idle: dict[str, deque[_Connection]] = {}
         self._heads: dict[tuple[str, str], bytes] = {}
 
     async def _connect(self, url: str) -> _Connection:
-        host, _, port = url.split("://", 1)[1].rpartition(":")
+        scheme, _, hostport = url.partition("://")
+        host, _, port = hostport.rpartition(":")
         host = host.strip("[]")
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self.ssl_context is None:  # loading the CA store reads files: not on the event loop
+                self.ssl_context = await asyncio.to_thread(default_ssl_context)
+            tls = self.ssl_context
+        elif scheme != "http":
+            raise UpstreamConnectionError(f"cannot connect to {url}: unsupported scheme {scheme!r} (http or https)")
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Connection(self, url), host, int(port)),
-                                             self.connect_timeout)
+            # the timeout covers the TLS handshake too
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self, url), host, int(port), ssl=tls,
+                                       server_hostname=host if tls is not None else None),
+                self.connect_timeout)
         except asyncio.TimeoutError:
             raise UpstreamConnectionError(f"connect to {url} timed out after {self.connect_timeout}s") from None
-        except OSError as e:
+        except ssl.SSLCertVerificationError as e:
+            if e.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                fix = "register the worker under a host name or IP address that its certificate lists"
+            else:
+                fix = ("certificates are verified against the system CA store: point SSL_CERT_FILE at a CA bundle "
+                       "that includes the worker's certificate authority")
+            raise UpstreamConnectionError(f"cannot connect to {url}: the worker's TLS certificate was not accepted "
+                                          f"({e.verify_message or e}); {fix}") from None
+        except OSError as e:  # ssl.SSLError included (e.g. an https:// URL on a plain-HTTP port)
             raise UpstreamConnectionError(f"cannot connect to {url}: {e}") from None
         return conn  # type: ignore[return-value]
 
