@@ -15,12 +15,13 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .context import RequestContext
 from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
-from .proxy import GenerateHandler, parse_json
-from .router import Router, maybe_await
+from .proxy import GenerateHandler, method_not_allowed_error, parse_json, unknown_route_error
+from .router import Router, UpstreamError, maybe_await
 from .settings import OptionRegistry, Settings
 from .tokenizers import load_tokenizer
 
@@ -123,6 +124,22 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     async def _http_error(_: Request, e: HTTPError) -> Response:
         return Response(orjson.dumps(e.to_dict()), status_code=e.status, media_type="application/json")
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, e: StarletteHTTPException) -> Response:
+        """Starlette's own answers (unknown path 404, wrong method 405; fastapi.HTTPException from a plugin) in
+        the project's error shape instead of ``{"detail": ...}``; headers (``Allow``) kept."""
+        headers = dict(e.headers or {})
+        if e.status_code == 404 and e.detail == "Not Found":  # routing found no route
+            err = unknown_route_error(request.method, request.url.path)
+        elif e.status_code == 405:
+            err = method_not_allowed_error(request.method, request.url.path, headers.get("Allow"))
+        else:
+            err = HTTPError(e.status_code, e.detail if isinstance(e.detail, str) else orjson.dumps(e.detail).decode())
+        if e.status_code in (204, 304) or e.status_code < 200:  # no body allowed
+            return Response(status_code=e.status_code, headers=headers)
+        return Response(orjson.dumps(err.to_dict()), status_code=e.status_code, headers=headers,
+                        media_type="application/json")
+
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> Response:
         errors = e.errors()
@@ -160,31 +177,18 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
 
     def forward_one(path: str):
         async def handler() -> Response:
+            # The router's one select-and-retry loop (hooks, in-flight, should_retry, --max-attempts).
             ctx = RequestContext(path, None, router=router)
-            assert router.session is not None
-            last: HTTPError | None = None
-            while True:
-                try:
-                    worker = router.select(ctx)
-                except HTTPError as e:
-                    err = last or e
-                    router.finish(ctx, err.status, err.message)
-                    raise err from None
-                try:
-                    async with router.session.get(worker.url + path) as resp:
-                        data = await resp.read()
-                        status = resp.status
-                except Exception as e:
-                    last = HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}")
-                    worker.failures += 1
-                    if router.hooks.upstream_failed:
-                        router.hooks.upstream_failed(ctx=ctx, worker=worker, status=None, error=e)
-                    continue
-                finally:
-                    worker.release()
-                router.finish(ctx, status)
-                return Response(data, status_code=status,
-                                media_type=resp.headers.get("Content-Type", "application/json"))
+            try:
+                status, data, content_type, _ = await router.request(ctx, "GET")
+            except UpstreamError as e:  # the worker's own error answer, passed through
+                router.finish(ctx, e.status, e.message)
+                return Response(e.body, status_code=e.status, media_type=e.content_type)
+            except HTTPError as e:
+                router.finish(ctx, e.status, e.message)
+                raise
+            router.finish(ctx, status)
+            return Response(data, status_code=status, media_type=content_type)
         handler.__name__ = "forward" + path.replace("/", "_")
         handler.__doc__ = f"Forwarded to one available worker: GET {path}."
         return handler

@@ -7,9 +7,12 @@ variables) are read first, then the selected plugins are loaded and their flags 
 
 from __future__ import annotations
 
+import enum
+import inspect
+import json
 import logging
 import os
-import inspect
+import socket
 import sys
 import typing
 from pathlib import Path
@@ -19,12 +22,25 @@ import typer
 
 from .errors import PluginLoadError
 from .plugins import load_plugins
+from .server import DEFAULT_SHUTDOWN_GRACE_SECONDS
 from .settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="slime-router: a rollout gateway for RL post-training in front of SGLang workers.")
 
 ENV = "SLIME_ROUTER_"
+
+# The embedded demo's mock workers reply like a thinking Qwen3 (the bundled mock's realistic mode): every
+# reply opens with a <think> block (reasoning_content on the OpenAI API), and when the prompt offers tools,
+# the answer is tool calls with probability DEMO_TOOL_CALL_RATE (now and then parallel ones, sometimes after
+# a sentence of content) — so the README's chat with `tools` shows tool_calls, a plain chat shows reasoning.
+DEMO_MODE = "think"
+DEMO_TOOL_CALL_RATE = 0.8
+
+
+def demo_worker_knobs(i: int) -> dict[str, Any]:
+    """MockWorkerConfig fields of the embedded demo's worker ``i`` (passed to the mock as ``--flags``)."""
+    return {"seed": i, "realistic": True, "mode": DEMO_MODE, "tool_call_rate": DEMO_TOOL_CALL_RATE}
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -36,7 +52,9 @@ def _split(values: list[str] | None) -> list[str]:
 
 def _prescan(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Read the plugin-selection flags (and env vars) before the full parse."""
-    select, block, dotted = [], [], []
+    select: list[str] = []
+    block: list[str] = []
+    dotted: list[str] = []
     for i in range(len(argv)):
         arg = argv[i]
         for flag, dest in (("--plugin", select), ("--no-plugin", block), ("--slime-router-middleware-paths", dotted)):
@@ -79,6 +97,10 @@ def serve(
                                      help="Upper bound on upstream attempts per request (retries on other workers)."),
     demo_workers: int = typer.Option(2, "--demo-workers", envvar=ENV + "DEMO_WORKERS",
                                      help="How many mock workers the embedded demo starts."),
+    shutdown_grace_seconds: float = typer.Option(
+        DEFAULT_SHUTDOWN_GRACE_SECONDS, "--shutdown-grace-seconds", envvar=ENV + "SHUTDOWN_GRACE_SECONDS", min=0,
+        help="On SIGTERM/SIGINT, how long running requests may finish; then open streams are closed and the "
+             "router exits. A second signal exits at once."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar=ENV + "VERBOSE",
                                  help="Log every request with its timing breakdown."),
 ) -> None:
@@ -86,9 +108,30 @@ def serve(
     raise NotImplementedError  # pragma: no cover - only its signature is used, see _serve_command
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the router's address now (as uvicorn would), so a busy port is reported before any slow start-up
+    work (demo workers, tokenizer). uvicorn listens on it once the app has started."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        sock.close()
+        _fail(_bind_error(host, port, e), code=1)
+    return sock
+
+
+def _bind_error(host: str, port: int, e: Exception) -> str:
+    why = getattr(e, "strerror", None) or str(e)
+    if getattr(e, "errno", None) in (48, 98, 10048):  # EADDRINUSE (macOS, Linux, Windows)
+        return (f"cannot listen on {host}:{port}: address already in use (another process listens on port "
+                f"{port}; stop it or choose another port with --port)")
+    return f"cannot listen on {host}:{port}: {why}"
+
+
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
                hf_checkpoint: Optional[str], verbose: bool, max_body_size: int, max_attempts: int,
-               demo_workers: int, **_: Any) -> None:
+               demo_workers: int, shutdown_grace_seconds: float, **_: Any) -> None:
     import uvicorn
 
     from .app import build_app
@@ -120,6 +163,8 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
         if not path.is_dir():
             _fail(f"--hf-checkpoint {hf_checkpoint}: not a directory (give the checkpoint folder that holds "
                   f"tokenizer.json / tokenizer_config.json)")
+    sock = _listen_socket(host, port)  # first: a busy port is reported at once, not after the start-up work
+    port = sock.getsockname()[1]  # --port 0: the port the system chose
     settings = Settings(host=host, port=port, worker_urls=urls, hf_checkpoint=hf_checkpoint, verbose=verbose,
                         max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts))
     procs = []
@@ -127,7 +172,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
         from .testing import start_mock_worker_process, wait_http
 
         # started together, waited for together: each imports transformers and loads the tokenizer
-        procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, seed=i)
+        procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, **demo_worker_knobs(i))
                  for i in range(demo_workers)]
         for proc in procs:
             wait_http(proc.url + "/get_model_info", timeout=120, proc=proc.proc)
@@ -137,25 +182,70 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     except (PluginLoadError, RuntimeError, ValueError) as e:
         for p in procs:
             p.stop()
+        sock.close()
         _fail(str(e))
     application.router.on_close.extend(p.stop for p in procs)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    typer.echo(f"slime-router serving on http://{shown}:{port}  plugins: {', '.join(plugins.names()) or 'none'}")
-    typer.echo(f"workers: {', '.join(settings.worker_urls) or 'none yet (POST /add_worker?url=...)'}")
-    if demo:
-        typer.echo("embedded demo: mock SGLang workers + built-in Qwen3 tokenizer. Try:")
-        typer.echo(f"  curl -s http://{shown}:{port}/generate -H 'Content-Type: application/json' "
-                   f"-d '{{\"text\": \"Hello, my name is\", \"sampling_params\": {{\"max_new_tokens\": 16}}}}'")
-        typer.echo(f"  curl -s http://{shown}:{port}/retrieve_from_text -H 'Content-Type: application/json' "
-                   f"-d '{{\"text\": \"Hello, my name is\"}}'")
+
+    def banner() -> None:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+        base = f"http://{shown}:{port}"
+        typer.echo(f"slime-router serving on {base}  plugins: {', '.join(plugins.names()) or 'none'}")
+        typer.echo(f"workers: {', '.join(settings.worker_urls) or 'none yet (POST /add_worker?url=...)'}")
+        if demo:
+            typer.echo("embedded demo: mock SGLang workers (realistic: they reason and call tools) + built-in "
+                       "Qwen3 tokenizer. Try:")
+            for line in demo_curls(base, "openai_compat" in plugins.names()):
+                typer.echo("  " + line)
+
+    # No X-Forwarded-* rewriting and no Server header: per-request work a router doesn't need.
+    config = uvicorn.Config(application, host=host, port=port, log_level="info" if verbose else "warning",
+                            loop=_best("uvloop", "auto"), http=http_protocol(), access_log=verbose,
+                            proxy_headers=False, server_header=False)
+    server = _announcing_server(config, banner, shutdown_grace_seconds)
     try:
-        # No X-Forwarded-* rewriting and no Server header: per-request work a router doesn't need.
-        uvicorn.run(application, host=host, port=port, log_level="info" if verbose else "warning",
-                    loop=_best("uvloop", "auto"), http=http_protocol(), access_log=verbose,
-                    proxy_headers=False, server_header=False)
+        server.run(sockets=[sock])
+    except OSError as e:  # listen() failed: another process took the port after we bound it
+        if server.started:
+            raise
+        _fail(_bind_error(host, port, e), code=1)
     finally:
+        sock.close()
         for p in procs:
             p.stop()
+    if not server.started:  # start-up failed (uvicorn logged why); never reported as serving
+        _fail("start-up failed (see the log above); not serving", code=3)
+
+
+DEMO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def demo_curls(base: str, openai: bool = True) -> list[str]:
+    """The embedded demo's example commands (the banner prints them; the README shows the same)."""
+    def curl(path: str, body: dict) -> str:  # JSON has no single quote: safe inside the shell's '...'
+        return f"curl -s {base}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+
+    lines = [curl("/generate", {"text": "Hello, my name is", "sampling_params": {"max_new_tokens": 16}}),
+             curl("/retrieve_from_text", {"text": "Hello, my name is"})]
+    if openai:
+        lines += [curl("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}),
+                  curl("/v1/chat/completions", {"model": "demo", "tools": DEMO_TOOLS, "messages": [
+                      {"role": "user", "content": "Weather in Paris?"}]})]
+    return lines
+
+
+def _announcing_server(config: Any, on_started: Any, shutdown_grace_seconds: float) -> Any:
+    """A ``uvicorn.Server`` that calls ``on_started()`` once it listens and the app's start-up has completed
+    (uvicorn's ``started``), so "serving on ..." is never printed for a server that is not serving."""
+    from .server import GracefulServer  # bounded graceful shutdown, a second signal exits now
+
+    class AnnouncingServer(GracefulServer):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                on_started()
+
+    return AnnouncingServer(config, shutdown_grace_seconds)
 
 
 def _best(module: str, fallback: str) -> str:
@@ -166,9 +256,9 @@ def _best(module: str, fallback: str) -> str:
         return fallback
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command("plugins")
@@ -195,18 +285,23 @@ def _serve_command(plugins: Any, options: Any) -> Any:
     hints = typing.get_type_hints(serve)
     params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(serve).parameters.values()]
     annotations = {p.name: p.annotation for p in params}
+    enums: dict[str, Any] = {}
     for dest, opt in options.options.items():
         kind: Any = bool if opt.is_flag else opt.type
+        if opt.choices:  # an Enum: click refuses other values naming the valid ones, --help lists them
+            kind = enums[dest] = enum.Enum(dest, [(c, c) for c in opt.choices], type=str)  # type: ignore[misc]
         annotation = list[kind] if opt.multiple else (kind if opt.default is not None or opt.is_flag
                                                       else Optional[kind])
         default = list(opt.default or []) if opt.multiple else opt.default
+        if dest in enums and default is not None:
+            default = [enums[dest](d) for d in default] if opt.multiple else enums[dest](default)
         info = typer.Option(default, opt.flag, *opt.aliases, envvar=opt.envvar, help=opt.help,
                             rich_help_panel=f"Plugin {opt.owner}", show_default=True)
         params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
         annotations[dest] = annotation
 
     def command(**kwargs: Any) -> None:
-        plugin_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in options.options}
+        plugin_opts = {k: _plain(kwargs.pop(k)) for k in list(kwargs) if k in options.options}
         _run_serve(plugins, plugin_opts, **kwargs)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -214,6 +309,13 @@ def _serve_command(plugins: Any, options: Any) -> Any:
     command.__doc__ = serve.__doc__
     command.__name__ = "serve"
     return command
+
+
+def _plain(value: Any) -> Any:
+    """A choice option's value as its plain string (typer hands Enum members over)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def build_cli(argv: list[str]) -> Any:

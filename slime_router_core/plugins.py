@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -95,12 +96,18 @@ class PluginManager:
         return self.pm.get_name(obj) or repr(obj)
 
 
+def _did_you_mean(unknown: list[str], names: Any) -> str:
+    close = [m for n in unknown for m in difflib.get_close_matches(n, sorted(names), n=1)]
+    return f" Did you mean {', '.join(repr(m) for m in close)}?" if close else ""
+
+
 def load_plugins(select: list[str] | None = None, block: list[str] | None = None,
                  dotted_paths: list[str] | None = None, extra: list[tuple[str, Any]] | None = None) -> PluginManager:
     """Build a PluginManager from installed entry points and the selection flags.
 
     ``select``: None = every installed plugin; else only these names (``[]``: none).
-    ``block``: names never loaded. ``dotted_paths``: extra plugins by import path.
+    ``block``: names never loaded (each must name an installed plugin, a dotted path or an ``extra`` one, else
+    PluginLoadError lists the installed ones). ``dotted_paths``: extra plugins by import path.
     ``extra``: ``(name, object)`` pairs registered directly (used by tests and embedding code).
     """
     manager = PluginManager()
@@ -117,11 +124,20 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
             wanted.append(alias)
         else:
             dotted.append(path)
+    # a blocked name must name something: a typo would otherwise block nothing, silently
+    known = set(available) | set(wanted) | set(dotted) | {name for name, _ in extra or []}
+    unknown_blocked = [n for n in dict.fromkeys(block or []) if n not in known]
+    if unknown_blocked:
+        raise PluginLoadError(
+            f"Unknown plugin(s) {unknown_blocked} to block (--no-plugin): not installed."
+            f"{_did_you_mean(unknown_blocked, known)} Installed plugins: {sorted(available)}"
+        )
     if select is not None:
         unknown = [n for n in select if n not in available]
         if unknown:
             raise PluginLoadError(
-                f"Unknown plugin(s) {unknown}: not installed. Installed plugins: {sorted(available)} "
+                f"Unknown plugin(s) {unknown}: not installed.{_did_you_mean(unknown, available)} "
+                f"Installed plugins: {sorted(available)} "
                 f"(a plugin is installed by a package that declares a '{ENTRY_POINT_GROUP}' entry point)"
             )
         names = list(dict.fromkeys(list(select) + wanted))

@@ -39,6 +39,21 @@ def error_body(e: HTTPError) -> bytes:
     return orjson.dumps(e.to_dict())
 
 
+# The answers to a request no route serves (off the hot path: only POST /generate reaches the handler below;
+# every other method on /generate, and every unknown path, is answered through the app's error handlers).
+def unknown_route_error(method: str, path: str) -> HTTPError:
+    """404 for a path no route (core or loaded plugin) serves."""
+    return HTTPError(404, f"Unknown endpoint: {method} {path}. The endpoints are listed at GET /docs and in the "
+                          f"README's Endpoints table; a plugin's endpoints exist only when it is loaded "
+                          f"(GET /plugins lists the loaded plugins).", code="unknown_route")
+
+
+def method_not_allowed_error(method: str, path: str, allowed: str | None) -> HTTPError:
+    """405 for a known path asked with a method it does not serve (the answer keeps the ``Allow`` header)."""
+    return HTTPError(405, f"Method {method} is not allowed on {path}; allowed: {allowed or 'none'}.",
+                     code="method_not_allowed")
+
+
 async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length":

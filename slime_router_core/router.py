@@ -3,8 +3,10 @@
 route -> pre_request hooks (may rewrite the body that is sent) -> select worker -> upstream
       -> post_response hooks (record, reshape) -> client
 
-Plugins use ``Router.generate`` / ``Router.generate_stream`` / ``Router.broadcast`` to reach
-workers through the same selection, in-flight accounting, retries and hooks as ``/generate``.
+Plugins use ``Router.generate`` / ``Router.generate_stream`` / ``Router.request`` / ``Router.broadcast``
+to reach workers through the same selection, in-flight accounting, retries and hooks as ``/generate``.
+There is one select-and-retry loop (``Router._send``); the core's forwarded worker endpoints
+(``/get_model_info`` ...) use it through ``Router.request`` too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -54,11 +57,12 @@ def error_message(data: bytes | Any) -> str:
 class UpstreamError(HTTPError):
     """A worker's own error answer (status and body passed on to the client)."""
 
-    def __init__(self, status: int, body: bytes, worker: Worker) -> None:
+    def __init__(self, status: int, body: bytes, worker: Worker, content_type: str = JSON_CT) -> None:
         super().__init__(status, f"Worker {worker.url} answered {status}: {error_message(body)}",
                          type="upstream_error")
         self.body = body
         self.worker = worker
+        self.content_type = content_type
 
 
 async def maybe_await(results: list[Any]) -> None:
@@ -255,29 +259,41 @@ class Router:
     def _unreachable(worker: Worker, e: BaseException) -> HTTPError:
         return HTTPError(502, f"Worker {worker.url} unreachable: {type(e).__name__}: {e}", type="upstream_error")
 
-    async def _post(self, ctx: RequestContext, payload: bytes,
-                    stream: bool) -> tuple[int, bytes, StreamReply | None, Worker]:
-        """POST ``payload`` to selected workers until one answers below 400, retrying as allowed.
+    async def _send(self, ctx: RequestContext, payload: bytes | None, stream: bool,
+                    method: str | None = None) -> tuple[int, bytes, StreamReply | None, Worker, str]:
+        """The one select-and-retry loop: send to selected workers until one answers below 400.
 
-        Non-streaming: returns the whole body, the worker already released. Streaming: returns the
-        open reply with the worker still counted in flight (end both with ``release_stream``).
-        A non-2xx answer that is not retried is raised as ``UpstreamError``.
+        Every way of reaching *one* worker goes through here (``/generate``, plugins' ``generate``,
+        the forwarded control-plane endpoints): ``select_worker`` hooks and in-flight accounting,
+        ``upstream_failed`` on each failed attempt, ``should_retry`` and ``--max-attempts``.
+        ``method`` None: a generation, POSTed by the lean upstream client. ``method`` given: a
+        control-plane request (any method, through the aiohttp session).
+
+        Returns (status, body, stream reply, worker, content type). Non-streaming: the whole body,
+        the worker already released. Streaming: the open reply with the worker still counted in
+        flight (end both with ``release_stream``). A non-2xx answer that is not retried is raised
+        as ``UpstreamError``.
         """
         assert self.upstream is not None, "router not started"
+        content_type = JSON_CT
         while True:
             worker = self.select(ctx)
             t = time.perf_counter()
             reply: StreamReply | None = None
             try:
-                if stream:
-                    reply = await self.upstream.stream(worker.url, ctx.upstream_path, payload)
+                if method is not None:
+                    status, data, content_type = await self._control(method, worker.url + ctx.upstream_path,
+                                                                     payload)
+                elif stream:
+                    reply = await self.upstream.stream(worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
                     status = reply.status
                     if status < 400:
                         ctx.timings["upstream_headers"] = time.perf_counter() - t
-                        return status, b"", reply, worker
+                        return status, b"", reply, worker, content_type
                     data = await reply.read()
                 else:
-                    status, data = await self.upstream.post(worker.url, ctx.upstream_path, payload)
+                    status, data = await self.upstream.post(
+                        worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
             except CONNECTION_ERRORS as e:
                 worker.release()
                 await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
@@ -290,23 +306,51 @@ class Router:
             worker.release()
             ctx.timings["upstream"] = time.perf_counter() - t
             if status < 400:
-                return status, data, None, worker
-            err = UpstreamError(status, data, worker)
+                return status, data, None, worker, content_type
+            err = UpstreamError(status, data, worker, content_type)
             if status >= 500:
                 await self._retry_or_raise(ctx, worker, status, None, err)
                 continue
             raise err
 
+    async def _control(self, method: str, url: str, payload: bytes | None) -> tuple[int, bytes, str]:
+        """One control-plane request on the aiohttp session: (status, body, content type).
+
+        aiohttp, not the generation client: that one only POSTs JSON bodies (the hot path's needs).
+        """
+        assert self.session is not None, "router not started"
+        headers = {"Content-Type": JSON_CT} if payload is not None else None
+        try:
+            async with self.session.request(method, url, data=payload, headers=headers) as resp:
+                return resp.status, await resp.read(), resp.headers.get("Content-Type", JSON_CT)
+        except CONNECTION_ERRORS:
+            raise
+        except aiohttp.ClientError as e:  # e.g. a malformed reply: the worker is as good as unreachable
+            raise ConnectionError(f"{type(e).__name__}: {e}") from e
+
     async def send_json(self, ctx: RequestContext, payload: bytes) -> tuple[int, bytes, Worker]:
         """Non-streaming POST with retries; returns (status, body, worker)."""
-        status, data, _, worker = await self._post(ctx, payload, stream=False)
+        status, data, _, worker, _ = await self._send(ctx, payload, False)
         return status, data, worker
 
     async def open_stream(self, ctx: RequestContext, payload: bytes) -> tuple[StreamReply, Worker]:
         """Streaming POST with retries until the headers arrive. The caller must ``release_stream``."""
-        _, _, reply, worker = await self._post(ctx, payload, stream=True)
+        _, _, reply, worker, _ = await self._send(ctx, payload, True)
         assert reply is not None
         return reply, worker
+
+    async def request(self, ctx: RequestContext, method: str = "GET", path: str | None = None,
+                      payload: bytes | None = None) -> tuple[int, bytes, str, Worker]:
+        """Any request to one worker (``path``, default ``ctx.upstream_path``) with the same selection,
+        hooks and retries as a generation; returns (status, body, content type, worker).
+
+        Answers >= 400 that are not retried are raised as ``UpstreamError`` (carrying the worker's
+        body and content type). The caller closes the books with ``finish``.
+        """
+        if path is not None:
+            ctx.upstream_path = path
+        status, data, _, worker, content_type = await self._send(ctx, payload, False, method)
+        return status, data, content_type, worker
 
     def stream_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
         """A worker broke a stream after it began: too late to retry, but it counts as a failure."""

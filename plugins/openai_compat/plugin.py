@@ -17,6 +17,10 @@ from .schema import bad, parse_body, validate_chat, validate_completion, validat
 from .service import OpenAIService, StreamJob
 
 COMPONENT = "openai_compat"
+# The accepted values of the enumerated flags: anything else is refused at start-up, naming these.
+HISTORY_MODES = ("template", "raw")
+REASONING_PARSERS = ("qwen3", "none")
+TOOL_PARSERS = ("qwen", "none")
 
 
 @hookimpl
@@ -24,15 +28,15 @@ def add_options(options: Any) -> None:
     options.add("--served-model-name", default=None,
                 help="Model name listed by /v1/models and used when a request has no 'model' "
                      "(default: the basename of --hf-checkpoint).")
-    options.add("--openai-history", default="template",
+    options.add("--openai-history", default="template", choices=HISTORY_MODES,
                 help="How assistant turns in the request history are rendered: 'template' (the chat template, "
                      "reasoning restored for turns the router produced) or 'raw' (the exact text the model "
                      "generated, so no generated token is lost). Per request: 'history_mode'.")
     options.add("--openai-history-size", type=int, default=100_000,
                 help="How many generated assistant turns to remember for exact history rendering.")
-    options.add("--openai-reasoning-parser", default="qwen3",
+    options.add("--openai-reasoning-parser", default="qwen3", choices=REASONING_PARSERS,
                 help="'qwen3' splits <think>...</think> into reasoning_content; 'none' keeps it in content.")
-    options.add("--openai-tool-parser", default="qwen",
+    options.add("--openai-tool-parser", default="qwen", choices=TOOL_PARSERS,
                 help="'qwen' parses <tool_call>{json}</tool_call> into tool_calls (when the request has tools); "
                      "'none' disables it.")
     options.add("--openai-default-max-tokens", type=int, default=None,
