@@ -71,3 +71,16 @@ def router() -> Iterator[Callable[..., ServerThread]]:
     yield make
     for s in started:
         s.stop()
+
+
+# The fast local subset (`pytest -m "not slow"`) leaves out what starts extra processes or explores many examples:
+# the cache in its own process (each start loads the tokenizer in a child), the real CLI in a subprocess, the
+# property tests over whole conversations. CI runs everything.
+SLOW_MODULES = {"test_cli_demo.py", "test_cli_demo_tools.py", "test_cli_startup.py", "test_radix_tree_process.py",
+                "test_openai_history_property.py", "test_shutdown.py"}
+
+
+def pytest_collection_modifyitems(config: Any, items: list) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or "own_process" in item.nodeid:
+            item.add_marker(pytest.mark.slow)
