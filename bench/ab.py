@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def export(rev: str) -> Path:
-    """The source tree of ``rev``, importable the way the installed package is (plugins/ as slime_router_plugins)."""
+    """The source tree of ``rev``, importable the way the installed package is (revisions before the rename kept
+    their plugins in plugins/)."""
     out = Path(tempfile.mkdtemp(prefix="ab-baseline-"))
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
-    (out / "slime_router_plugins").symlink_to(out / "plugins")
+    if not (out / "slime_router_plugins").exists():
+        (out / "slime_router_plugins").symlink_to(out / "plugins")
     return out
 
 

@@ -108,7 +108,6 @@ class CacheProcessClient(asyncio.Protocol):
     def __init__(self, checkpoint: str, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
                  ) -> None:
         self.max_record_tokens = max_record_tokens(max_size)
-        # the installed package's name (plugins/ exists only in a source checkout)
         self.args = [sys.executable, "-m", "slime_router_plugins.radix_tree.process",
                      "--checkpoint", str(checkpoint), "--max-size", str(max_size), "--gc-k", str(gc_k)]
         if verbose:
