@@ -136,9 +136,9 @@ class Proc:
             self.popen.send_signal(sig)
             try:
                 self.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 self.kill()
-                raise SmokeFailure(f"{self.name} did not exit within {STOP_TIMEOUT:.0f}s of SIGTERM")
+                raise SmokeFailure(f"{self.name} did not exit within {STOP_TIMEOUT:.0f}s of SIGTERM") from e
         self._log.close()
         return self.popen.returncode
 

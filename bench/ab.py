@@ -80,7 +80,8 @@ def main() -> None:
             for k in order:
                 t = targets[k]
                 spec = loadgen.MultiTurnSpec(reply_text=REPLY_TEXT, tag=f"ab{rnd}{k[0][0]}{k[1][0]}")
-                d = _measure(t, lambda: loadgen.run_multiturn(t.url + "/generate", spec, 32, a.duration))
+                d = _measure(t, lambda t=t, spec=spec: loadgen.run_multiturn(t.url + "/generate", spec, 32,
+                                                                              a.duration))
                 res[k].append((d["rps"], d["cpu_us_per_req"]))
                 print(f"round {rnd}: {t.name:22s} {d['rps']:8,.0f} req/s {d['cpu_us_per_req']:6.0f} us CPU/req",
                       flush=True)

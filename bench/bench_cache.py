@@ -192,7 +192,8 @@ def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
         tot_r += [r[3] for r in rs]
         print(f"   {turn:4d} | {n:13.0f} | {f:12.0f} | {tp:19.1f} | {tr:18.1f} | {tp + tr:8.1f}")
     print(f"   all turns: prepare mean {statistics.mean(tot_p) * 1e6:.1f} us, record mean "
-          f"{statistics.mean(tot_r) * 1e6:.1f} us, sum {(statistics.mean(tot_p) + statistics.mean(tot_r)) * 1e6:.1f} us")
+          f"{statistics.mean(tot_r) * 1e6:.1f} us, "
+          f"sum {(statistics.mean(tot_p) + statistics.mean(tot_r)) * 1e6:.1f} us")
     assert cache.retrieve(prompt[:len(prompt) - 40])["exact_tokens"] > 0
 
 

@@ -43,7 +43,8 @@ def reply_ids(text: str = REPLY_TEXT) -> list[int]:
 
         tok = load_tokenizer(BUILTIN_CHECKPOINT)
         backend = getattr(tok, "backend_tokenizer", None)
-        ids = backend.encode(text, add_special_tokens=False).ids if backend else tok.encode(text, add_special_tokens=False)
+        ids = (backend.encode(text, add_special_tokens=False).ids if backend
+               else tok.encode(text, add_special_tokens=False))
         return list(ids) + [EOS_ID]
     except Exception:  # pragma: no cover - the bench still measures proxies without it
         return _FALLBACK_IDS + [EOS_ID]
@@ -204,11 +205,11 @@ def start_fake_workers(json_ports: list[int], sse_ports: list[int], prefer: str 
         try:
             for p in json_ports + sse_ports:
                 _wait_port(p, proc=proc)
-        except Exception:
+        except Exception as e:
             err = (tmp / "stderr.log").read_text(errors="replace") + (tmp / "error.log").read_text(errors="replace") \
                 if (tmp / "error.log").exists() else (tmp / "stderr.log").read_text(errors="replace")
             proc.kill()
-            raise RuntimeError(f"nginx failed to start: {err.strip()[-800:]}")
+            raise RuntimeError(f"nginx failed to start: {err.strip()[-800:]}") from e
         return FakeWorkers("nginx", [proc], json_ports, sse_ports, str(tmp))
     # Python fallback: one process serving every port.
     args = [sys.executable, "-m", "bench.fake_worker", "--python", "--ports", *map(str, json_ports)]

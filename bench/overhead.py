@@ -26,9 +26,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import loadgen
 from .fake_worker import REPLY_TEXT, start_fake_workers
@@ -358,8 +359,8 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
             runs: dict[str, list[dict]] = {t.name: [] for t in here}
             for rep in range(cfg.repeats):
                 for t in _rotate(here, rep):
-                    runs[t.name].append(_measure(t, lambda: loadgen.run_load(t.url + "/generate", body, conns,
-                                                                              cfg.duration, cfg.tool)))
+                    runs[t.name].append(_measure(t, lambda t=t, conns=conns: loadgen.run_load(
+                        t.url + "/generate", body, conns, cfg.duration, cfg.tool)))
             res["throughput"][conns] = runs
             out(f"  throughput at {conns} connections: " + ", ".join(
                 f"{n} {_median([r['rps'] for r in rs]):,.0f}/s" for n, rs in runs.items()))
@@ -368,8 +369,8 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
         runs = {t.name: [] for t in order}
         for rep in range(cfg.repeats):
             for t in _rotate(order, rep):
-                runs[t.name].append(_measure(t, lambda: loadgen.run_load(t.url + "/generate", body, 1,
-                                                                          cfg.lat_duration, cfg.tool)))
+                runs[t.name].append(_measure(t, lambda t=t: loadgen.run_load(t.url + "/generate", body, 1,
+                                                                              cfg.lat_duration, cfg.tool)))
         res["latency"] = runs
         out("  p50 at 1 connection: " + ", ".join(f"{n} {_median([r['p50_ms'] for r in rs]):.3f} ms"
                                                   for n, rs in runs.items()))
@@ -393,13 +394,13 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
             for n in _rotate(cache_names + ["(reference, fixed body)"], rep):
                 if n == "(reference, fixed body)":
                     t = targets[ref]
-                    ref_fixed.append(_measure(t, lambda: loadgen.run_load(t.url + "/generate", body, 32, cfg.duration,
-                                                                          cfg.tool)))
+                    ref_fixed.append(_measure(t, lambda t=t: loadgen.run_load(t.url + "/generate", body, 32,
+                                                                              cfg.duration, cfg.tool)))
                     continue
                 t = targets[n]
                 spec = loadgen.MultiTurnSpec(reply_text=REPLY_TEXT, tag=f"r{rep}{n[:3]}")
-                runs_ = _measure(t, lambda: loadgen.run_multiturn(t.url + "/generate", spec, 32, cfg.cache_duration,
-                                                                  cfg.tool))
+                runs_ = _measure(t, lambda t=t, spec=spec: loadgen.run_multiturn(t.url + "/generate", spec, 32,
+                                                                                 cfg.cache_duration, cfg.tool))
                 cruns[n].append(runs_)
         res["cache"]["throughput_32"] = cruns
         res["cache"]["reference_fixed_32"] = ref_fixed
@@ -472,8 +473,9 @@ def profile(cfg: Config, targets: dict[str, Target], body: bytes, out: Callable[
             continue
         t = targets[n]
         path = Path(cfg.profile_dir) / (n.replace(" ", "_") + ".txt")
-        rec = subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "250", "--nonblocking", "--subprocesses",
-                                "-o", str(path), "--pid", str(t.proc.pid), "--duration", str(int(cfg.profile_seconds))],
+        rec = subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                                "--subprocesses", "-o", str(path), "--pid", str(t.proc.pid),
+                                "--duration", str(int(cfg.profile_seconds))],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         if multiturn:

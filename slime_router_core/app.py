@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request

@@ -80,7 +80,7 @@ def serve(
     worker_url: list[str] = typer.Option([], "--worker-url", envvar=ENV + "WORKER_URLS",
                                          help="SGLang worker URL (repeatable). None given and no --hf-checkpoint: "
                                               "runs the embedded demo (two mock workers, built-in tokenizer)."),
-    hf_checkpoint: Optional[str] = typer.Option(None, "--hf-checkpoint", envvar=ENV + "HF_CHECKPOINT",
+    hf_checkpoint: str | None = typer.Option(None, "--hf-checkpoint", envvar=ENV + "HF_CHECKPOINT",
                                                 help="HuggingFace checkpoint directory with the tokenizer and chat "
                                                      "template, or 'builtin:qwen3' for the bundled Qwen3 tokenizer."),
     plugin: list[str] = typer.Option([], "--plugin", envvar=ENV + "PLUGINS",
@@ -130,7 +130,7 @@ def _bind_error(host: str, port: int, e: Exception) -> str:
 
 
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
-               hf_checkpoint: Optional[str], verbose: bool, max_body_size: int, max_attempts: int,
+               hf_checkpoint: str | None, verbose: bool, max_body_size: int, max_attempts: int,
                demo_workers: int, shutdown_grace_seconds: float, **_: Any) -> None:
     import uvicorn
 
@@ -289,9 +289,9 @@ def _serve_command(plugins: Any, options: Any) -> Any:
     for dest, opt in options.options.items():
         kind: Any = bool if opt.is_flag else opt.type
         if opt.choices:  # an Enum: click refuses other values naming the valid ones, --help lists them
-            kind = enums[dest] = enum.Enum(dest, [(c, c) for c in opt.choices], type=str)  # type: ignore[misc]
+            kind = enums[dest] = enum.Enum(dest, [(c, c) for c in opt.choices], type=str)
         annotation = list[kind] if opt.multiple else (kind if opt.default is not None or opt.is_flag
-                                                      else Optional[kind])
+                                                      else Optional[kind])  # noqa: UP045 -- a runtime annotation for typer: keep typing.Union, not types.UnionType
         default = list(opt.default or []) if opt.multiple else opt.default
         if dest in enums and default is not None:
             default = [enums[dest](d) for d in default] if opt.multiple else enums[dest](default)
@@ -331,7 +331,7 @@ def build_cli(argv: list[str]) -> Any:
     except PluginLoadError as e:
         if "serve" in argv:
             typer.echo(f"Error: {e}", err=True)
-            raise SystemExit(2)
+            raise SystemExit(2) from e
         plugins = load_plugins([])  # `plugins` and `--help` still work; `serve` reports the error above
         options = collect_options(plugins)
     app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})(_serve_command(plugins, options))

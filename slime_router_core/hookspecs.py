@@ -14,7 +14,8 @@ Conventions (after pytest and datasette):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -46,7 +47,7 @@ def add_options(options: OptionRegistry) -> None:
 
 
 @hookspec
-def required_components() -> list[str]:
+def required_components() -> list[str]:  # type: ignore[empty-body]  # a hookspec: signature only
     """Return the names of registry components this plugin needs (e.g. ``["tokenizer"]``).
 
     Checked at start-up, after every plugin's ``register_components``: a missing one stops
@@ -162,9 +163,9 @@ def post_response(ctx: RequestContext, response: Any) -> Awaitable[None] | None:
     Non-streaming: ``response`` is the parsed JSON reply (dict, or list for a batch) after a
     successful (2xx) upstream call; mutate it in place, or set ``ctx.response`` to replace it.
     ``ctx.raw_response`` holds the worker's reply bytes as received (e.g. to hand them to another
-    process without re-serializing). Streaming: called once after the stream ended normally, with ``response`` = the list of
-    chunks passed to ``stream_chunk`` (empty unless ``ctx.inspect_stream``); it can no longer
-    change what the client got.
+    process without re-serializing). Streaming: called once after the stream ended normally, with
+    ``response`` = the list of chunks passed to ``stream_chunk`` (empty unless ``ctx.inspect_stream``);
+    it can no longer change what the client got.
     """
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -165,8 +166,9 @@ class GenerateHandler:
         except asyncio.CancelledError:
             status, error = 499, "client disconnected"
             task = asyncio.current_task()
-            if task is not None and getattr(task, "uncancel", None):
-                task.uncancel()
+            uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+            if task is not None and uncancel:
+                uncancel()
         except Exception as e:  # a plugin bug: answer 500 with the cause, keep serving
             log.exception("error handling /generate")
             status, error = 500, f"{type(e).__name__}: {e}"

@@ -15,8 +15,8 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -109,10 +109,55 @@ def _fast_caller(hook: Any, firstresult: bool) -> Any:
     return call_all
 
 
+# The request-path hooks as ``RequestHooks`` holds them: called with the hookspec's arguments as keywords. A
+# plain hook answers the list of its implementations' non-None results, a ``firstresult`` hook the first one.
+class _PreRequest(Protocol):
+    def __call__(self, *, ctx: RequestContext) -> list[Awaitable[None]]: ...
+
+
+class _SelectWorker(Protocol):
+    def __call__(self, *, ctx: RequestContext, workers: list[Worker]) -> Worker | None: ...
+
+
+class _WorkerSelected(Protocol):
+    def __call__(self, *, ctx: RequestContext, worker: Worker) -> list[Any]: ...
+
+
+class _ShouldRetry(Protocol):
+    def __call__(self, *, ctx: RequestContext, worker: Worker, status: int | None, error: BaseException | None,
+                 attempt: int) -> bool | float | None: ...
+
+
+class _UpstreamFailed(Protocol):
+    def __call__(self, *, ctx: RequestContext, worker: Worker, status: int | None,
+                 error: BaseException | None) -> list[Any]: ...
+
+
+class _StreamChunk(Protocol):
+    def __call__(self, *, ctx: RequestContext, chunk: dict[str, Any]) -> list[Any]: ...
+
+
+class _PostResponse(Protocol):
+    def __call__(self, *, ctx: RequestContext, response: Any) -> list[Awaitable[None]]: ...
+
+
+class _RequestFinished(Protocol):
+    def __call__(self, *, ctx: RequestContext) -> list[Any]: ...
+
+
 class RequestHooks:
     """The request-path hooks as plain callables; ``None`` where no plugin implements one (free)."""
 
     __slots__ = REQUEST_HOOKS
+    # set in __init__ by name (one per entry of REQUEST_HOOKS)
+    pre_request: _PreRequest | None
+    select_worker: _SelectWorker | None
+    worker_selected: _WorkerSelected | None
+    should_retry: _ShouldRetry | None
+    upstream_failed: _UpstreamFailed | None
+    stream_chunk: _StreamChunk | None
+    post_response: _PostResponse | None
+    request_finished: _RequestFinished | None
 
     def __init__(self, plugins: PluginManager) -> None:
         for name in REQUEST_HOOKS:
@@ -412,11 +457,12 @@ class Router:
         Unreachable workers are reported with status 502 and a message, not raised.
         """
         assert self.session is not None, "router not started"
+        session = self.session
         targets = urls if urls is not None else self.pool.urls()
 
         async def one(url: str) -> tuple[str, tuple[int, Any]]:
             try:
-                async with self.session.request(method, url + path, json=body) as resp:
+                async with session.request(method, url + path, json=body) as resp:
                     data = await resp.read()
                     try:
                         parsed: Any = orjson.loads(data) if data else None

@@ -56,7 +56,7 @@ class _Collect:
 
 if RequestResponseCycle is not None:
 
-    class OneWriteCycle(RequestResponseCycle):  # type: ignore[misc,valid-type]
+    class OneWriteCycle(RequestResponseCycle):
         _held: list[bytes] | None = None
 
         async def send(self, message: Any) -> None:
@@ -66,7 +66,7 @@ if RequestResponseCycle is not None:
                     return await super().send(message)
                 self._held = []  # the head: written with the body
             real, out = self.transport, _Collect(self.transport, self._held)
-            self.transport = out
+            self.transport = out  # type: ignore[assignment]  # a duck-typed stand-in (write/close kept, rest forwarded)
             try:
                 await super().send(message)
             finally:
@@ -79,7 +79,7 @@ if RequestResponseCycle is not None:
             if out.close_requested:
                 real.close()
 
-    class OneWriteProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class OneWriteProtocol(HttpToolsProtocol):
         """``http=`` protocol for uvicorn: httptools, one write per complete response."""
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Settings:
         except AttributeError:
             return default
 
-    def with_defaults(self, options: OptionRegistry) -> "Settings":
+    def with_defaults(self, options: OptionRegistry) -> Settings:
         """Fill in defaults for plugin options not given (used when building apps in code/tests), and refuse a
         value that is not one of its option's ``choices`` (ValueError naming the flag and the valid values)."""
         for dest, opt in options.options.items():

@@ -80,17 +80,17 @@ def merge_stream(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     total = meta.get("completion_tokens")
     total = int(total) if isinstance(total, int) else None
 
-    id_lists = [c.get("output_ids") for c in chunks if c.get("output_ids") is not None]
+    id_lists: list[Any] = [c.get("output_ids") for c in chunks if c.get("output_ids") is not None]
     ids_cum = _is_cumulative(id_lists, total)
     output_ids = list(id_lists[-1]) if ids_cum and id_lists else [x for s in id_lists for x in s]
 
-    lp_lists = [(c.get("meta_info") or {}).get("output_token_logprobs") for c in chunks]
+    lp_lists: list[Any] = [(c.get("meta_info") or {}).get("output_token_logprobs") for c in chunks]
     lp_lists = [x for x in lp_lists if x is not None]
     lps_cum: bool | None = None
     if lp_lists:
         lps_cum = _is_cumulative(lp_lists, total)
         meta["output_token_logprobs"] = list(lp_lists[-1]) if lps_cum else [t for s in lp_lists for t in s]
-    top_lists = [(c.get("meta_info") or {}).get("output_top_logprobs") for c in chunks]
+    top_lists: list[Any] = [(c.get("meta_info") or {}).get("output_top_logprobs") for c in chunks]
     top_lists = [x for x in top_lists if x is not None]
     if top_lists:
         top_cum = _is_cumulative(top_lists, total)

@@ -56,7 +56,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -71,7 +71,7 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -131,7 +131,8 @@ def start_mock_worker_process(port: int | None = None, hf_checkpoint: str | None
 
 
 def start_router(settings: Any = None, plugins: list[str] | None = None, block: list[str] | None = None,
-                 extra: list[tuple[str, Any]] | None = None, port: int | None = None, **settings_kw: Any) -> ServerThread:
+                 extra: list[tuple[str, Any]] | None = None, port: int | None = None,
+                 **settings_kw: Any) -> ServerThread:
     """Build and serve a router. ``plugins=None`` loads every installed plugin, ``[]`` none."""
     from .app import build_app
     from .plugins import load_plugins

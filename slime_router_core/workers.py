@@ -7,7 +7,8 @@ counts are exact under any concurrency without locks.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import HTTPError

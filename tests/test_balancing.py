@@ -77,7 +77,7 @@ def wait_for(cond, timeout: float = 5.0, interval: float = 0.01) -> float:
     t0 = time.monotonic()
     while not cond():
         if time.monotonic() - t0 > timeout:
-            raise AssertionError("condition not met within %.1fs" % timeout)
+            raise AssertionError(f"condition not met within {timeout:.1f}s")
         time.sleep(interval)
     return time.monotonic() - t0
 
@@ -287,7 +287,8 @@ async def test_cache_aware_with_the_radix_tree_plugin(router, mock_worker):
         for turn in range(5):
             resp = await client.post(r.url + "/generate", json=dict(GEN, text=text, rid=f"r{i}/t{turn}"))
             assert resp.status_code == 200, resp.text
-            text += resp.json()["text"] + f"<|im_end|>\n<|im_start|>user\nTurn {turn}?<|im_end|>\n<|im_start|>assistant\n"
+            text += (resp.json()["text"]
+                     + f"<|im_end|>\n<|im_start|>user\nTurn {turn}?<|im_end|>\n<|im_start|>assistant\n")
 
     async with httpx.AsyncClient(timeout=30) as client:
         await asyncio.gather(*(conversation(client, i) for i in range(20)))

@@ -1,9 +1,9 @@
 """The embedded demo shows what the OpenAI API is for: a chat with ``tools`` gets tool calls, a chat reasons.
 
 `slime-router serve` with no workers (the README's first command) runs in a subprocess; the test waits until it
-answers, then sends the README's curls (and the banner's) as a newcomer would. The demo's mock workers are realistic (random per
-request), so a tool call is asked for several times: one is expected (each reply calls a tool with probability
-0.8; twenty replies without one: 1e-14).
+answers, then sends the README's curls (and the banner's) as a newcomer would. The demo's mock workers are realistic
+(random per request), so a tool call is asked for several times: one is expected (each reply calls a tool with
+probability 0.8; twenty replies without one: 1e-14).
 """
 
 from __future__ import annotations

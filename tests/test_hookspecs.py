@@ -29,10 +29,22 @@ def test_every_hook_is_documented_in_the_readme_and_has_a_docstring(name):
     assert spec.__doc__ and len(spec.__doc__.strip()) > 40
 
 
+def test_request_hooks_are_declared_with_the_hookspecs_signatures():
+    """``RequestHooks``' attribute types (for mypy) name exactly the request-path hooks, with their arguments."""
+    from slime_router_core import router
+
+    protocols = {name: vars(router)[ann] for name, ann in router.RequestHooks.__annotations__.items()
+                 for ann in [ann.removesuffix(" | None")]}
+    assert list(protocols) == list(router.REQUEST_HOOKS) == list(router.RequestHooks.__slots__)
+    for name, proto in protocols.items():
+        assert list(inspect.signature(proto.__call__).parameters)[1:] == \
+            list(inspect.signature(getattr(hookspecs, name)).parameters), name
+
+
 def test_decision_hooks_are_firstresult():
-    assert getattr(hookspecs.select_worker, "slime_router_spec")["firstresult"] is True
-    assert getattr(hookspecs.should_retry, "slime_router_spec")["firstresult"] is True
-    assert getattr(hookspecs.post_response, "slime_router_spec")["firstresult"] is False
+    assert hookspecs.select_worker.slime_router_spec["firstresult"] is True
+    assert hookspecs.should_retry.slime_router_spec["firstresult"] is True
+    assert hookspecs.post_response.slime_router_spec["firstresult"] is False
 
 
 class Recorder:

@@ -309,7 +309,7 @@ def test_plugin_routes_streams_weight_versions_and_label_bounds(router, mock_wor
     # versions: the 3 most recent kept, older ones folded into "other"
     versions = {s.labels["version"]: s.value for s in fams["slime_router_weight_version_responses"].samples
                 if s.name.endswith("_total")}
-    assert versions == {"v3": 1, "v4": 1, "v5": 2 + 2, "other": 2}  # v5 also for the stream and '/user/..' 
+    assert versions == {"v3": 1, "v4": 1, "v5": 2 + 2, "other": 2}  # v5 also for the stream and '/user/..'
     # router.generate_stream inspects chunks: TTFT and the stream's tokens are recorded
     ttft = "slime_router_time_to_first_token_seconds"
     assert value(fams, ttft, ttft + "_count", route="/custom") == 1

@@ -34,7 +34,7 @@ class _Server:
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def start(self) -> "_Server":
+    def start(self) -> _Server:
         self.thread.start()
         deadline = time.time() + 10
         while not self.server.started:
@@ -186,7 +186,8 @@ def test_stop_strings_and_stop_token_ids(w, tok):
     # expected: the first prefix of output ids whose decoded text contains the stop string
     k = next(i for i in range(1, 101) if stop in tok.decode(full["output_ids"][:i]))
     cut_text = tok.decode(full["output_ids"][:k])
-    out = gen(w, text="Tell me a story", sampling_params={"max_new_tokens": 100, "ignore_eos": True, "stop": [stop, "zzz"]})
+    out = gen(w, text="Tell me a story",
+              sampling_params={"max_new_tokens": 100, "ignore_eos": True, "stop": [stop, "zzz"]})
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     assert out["output_ids"] == full["output_ids"][:k]  # ids keep the stop string's tokens
     assert out["text"] == cut_text[: cut_text.find(stop)]  # text is trimmed

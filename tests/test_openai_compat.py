@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -217,7 +218,8 @@ def test_tool_calls(env, w, client):
     deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
     assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
     assert deltas[0].function.arguments == '{"city": "Paris"}' and deltas[0].id.startswith("call_")
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+    finish_reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finish_reasons == ["tool_calls"]
     # tool_choice none: tools left out of the prompt, no parsing
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
                                        tool_choice="none")

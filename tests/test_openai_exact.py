@@ -5,7 +5,8 @@ real ``openai`` SDK through the router with the trajectory cache (radix_tree) in
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +20,6 @@ from slime_router_core import Settings
 from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
 from slime_router_core.testing import ServerThread, start_router
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
-
 from test_openai_exact import assert_exact
 
 TOOLS = [{"type": "function", "function": {

@@ -7,8 +7,13 @@ import json
 import pytest
 
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
-from slime_router_plugins.openai_compat.parse import OutputParser, ParsedOutput, collect, parse_output, \
-    parse_tool_call_body
+from slime_router_plugins.openai_compat.parse import (
+    OutputParser,
+    ParsedOutput,
+    collect,
+    parse_output,
+    parse_tool_call_body,
+)
 from slime_router_plugins.openai_compat.render import HistoryEntry, HistoryStore, Renderer, history_key
 from slime_router_plugins.openai_compat.stream import ChoiceAccumulator, IncrementalDecoder
 
@@ -87,8 +92,9 @@ MESSAGES = [
     {"role": "developer", "content": "Be brief."},
     {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
 ]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get weather",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 def test_render_matches_apply_chat_template(tok):
@@ -129,7 +135,8 @@ def test_template_mode_restores_reasoning_in_tool_loop(tok):
     r = Renderer(tok, store)
     msgs = [{"role": "user", "content": "weather?"}]
     p1 = r.render(msgs, TOOLS, None)
-    raw = '<think>\nCall the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    raw = ('<think>\nCall the tool.\n</think>\n\n'
+           '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
     a1 = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
     store.put(msgs, a1, HistoryEntry(raw=raw, reasoning="Call the tool."))
@@ -159,12 +166,14 @@ def _chunks(mode: str, ids: list[int], texts: list[str], step: int) -> list[dict
         lps = [[-0.1 * k, t, None] for k, t in enumerate(ids)]
         meta = {"completion_tokens": end, "finish_reason": {"type": "stop"} if end == len(ids) else None}
         if mode == "cumulative":
-            out.append({"text": texts[end - 1], "output_ids": ids[:end], "meta_info": {**meta, "output_token_logprobs": lps[:end]}})
+            out.append({"text": texts[end - 1], "output_ids": ids[:end],
+                        "meta_info": {**meta, "output_token_logprobs": lps[:end]}})
         elif mode == "incremental":
             out.append({"text": texts[end - 1][len(texts[sent - 1]) if sent else 0:], "output_ids": ids[sent:end],
                         "meta_info": {**meta, "output_token_logprobs": lps[sent:end]}})
         else:  # legacy: cumulative text and logprobs, delta ids
-            out.append({"text": texts[end - 1], "output_ids": ids[sent:end], "meta_info": {**meta, "output_token_logprobs": lps[:end]}})
+            out.append({"text": texts[end - 1], "output_ids": ids[sent:end],
+                        "meta_info": {**meta, "output_token_logprobs": lps[:end]}})
         sent = end
         if end == len(ids):
             break

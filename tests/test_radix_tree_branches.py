@@ -256,7 +256,7 @@ def families(draw):
     k = draw(st.integers(2, 8))
     root = draw(st.lists(st.integers(0, len(PIECES) - 1), min_size=1, max_size=6))
     sibs = []
-    for i in range(k):
+    for _ in range(k):
         shared = draw(st.integers(0, len(root)))
         # not empty: a reply that is only the EOS makes the prompt itself read as "prompt + optional EOS"
         tail = draw(st.lists(st.integers(0, len(PIECES) - 1), min_size=0 if shared else 1, max_size=3))
@@ -321,7 +321,7 @@ def test_property_branch_families_each_retrieve_their_own_values(tok, fam):
             st_i["t2"] = (st_i["prompt2"] + r["text"], st_i["p2"].input_ids + ids, lps, vs)
         cache.tree.check()
 
-    for i, s in enumerate(sibs):
+    for i, _s in enumerate(sibs):
         text1, ids1, lps1, vs1 = state[i]["t1"]
         n1 = len(ids1) - plen
         for q in (text1, text1 + "<|im_end|>"):

@@ -417,7 +417,8 @@ def test_incremental_record_walks_only_new_tokens_and_falls_back_when_the_tree_c
     cache.tree.check()
 
 
-TURN_TEXTS = [" ok", " yes.", " 你好", " 🤖!", "\n\nsure", " the end", " a b c", " ok ok", " 你", " 🤖🤖 x", "🤖", " 好的"]
+TURN_TEXTS = [" ok", " yes.", " 你好", " 🤖!", "\n\nsure", " the end", " a b c", " ok ok", " 你", " 🤖🤖 x", "🤖",
+              " 好的"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -477,7 +478,8 @@ _LP = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, widt
                                              max_size=20)),
        output_ids=st.one_of(st.none(), st.lists(st.integers(0, 151000), max_size=20)),
        version=st.one_of(st.none(), st.sampled_from(["v1", "7"]), st.integers(0, 3)),
-       spans=st.one_of(st.none(), st.lists(st.fixed_dictionaries({"start": st.integers(-2, 25), "end": st.integers(-2, 25),
+       spans=st.one_of(st.none(), st.lists(st.fixed_dictionaries({"start": st.integers(-2, 25),
+                                                                  "end": st.integers(-2, 25),
                                                                   "version": st.sampled_from(["a", "b", 3])}),
                                            max_size=4)))
 def test_fast_reply_readers_equal_the_sglang_helpers(triples, output_ids, version, spans):

@@ -40,7 +40,8 @@ class RawServer:
                         writer.close()
                         return
                     continue
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
                 for i in range(3):
                     data = f"data: {i}\n\n".encode()
                     writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

@@ -25,8 +25,9 @@ import re
 import struct
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -235,7 +236,7 @@ class MockWorkerState:
         self.requests_seeded = 0
         self._version_counted = config.weight_version  # the version _version_sequences counts for
         self._version_sequences = 0
-        self.stats = {
+        self.stats: dict[str, Any] = {
             "requests_received": 0,  # /generate HTTP requests
             "sequences_generated": 0,
             "in_flight": 0,
@@ -675,14 +676,14 @@ class Sequence:
 
     def _top(self, tid: int, lp: float) -> list:
         k = self.top_logprobs_num
-        out = [[lp, tid]]
+        out: list[list[Any]] = [[lp, tid]]
         rng = random.Random(_hash_int(tid, lp, k))
         cur = lp
         for _ in range(k - 1):
             cur = round(cur - rng.random() * 1.5 - 0.01, 6)
             out.append([cur, rng.choice(self.state.word_ids)])
         out.sort(key=lambda x: -x[0])
-        return [self._triple(l, t) for l, t in out]
+        return [self._triple(v, t) for v, t in out]
 
     def _triple(self, lp: float | None, tid: int) -> list:
         return [lp, tid, self.state.token_text(tid) if self.return_text_in_logprobs else None]
@@ -722,7 +723,8 @@ class Sequence:
 
     def input_logprobs(self) -> tuple[list, list | None]:
         start = max(0, self.logprob_start_len)
-        triples, tops = [], [] if self.top_logprobs_num > 0 else None
+        triples: list[list[Any]] = []
+        tops: list[Any] | None = [] if self.top_logprobs_num > 0 else None
         for pos in range(start, len(self.input_ids)):
             tid = self.input_ids[pos]
             lp = None if pos == start else -round((_hash_int(tid, pos) % 100000) / 40000 + 1e-4, 6)
@@ -784,7 +786,7 @@ class Sequence:
         return rec
 
     # -- the driver
-    async def run(self) -> AsyncIterator[None]:
+    async def run(self) -> AsyncGenerator[None, None]:
         """Generate; yields whenever a streaming chunk is due. Always records the sequence."""
         st, c = self.state, self.state.config
         key = id(self)
@@ -946,7 +948,7 @@ class _Chunker:
             out_text, out_ids = text, list(seq.output_ids)
             meta = seq.meta(final=final)
         self.sent_text, self.sent_ids = text, n
-        obj = {"text": out_text, "output_ids": out_ids, "meta_info": meta}
+        obj: dict[str, Any] = {"text": out_text, "output_ids": out_ids, "meta_info": meta}
         if self.batch:
             obj["index"] = seq.index
         return obj
@@ -971,7 +973,7 @@ def create_mock_worker_app(config: MockWorkerConfig | None = None) -> Starlette:
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
-            raise _HTTPError(400, f"Invalid JSON body: {e}")
+            raise _HTTPError(400, f"Invalid JSON body: {e}") from e
         if not isinstance(obj, dict):
             raise _HTTPError(400, "The request body must be a JSON object.")
         return obj

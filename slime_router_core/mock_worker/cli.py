@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Optional
 
 import typer
 
@@ -98,10 +97,10 @@ def mock_worker_command(
                                     help="cumulative | incremental | legacy"),
     mode: str = typer.Option("random", "--mode", envvar="SLIME_MOCK_MODE",
                              help="random | think | tool_call | reply_text"),
-    reply_text: Optional[str] = typer.Option(None, "--reply-text", envvar="SLIME_MOCK_REPLY_TEXT"),
-    think_text: Optional[str] = typer.Option(None, "--think-text", envvar="SLIME_MOCK_THINK_TEXT"),
+    reply_text: str | None = typer.Option(None, "--reply-text", envvar="SLIME_MOCK_REPLY_TEXT"),
+    think_text: str | None = typer.Option(None, "--think-text", envvar="SLIME_MOCK_THINK_TEXT"),
     tool_name: str = typer.Option("get_weather", "--tool-name", envvar="SLIME_MOCK_TOOL_NAME"),
-    tool_arguments: Optional[str] = typer.Option(None, "--tool-arguments", envvar="SLIME_MOCK_TOOL_ARGUMENTS",
+    tool_arguments: str | None = typer.Option(None, "--tool-arguments", envvar="SLIME_MOCK_TOOL_ARGUMENTS",
                                                  help="JSON object."),
     stop_at_eos: float = typer.Option(1.0, "--stop-at-eos", envvar="SLIME_MOCK_STOP_AT_EOS"),
     max_random_tokens: int = typer.Option(48, "--max-random-tokens", envvar="SLIME_MOCK_MAX_RANDOM_TOKENS"),
@@ -116,13 +115,13 @@ def mock_worker_command(
     fail_status: int = typer.Option(500, "--fail-status", envvar="SLIME_MOCK_FAIL_STATUS"),
     crash_after_n: int = typer.Option(0, "--crash-after-n", envvar="SLIME_MOCK_CRASH_AFTER_N"),
     health_status: int = typer.Option(200, "--health-status", envvar="SLIME_MOCK_HEALTH_STATUS"),
-    unhealthy_after: Optional[float] = typer.Option(None, "--unhealthy-after", envvar="SLIME_MOCK_UNHEALTHY_AFTER"),
+    unhealthy_after: float | None = typer.Option(None, "--unhealthy-after", envvar="SLIME_MOCK_UNHEALTHY_AFTER"),
     version_every: int = typer.Option(_D.version_every, "--version-every", envvar="SLIME_MOCK_VERSION_EVERY",
                                       help="Bump the weight version every N sequences (0 = never)."),
     realistic: bool = typer.Option(False, "--realistic", envvar="SLIME_MOCK_REALISTIC",
                                    help="Reply like a real model: whitespace, non-canonical splits, odd tool-call "
                                         "JSON, per-request logprobs, branches sharing a prefix."),
-    realistic_seed: Optional[int] = typer.Option(None, "--realistic-seed", envvar="SLIME_MOCK_REALISTIC_SEED",
+    realistic_seed: int | None = typer.Option(None, "--realistic-seed", envvar="SLIME_MOCK_REALISTIC_SEED",
                                                  help="Seed the realistic randomness (default: os.urandom)."),
     leading_whitespace_rate: float = typer.Option(_D.leading_whitespace_rate, "--leading-whitespace-rate"),
     trailing_whitespace_rate: float = typer.Option(_D.trailing_whitespace_rate, "--trailing-whitespace-rate"),

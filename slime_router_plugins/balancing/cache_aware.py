@@ -68,8 +68,8 @@ class CacheAwarePolicy(Policy):
         self.rel_threshold = float(config.cache_aware_rel_threshold)
         self.min_match = float(getattr(config, "cache_aware_min_match", 0.0) or 0.0)
         self.ring = HashRing()
-        self.stats = {"session_routed": 0, "affinity_routed": 0, "affinity_unavailable": 0, "affinity_below_min_match": 0,
-                      "overload_fallbacks": 0, "load_routed": 0}
+        self.stats = {"session_routed": 0, "affinity_routed": 0, "affinity_unavailable": 0,
+                      "affinity_below_min_match": 0, "overload_fallbacks": 0, "load_routed": 0}
 
     def worker_added(self, worker: Worker) -> None:
         self.ring.add(worker.url)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from slime_router_core.workers import Worker

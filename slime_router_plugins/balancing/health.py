@@ -96,6 +96,7 @@ class HealthChecker:
         session = self.router.session
         if session is None:
             return False
+        detail: int | str  # the HTTP status, or the connection error's name
         try:
             async with session.get(worker.url + self.path,
                                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:

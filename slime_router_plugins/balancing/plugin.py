@@ -126,7 +126,7 @@ class BalancingConfig:
     seed: int | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "BalancingConfig":
+    def from_settings(cls, settings: Any) -> BalancingConfig:
         d = cls()
 
         def get(name: str, conv: Any) -> Any:
@@ -529,7 +529,10 @@ class Balancer:
                 raise HTTPError(400, "Give 'rid' (matched as a prefix of request ids) or 'abort_all': true.",
                                 param="rid")
             _require_workers(balancer.router)
-            targets = [] if abort_all else balancer.workers_for_rid(rid)
+            targets: list[str] = []
+            if not abort_all:
+                assert rid is not None  # checked above: a non-empty string unless abort_all
+                targets = balancer.workers_for_rid(rid)
             routed = "tracked" if targets else "broadcast"
             results = await balancer.router.broadcast("POST", "/abort_request", body, urls=targets or None)
             ok = all(200 <= s < 300 for s, _ in results.values())

@@ -18,7 +18,8 @@ import logging
 import time
 from bisect import bisect_left
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
@@ -158,13 +159,13 @@ class MetricsState:
         self.retries: dict[str, int] = {}
         self.upstream_failures: dict[str, int] = {}  # reason: HTTP status or "connection"
         self.weight_versions = BoundedCounter(max_versions)
-        self.recent: deque[dict] | None = deque(maxlen=recent) if recent > 0 else None
+        self.recent: deque[tuple[Any, ...]] | None = deque(maxlen=recent) if recent > 0 else None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RouterCollector(self))
 
     # --- labels --------------------------------------------------------------------------------
 
-    def set_known_routes(self, paths: Iterable[str]) -> None:
+    def set_known_routes(self, paths: Iterable[object]) -> None:
         """The app's own static paths: the only route label values besides "other"."""
         self.known_routes = {p for p in paths if isinstance(p, str) and "{" not in p} | {"/generate"}
 

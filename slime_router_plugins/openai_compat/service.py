@@ -7,7 +7,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -15,8 +16,18 @@ from slime_router_core import HTTPError, RequestContext, resolve
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .parse import OutputParser, ParsedOutput, collect, parse_output
-from .render import (CAUSES, CLIENT_EDIT, ROUTER_NORMALISATION, TEMPLATE_RULE, UNKNOWN_ORIGIN, HistoryEntry,
-                     HistoryStore, Renderer, SpliceError, text_digest)
+from .render import (
+    CAUSES,
+    CLIENT_EDIT,
+    ROUTER_NORMALISATION,
+    TEMPLATE_RULE,
+    UNKNOWN_ORIGIN,
+    HistoryEntry,
+    HistoryStore,
+    Renderer,
+    SpliceError,
+    text_digest,
+)
 from .schema import bad
 from .stream import DONE, ChoiceAccumulator, IncrementalDecoder, sse
 
@@ -357,7 +368,7 @@ class OpenAIService:
 
     # --- streaming --------------------------------------------------------------------------------
 
-    async def open_stream(self, ctx: RequestContext, opts: dict, events_fn: Any) -> "StreamJob":
+    async def open_stream(self, ctx: RequestContext, opts: dict, events_fn: Any) -> StreamJob:
         """Open the upstream stream now (so that failures before the first chunk are HTTP errors)."""
         agen = self.router.generate_stream(ctx)
         try:
@@ -385,7 +396,7 @@ class OpenAIService:
     def chat_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
         return self._chunk("chat.completion.chunk", opts, choices, usage)
 
-    async def chat_events(self, job: "StreamJob") -> AsyncIterator[bytes]:
+    async def chat_events(self, job: StreamJob) -> AsyncIterator[bytes]:
         opts = job.opts
         n = opts["n"]
         states: dict[int, dict[str, Any]] = {}
@@ -425,6 +436,7 @@ class OpenAIService:
                 finish, matched = finish_reason_of(acc.meta, bool(parsed.tool_calls))
                 yield self.chat_chunk(opts, [{"index": idx, "delta": {}, "logprobs": None, "finish_reason": finish,
                                               "matched_stop": matched}])
+                assert merged is not None  # _advance merges the chunks when the choice finished
                 job.finished_choice(merged, acc)
                 if finish != "abort":
                     self.remember(opts, self.message_of(parsed), merged.get("text") or "", parsed.reasoning, finish,
@@ -504,7 +516,8 @@ class OpenAIService:
                 "trajectory": self.trajectory(prepared, recorded)}
 
     def legacy_logprobs(self, ids: list[int], lps: list, tops: list | None, top_n: int) -> dict[str, Any]:
-        tokens, offsets, top = [], [], []
+        tokens, offsets = [], []
+        top: list[dict[str, Any] | None] = []
         pos = 0
         for k, tid in enumerate(ids):
             t, _ = self.token_text(tid)
@@ -520,10 +533,11 @@ class OpenAIService:
     def completion_chunk(self, opts: dict, choices: list, usage: Any = False) -> bytes:
         return self._chunk("text_completion", opts, choices, usage)
 
-    async def completion_events(self, job: "StreamJob") -> AsyncIterator[bytes]:
+    async def completion_events(self, job: StreamJob) -> AsyncIterator[bytes]:
         opts = job.opts
-        states = {i: {"acc": ChoiceAccumulator(), "dec": IncrementalDecoder(self.tokenizer, job.holdback),
-                      "done": False} for i in range(opts["n"])}
+        states: dict[int, dict[str, Any]] = {
+            i: {"acc": ChoiceAccumulator(), "dec": IncrementalDecoder(self.tokenizer, job.holdback), "done": False}
+            for i in range(opts["n"])}
         async for obj in job.chunks():
             idx = 0 if opts["n"] == 1 else int(obj.get("index", 0) or 0)
             st = states.get(idx)
@@ -543,6 +557,7 @@ class OpenAIService:
                 finish, matched = finish_reason_of(acc.meta, False)
                 yield self.completion_chunk(opts, [{"index": idx, "text": "", "logprobs": None,
                                                     "finish_reason": finish, "matched_stop": matched}])
+                assert merged is not None  # _advance merges the chunks when the choice finished
                 job.finished_choice(merged, acc)
         if job.error is None and opts["include_usage"]:
             yield self.completion_chunk(opts, [], usage=self.usage(opts["prompt_tokens"], job.completion_tokens,

@@ -21,7 +21,8 @@ import threading
 import unicodedata
 import weakref
 from bisect import bisect_left
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from slime_router_core import HTTPError
 from slime_router_core.tokenizers import bytes_to_unicode
@@ -45,8 +46,9 @@ _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 # whitespace, digits, contractions, code, accents, RTL scripts, byte-fallback-like rarities.
 PROBES: tuple[str, ...] = (
     "", " ", "  ", "\n", "\n\n", "\n\n\n", "\r\n", "\r\n\r\n", "\t", " \t \n  \n\t x", "   leading", "trailing   ",
-    "a  b   c    d", "x \n y \n\n z", "\u00a0nbsp\u2009thin\u3000ideo", "Hello, world! How's it going? I'm fine; we'll see.",
-    "DON'T STOP, it'S OK", "12345 6789.01 -3e10 0x1F 1,000,000", "你好，世界！我是一个助手。", "日本語のテキスト、カタカナ。",
+    "a  b   c    d", "x \n y \n\n z", "\u00a0nbsp\u2009thin\u3000ideo",
+    "Hello, world! How's it going? I'm fine; we'll see.", "DON'T STOP, it'S OK", "12345 6789.01 -3e10 0x1F 1,000,000",
+    "你好，世界！我是一个助手。", "日本語のテキスト、カタカナ。",
     "한국어 텍스트입니다", "🤖🚀 emoji 👨‍👩‍👧‍👦 family 🇫🇷 flag 👍🏽 skin", "café naïve façade résumé Ærøskøbing",
     "مرحبا بالعالم", "שלום עולם", "Привет, мир!", "Γειά σου Κόσμε", "def f(x):\n    return x ** 2  # comment\n",
     "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "<html><body>&amp;</body></html>",
@@ -65,11 +67,11 @@ def _added_tokens(tokenizer: Any, backend: Any) -> dict[int, Any] | None:
     return {int(i): t for i, t in added.items()} if isinstance(added, dict) else None
 
 
-_FAST_ENCODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # tokenizer -> encoder | None
+_FAST_ENCODERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # tokenizer -> encoder | None
 _FAST_LOCK = threading.Lock()
 
 
-def fast_encoder(tokenizer: Any) -> "Callable[[str], list[int]] | None":
+def fast_encoder(tokenizer: Any) -> Callable[[str], list[int]] | None:
     """A tiktoken encoder that provably tokenizes like ``tokenizer``, or None.
 
     Used only when the HF tokenizer is Qwen's byte-level BPE: NFC normalizer (or none), Qwen's split
@@ -98,7 +100,7 @@ def fast_encoder(tokenizer: Any) -> "Callable[[str], list[int]] | None":
         return enc
 
 
-def _build_fast_encoder(tokenizer: Any) -> "Callable[[str], list[int]] | None":
+def _build_fast_encoder(tokenizer: Any) -> Callable[[str], list[int]] | None:
     from slime_router_core.tokenizers import QWEN_PAT_STR, load_qwen_ranks
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -211,6 +213,7 @@ class Detokenizer:
             if content is not None:
                 b = content.encode("utf-8")
             else:
+                assert self.backend is not None  # token_bytes is used for byte-level tokenizers only
                 tok = self.backend.id_to_token(tid)
                 if tok is None:
                     b = b""
@@ -262,10 +265,10 @@ class Detokenizer:
                     out[-1] = carry + dec.decode(b"", final=True)
             return out  # type: ignore[return-value]
         # generic tokenizers: per-token decoding, trusted only if it concatenates to the full decoding
-        out = [self.decode([t]) for t in ids]
-        if "".join(out) != self.decode(list(ids)):
+        texts = [self.decode([t]) for t in ids]
+        if "".join(texts) != self.decode(list(ids)):
             return []
-        return out
+        return texts
 
     def widths_for(self, ids: list[int], text: str) -> list[int]:
         """Characters of ``text`` each token of ``ids`` covers; a single span when they cannot be lined up."""
@@ -468,7 +471,7 @@ def too_large_message(tokens: int, limit: int) -> str:
             f"to record it")
 
 
-def reply_pairs(prepared: list, response: Any, n: int) -> "list[tuple[Any, dict]]":
+def reply_pairs(prepared: list, response: Any, n: int) -> list[tuple[Any, dict]]:
     """(prepared prompt, reply) for each sequence of a /generate reply: a batch of k prompts with ``n``
     samples each answers k * n objects, prompt-major."""
     items = response if isinstance(response, list) else [response]
@@ -637,6 +640,7 @@ class TrajectoryCache:
         done = False
         if anchor is not None and (fresh or out_ids):
             # continue the matched chain after its anchor: cost ~ the new tokens, not the whole trajectory
+            assert prepared.match is not None  # the anchor is the match's
             t_ids, t_widths, t_lps, t_mv = prepared.match.tail_raw(anchor.carry)
             t_ids += fresh
             t_ids += out_ids

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
 from fastapi import Request
@@ -179,7 +179,7 @@ def _strip_logprobs(obj: Any) -> None:
                 meta.pop(k, None)
 
 
-def _is_int_list(v: Any) -> bool:
+def _is_int_list(v: Any) -> TypeGuard[list[int]]:
     return isinstance(v, list) and bool(v) and all(type(x) is int for x in v)
 
 

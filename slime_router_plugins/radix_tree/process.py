@@ -7,8 +7,8 @@ cache's pure-Python work then runs next to the router's instead of after it.
 Wire: frames of ``<u32 length><pickle>`` both ways. Router -> child ``(op, rid, *args)``:
 ``p`` prepare(text), ``i`` prepare_ids(ids), ``R`` record a /generate reply (the worker's bytes) for the
 prepares of one request and forget them, ``r`` record one reply, ``x`` forget a prepare (the last three have
-no answer), ``q`` retrieve(text, strict), ``s`` stats, ``c`` the tree's self-check (tests). Child -> router ``(rid, ok, value)``. Frames written in
-one pass of the event loop go out in one write.
+no answer), ``q`` retrieve(text, strict), ``s`` stats, ``c`` the tree's self-check (tests). Child -> router
+``(rid, ok, value)``. Frames written in one pass of the event loop go out in one write.
 
 Ordering is the one guarantee the cache needs: one socket, one reader, requests handled in the order sent.
 A turn's record is queued before its reply is written to the client, and the queue is flushed by a ready
@@ -72,7 +72,7 @@ class RemotePrepared:
 
     __slots__ = ("rid", "input_ids", "cached_tokens", "fresh_tokens", "worker_url", "_client", "_open")
 
-    def __init__(self, client: "CacheProcessClient", rid: int, input_ids: list[int], cached: int, fresh: int,
+    def __init__(self, client: CacheProcessClient, rid: int, input_ids: list[int], cached: int, fresh: int,
                  worker_url: str | None) -> None:
         self.rid, self.input_ids, self.cached_tokens, self.fresh_tokens = rid, input_ids, cached, fresh
         self.worker_url = worker_url
@@ -229,7 +229,7 @@ class CacheProcessClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(b"".join(out))
 
-    def _call(self, op: str, *args: Any) -> "tuple[int, asyncio.Future]":
+    def _call(self, op: str, *args: Any) -> tuple[int, asyncio.Future]:
         rid = next(self._ids)
         self._send((op, rid, *args))
         fut = asyncio.get_running_loop().create_future()

@@ -65,8 +65,9 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from operator import sub as _sub
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 NAN = float("nan")
 
@@ -164,7 +165,7 @@ class Node:
     __slots__ = ("text", "parent", "children", "ids", "widths", "first", "last", "logp", "mv", "stamp",
                  "version", "worker", "tails", "terminal", "stops", "alive", "gen", "retrieved", "__weakref__")
 
-    def __init__(self, text: str, parent: "Node | None") -> None:
+    def __init__(self, text: str, parent: Node | None) -> None:
         self.text = text
         self.parent = parent
         self.children: dict[str, Node] | None = None
@@ -213,7 +214,7 @@ class Anchor:
 
     __slots__ = ("tree", "nodes", "carry", "chain_end", "pos")
 
-    def __init__(self, tree: "StringRadixTrie", nodes: list, carry: int, chain_end: int, pos: int) -> None:
+    def __init__(self, tree: StringRadixTrie, nodes: list, carry: int, chain_end: int, pos: int) -> None:
         self.tree, self.nodes, self.carry, self.chain_end, self.pos = tree, nodes, carry, chain_end, pos
 
     def valid(self) -> bool:
@@ -967,7 +968,7 @@ class StringRadixTrie:
         """``match`` in general: optional spans the query omits are taken whole and the walk goes on after
         them."""
         path: list[tuple[Node, int]] = []
-        cands: list[tuple[int, str, int, int]] = []
+        cands: list[tuple[int, str, Node, int, int]] = []  # (V, optional text, node, node start, path len)
         node, nstart, off, q = self.root, 0, 0, 0
         delta = 0
         seg_start = 0
@@ -1000,7 +1001,7 @@ class StringRadixTrie:
             path.append((node.children[""], t))
         res = self._collect(path, t)
         b = res[1]
-        for V, L, d in skips:
+        for V, L, _d in skips:
             if V < b < V + L:  # the optional span is only partly recorded: stop before it
                 res = self._collect(path, V)
                 b = res[1]
@@ -1021,7 +1022,7 @@ class StringRadixTrie:
         parts: list[str] = []
         ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
         heap, seq, push = self._heap, self._seq, heapq.heappush
-        for nd, s, cnt in segs:
+        for nd, _s, cnt in segs:
             if cnt == len(nd.ids):
                 ids.extend(nd.ids)
                 logp.extend(nd.logp)
