@@ -13,9 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Any
-
-import httpx
 
 
 def free_port() -> int:
@@ -30,11 +30,14 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            r = httpx.get(url, timeout=1.0)
-            if r.status_code < 500:
+        try:  # the standard library: a readiness poll needs no HTTP client dependency
+            with urllib.request.urlopen(url, timeout=1.0):
                 return
-        except httpx.HTTPError as e:
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+            last = e
+        except OSError as e:  # refused, reset, timed out (URLError is an OSError)
             last = e
         time.sleep(0.05)
     raise TimeoutError(f"{url} not up after {timeout}s: {last}")
