@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import threading
 import httpx
 import pytest
 
-from slime_router_core.testing import free_port, wait_http
+from slime_router_core.testing import free_port, stop_process_group, wait_http
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -52,15 +51,7 @@ def demo(tokenizer_dir):
         done.wait(timeout=60)
         yield url, lines
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_process_group(proc)
 
 
 def _chat(url: str, body: dict) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from slime_router_core import PluginLoadError, Settings
 from slime_router_core.app import build_app
 from slime_router_core.plugins import load_plugins
 from slime_router_core.settings import OptionRegistry
+from slime_router_core.testing import stop_process_group
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -96,16 +96,7 @@ def serve_proc():
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_process_group(proc)
 
 
 @pytest.fixture

@@ -241,9 +241,6 @@ class Renderer:
                     entries[i] = e
         return entries, answered
 
-    def entries(self, messages: list[dict[str, Any]]) -> dict[int, HistoryEntry]:
-        return self.lookup(messages)[0]
-
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, kwargs: dict | None = None,
                add_generation_prompt: bool = True, mode: str | None = None, splice_last: bool = False) -> str:
         return self.render_turns(messages, tools, kwargs, add_generation_prompt, mode, splice_last).text

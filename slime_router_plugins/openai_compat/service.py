@@ -94,6 +94,11 @@ def finish_reason_of(meta: dict, has_tool_calls: bool) -> tuple[str, Any]:
     return ("tool_calls" if has_tool_calls else "stop"), matched
 
 
+def _first_difference(a: str, b: str) -> int:
+    """Where ``a`` and ``b`` first differ (the shorter one's length if one is a prefix of the other)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 class Counters(dict):
     def inc(self, key: str, n: int = 1) -> None:
         self[key] = self.get(key, 0) + n
@@ -655,7 +660,7 @@ class OpenAIService:
                mode: str) -> str:
         if i in rendered.not_spliced:
             return str(rendered.not_spliced[i])
-        if any(rendered.not_spliced.get(j) == TEMPLATE_RULE for j in rendered.not_spliced if j < i):
+        if any(c == TEMPLATE_RULE for j, c in rendered.not_spliced.items() if j < i):
             return TEMPLATE_RULE  # an earlier turn the template rewrites is part of this turn's prompt
         if e.prompt_len >= 0:
             now = self.renderer.render(messages[:i], tools, kwargs, True, mode)
@@ -682,10 +687,10 @@ class OpenAIService:
             return out
         start = len(prompt) if prompt is not None else e.prompt_len
         if prompt is not None and not text.startswith(prompt):
-            pos = next(k for k, (x, y) in enumerate(zip(prompt + "\0", text + "\1")) if x != y)
+            pos = _first_difference(prompt, text)
             out.update(diverges_at_char=pos, generated=prompt[pos:pos + 80], rendered=text[pos:pos + 80])
         elif prompt is not None or text_digest(text[:start]) == e.prompt_digest:
-            k = next(k for k, (x, y) in enumerate(zip(e.raw + "\0", text[start:] + "\1")) if x != y)
+            k = _first_difference(e.raw, text[start:])
             out.update(diverges_at_char=start + k, generated=e.raw[k:k + 80], rendered=text[start + k:start + k + 80])
         else:  # the prompt it was generated for differs (only its digest is kept): where is not known
             out.update(generated=e.raw[:80])
