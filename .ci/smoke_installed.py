@@ -78,7 +78,9 @@ def check_installation() -> Path:
     check(not _inside(Path.cwd(), REPO), f"run this from a directory outside the repository (cwd: {Path.cwd()})")
     check(sys.prefix != sys.base_prefix, "run this with the fresh virtualenv's python")
     purelib = Path(sysconfig.get_paths()["purelib"])
-    for name in ("slime_router_core", "slime_router_plugins"):
+    # slime_router_testing: the mock worker behind `slime-router mock-worker` and the demo, the tokenizer builder
+    for name in ("slime_router_core", "slime_router_plugins", "slime_router_testing",
+                 "slime_router_testing.mock_worker"):
         spec = importlib.util.find_spec(name)
         check(spec is not None and spec.origin, f"{name} is not installed in {sys.prefix}")
         origin = Path(spec.origin)  # type: ignore[arg-type, union-attr]

@@ -55,7 +55,7 @@ def bench_turns(tok, trajectories: int, rng: random.Random) -> None:
             per_turn.setdefault(turn, []).append((len(full_ids), t_full, t_prep, prepared.fresh_tokens))
             reply_text = words(rng, rng.randint(100, 700))
             out = enc(" " + reply_text, add_special_tokens=False).ids + [EOS]
-            cache.record(prepared, {"text": " " + reply_text, "output_ids": out, "meta_info": {
+            cache.record_sync(prepared, {"text": " " + reply_text, "output_ids": out, "meta_info": {
                 "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "1",
                 "output_token_logprobs": [[-0.5, t, None] for t in out]}}, "w")
             prompt = prompt + " " + reply_text + "<|im_end|>\n<|im_start|>user\n" + words(rng, rng.randint(50, 350)) + \
@@ -161,7 +161,7 @@ def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
     rows: dict[int, list[tuple[int, int, float, float]]] = {}
     for _ in range(3):  # warm-up trajectories (imports, tokenizer caches)
         p = cache.prepare_sync("<|im_start|>user\nwarm up " + words(rng, 20) + "<|im_end|>\n<|im_start|>assistant\n")
-        cache.record(p, {"text": " x", "output_ids": enc(" x").ids + [EOS], "meta_info": {
+        cache.record_sync(p, {"text": " x", "output_ids": enc(" x").ids + [EOS], "meta_info": {
             "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "1"}}, "w")
     for k in range(trajectories):
         prompt = f"<|im_start|>system\nYou are agent {k}.<|im_end|>\n<|im_start|>user\n" + rng.choice(user_msgs) + \
@@ -176,7 +176,7 @@ def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
                 "finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "1",
                 "output_token_logprobs": [[-0.5, t, None] for t in out]}}
             t0 = time.perf_counter()
-            cache.record(prepared, resp, "w")
+            cache.record_sync(prepared, resp, "w")
             t_rec = time.perf_counter() - t0
             rows.setdefault(turn, []).append((len(prepared.input_ids), prepared.fresh_tokens, t_prep, t_rec))
             prompt = prompt + reply_text + "<|im_end|>\n<|im_start|>user\n" + rng.choice(user_msgs) + \
@@ -194,7 +194,7 @@ def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
     print(f"   all turns: prepare mean {statistics.mean(tot_p) * 1e6:.1f} us, record mean "
           f"{statistics.mean(tot_r) * 1e6:.1f} us, "
           f"sum {(statistics.mean(tot_p) + statistics.mean(tot_r)) * 1e6:.1f} us")
-    assert cache.retrieve(prompt[:len(prompt) - 40])["exact_tokens"] > 0
+    assert cache.retrieve_sync(prompt[:len(prompt) - 40])["exact_tokens"] > 0
 
 
 def main() -> None:

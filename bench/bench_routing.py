@@ -28,8 +28,8 @@ import aiohttp
 import httpx
 
 from slime_router_core import Settings
-from slime_router_core.testing import start_mock_worker_process, start_router, wait_http
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+from slime_router_testing import start_mock_worker_process, start_router, wait_http
 
 WORDS = ("alpha beta gamma delta river mountain number prime proof lemma integer graph vertex edge cycle "
          "sum product matrix vector field ring group order bound limit series answer check step case").split()

@@ -4,8 +4,7 @@ from .context import RequestContext
 from .errors import HTTPError, PluginLoadError
 from .hookspecs import hookimpl
 from .registry import ComponentRegistry
-from .router import resolve
 from .settings import OptionRegistry, Settings
 
 __all__ = ["hookimpl", "HTTPError", "PluginLoadError", "RequestContext", "ComponentRegistry", "OptionRegistry",
-           "Settings", "resolve"]
+           "Settings"]

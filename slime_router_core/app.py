@@ -1,7 +1,9 @@
 """Builds the ASGI app from settings and loaded plugins.
 
 The outer app is a tiny dispatcher: ``POST /generate`` goes to the raw-ASGI hot path, every
-other request to a FastAPI app (admin API, plugin routes, OpenAPI docs).
+other request to a FastAPI app (admin API, plugin routes, OpenAPI docs). Every route, the core's own
+included, comes from a plugin's ``register_routes``: the core's are the built-in plugin ``core``
+(``slime_router_core.admin``). What is left here is the wiring: components, error handlers, lifespan.
 """
 
 from __future__ import annotations
@@ -18,23 +20,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .context import RequestContext
+from .admin import REQUEST_ERROR, ErrorResponse
 from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
-from .proxy import GenerateHandler, method_not_allowed_error, parse_json, unknown_route_error
-from .router import Router, UpstreamError, maybe_await
+from .proxy import GenerateHandler, method_not_allowed_error, unknown_route_error
+from .router import Router, maybe_await
 from .settings import OptionRegistry, Settings
 from .tokenizers import load_tokenizer
 
 log = logging.getLogger("slime_router")
-
-# Worker endpoints the router forwards. One worker answers reads; these go to every worker.
-FORWARD_TO_ONE = {"/get_model_info": "GET", "/model_info": "GET", "/get_server_info": "GET",
-                  "/server_info": "GET", "/v1/models": "GET"}
-BROADCAST = {"/flush_cache": "POST", "/abort_request": "POST", "/get_load": "GET",
-             "/update_weights_from_disk": "POST", "/update_weight_version": "POST",
-             "/pause_generation": "POST", "/continue_generation": "POST"}
-
 
 def collect_options(plugins: PluginManager) -> OptionRegistry:
     """Every plugin's flags (through the ``add_options`` hook), attributed to the plugin."""
@@ -62,19 +56,6 @@ class SlimeRouterApp:
             await self.generate(scope, receive, send)
         else:
             await self.fastapi(scope, receive, send)
-
-
-def _url_from(request: Request, body: bytes) -> Any:
-    url = request.query_params.get("url")
-    if url is None and body:
-        data = parse_json(body)
-        if not isinstance(data, dict):
-            raise HTTPError(400, 'Body must be a JSON object like {"url": "http://127.0.0.1:30001"}')
-        url = data.get("url")
-    if url is None:
-        raise HTTPError(400, "Missing worker url: use ?url=http://HOST:PORT or a JSON body {\"url\": ...}",
-                        param="url")
-    return url
 
 
 def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
@@ -145,87 +126,57 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     async def _validation_error(_: Request, e: RequestValidationError) -> Response:
         errors = e.errors()
         first = errors[0] if errors else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"Invalid request: {param}: {first.get('msg')}" if param else f"Invalid request: {first.get('msg')}"
+        loc = first.get("loc", ())
+        param = ".".join(str(p) for p in loc[1:]) or None
+        if first.get("type") == "json_invalid":  # FastAPI's JSON parse: answered as the hot path answers it
+            at = f" (at character {loc[1]})" if len(loc) > 1 else ""
+            param, message = None, f"Malformed JSON body: {(first.get('ctx') or {}).get('error')}{at}"
+        elif first.get("type") == REQUEST_ERROR:  # a project validator's message, as written
+            message = first.get("msg", "")
+        elif param:
+            message = f"Invalid request: {param}: {first.get('msg')}"
+        else:
+            message = f"Invalid request: {first.get('msg')}"
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                        "code": None}}, status_code=400)
 
-    @api.get("/health")
-    async def health() -> dict:
-        """The router's own health (not the workers')."""
-        return {"status": "ok", "workers": len(router.pool), "available_workers": len(router.pool.available())}
-
-    @api.post("/add_worker")
-    async def add_worker(request: Request) -> dict:
-        """Add a worker: ``?url=http://host:port`` or JSON ``{"url": ...}``. Idempotent."""
-        worker, created = router.add_worker(_url_from(request, await request.body()))
-        return {"status": "added" if created else "already_registered", "url": worker.url,
-                "urls": router.pool.urls()}
-
-    @api.post("/remove_worker")
-    async def remove_worker(request: Request) -> dict:
-        """Remove a worker (same two forms). In-flight requests on it finish. Unknown URL: 404."""
-        worker = router.remove_worker(_url_from(request, await request.body()))
-        return {"status": "removed", "url": worker.url, "in_flight": worker.inflight, "urls": router.pool.urls()}
-
-    @api.get("/list_workers")
-    async def list_workers() -> dict:
-        return {"urls": router.pool.urls(), "workers": [w.to_dict() for w in router.pool]}
-
-    @api.get("/plugins")
-    async def list_plugins() -> list[dict]:
-        return [{"name": i.name, "source": i.source, "hooks": list(i.hooks)} for i in plugins.infos.values()]
-
-    def forward_one(path: str):
-        async def handler() -> Response:
-            # The router's one select-and-retry loop (hooks, in-flight, should_retry, --max-attempts).
-            ctx = RequestContext(path, None, router=router)
-            try:
-                status, data, content_type, _ = await router.request(ctx, "GET")
-            except UpstreamError as e:  # the worker's own error answer, passed through
-                router.finish(ctx, e.status, e.message)
-                return Response(e.body, status_code=e.status, media_type=e.content_type)
-            except HTTPError as e:
-                router.finish(ctx, e.status, e.message)
-                raise
-            router.finish(ctx, status)
-            return Response(data, status_code=status, media_type=content_type)
-        handler.__name__ = "forward" + path.replace("/", "_")
-        handler.__doc__ = f"Forwarded to one available worker: GET {path}."
-        return handler
-
-    def broadcast(path: str, method: str):
-        async def handler(request: Request) -> Response:
-            raw = await request.body()
-            body = parse_json(raw) if raw else None
-            if not len(router.pool):
-                raise HTTPError(503, "No workers registered. Add one with POST /add_worker?url=http://HOST:PORT")
-            results = await router.broadcast(method, path, body)
-            ok = all(200 <= s < 300 for s, _ in results.values())
-            status = 200 if ok else max(s for s, _ in results.values())
-            return JSONResponse({"success": ok, "workers": {u: {"status": s, "response": r}
-                                                           for u, (s, r) in results.items()}},
-                                status_code=status)
-        handler.__name__ = "broadcast" + path.replace("/", "_")
-        handler.__doc__ = f"Sent to every worker: {method} {path}; answers per worker."
-        return handler
-
+    # Every route comes from a plugin: the core's own admin API first (the built-in plugin "core", tryfirst),
+    # the worker endpoints no plugin serves last (its trylast implementation).
     hook.register_routes(app=api, router=router)
-
-    # Worker endpoints a plugin doesn't serve itself are forwarded.
-    existing = {getattr(r, "path", None) for r in api.routes}
-    for path in FORWARD_TO_ONE:
-        if path not in existing:
-            api.add_api_route(path, forward_one(path), methods=["GET"])
-    for path, method in BROADCAST.items():
-        if path not in existing:  # a plugin (balancing) may serve these more precisely
-            api.add_api_route(path, broadcast(path, method), methods=[method])
-
-    @api.post("/generate")
-    async def generate_doc() -> None:  # pragma: no cover - served by the raw-ASGI handler
-        """Proxied to a worker (SGLang's /generate). Served by the lean hot path; listed for the docs."""
-
+    _openapi_in_project_shape(api)
     return app
+
+
+def _openapi_in_project_shape(api: FastAPI) -> None:
+    """/openapi.json as the router answers: a request FastAPI's validation refuses is a 400 in the project's error
+    shape (the handler above), not FastAPI's 422 ``HTTPValidationError``."""
+    build = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            if "ErrorResponse" not in components:
+                error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(error_schema.pop("$defs", {}))
+                components["ErrorResponse"] = error_schema
+            error_400 = {"description": "Invalid request",
+                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    ref = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+                    if ref.get("$ref") == "#/components/schemas/HTTPValidationError":
+                        del responses["422"]
+                        responses.setdefault("400", error_400)
+            text = orjson.dumps(schema.get("paths", {}))
+            for name in ("HTTPValidationError", "ValidationError"):
+                if f"#/components/schemas/{name}".encode() not in text:
+                    components.pop(name, None)
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def _kwargs(impl: Any, **available: Any) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
                         max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts))
     procs = []
     if demo:
-        from .testing import start_mock_worker_process, wait_http
+        from slime_router_testing import start_mock_worker_process, wait_http
 
         # started together, waited for together: each imports transformers and loads the tokenizer
         procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, **demo_worker_knobs(i))
@@ -271,8 +271,6 @@ def plugins_command(
         pm = load_plugins(_split(plugin) or None, _split(no_plugin))
     except PluginLoadError as e:
         _fail(str(e))
-    if not pm.infos:
-        typer.echo("no plugins installed")
     for info in pm.infos.values():
         typer.echo(f"{info.name}\n  source: {info.source}\n  hooks:  {', '.join(info.hooks) or '-'}")
 
@@ -320,8 +318,9 @@ def _plain(value: Any) -> Any:
 
 def build_cli(argv: list[str]) -> Any:
     """The click command, with ``serve`` carrying the selected plugins' flags."""
+    from slime_router_testing.mock_worker import mock_worker_command
+
     from .app import collect_options
-    from .mock_worker import mock_worker_command
 
     app.command("mock-worker", help="Run the bundled mock SGLang worker (for tests and demos).")(mock_worker_command)
     select, block, dotted = _prescan(argv[argv.index("serve") + 1:] if "serve" in argv else [])

@@ -3,21 +3,83 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 if TYPE_CHECKING:  # pragma: no cover
     from .workers import Worker
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+class StashKey(Generic[T]):
+    """A typed key into ``RequestContext.stash`` (after pytest's ``StashKey``): keys are compared by identity, so
+    two plugins cannot collide by choosing the same string, and ``ctx.stash[KEY]`` has ``KEY``'s value type.
+
+    A plugin's private values use a key the plugin module creates; values shared between plugins use the keys in
+    ``slime_router_core.contracts``. ``name`` is for error messages and debugging only."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"StashKey({self.name!r})"
+
+
+class Stash:
+    """Per-request values keyed by ``StashKey``: ``stash[KEY] = v``, ``stash[KEY]``, ``stash.get(KEY)``,
+    ``KEY in stash``, ``stash.pop(KEY, default)``."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[StashKey[Any], Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._values[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not set for this request") from None
+
+    @overload
+    def get(self, key: StashKey[T]) -> T | None: ...
+
+    @overload
+    def get(self, key: StashKey[T], default: D) -> T | D: ...
+
+    def get(self, key: StashKey[T], default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    @overload
+    def pop(self, key: StashKey[T]) -> T | None: ...
+
+    @overload
+    def pop(self, key: StashKey[T], default: D) -> T | D: ...
+
+    def pop(self, key: StashKey[T], default: Any = None) -> Any:
+        return self._values.pop(key, default)
+
+    def __contains__(self, key: StashKey[Any]) -> bool:
+        return key in self._values
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Stash({ {k.name: v for k, v in self._values.items()} })"
 
 
 class RequestContext:
     """One client request on its way through the router.
 
     ``body`` is the JSON object that will be sent upstream; ``pre_request`` hooks may mutate or
-    replace it. ``state`` is scratch space for plugins (use your plugin's name as key prefix).
+    replace it. ``stash`` holds per-request values plugins set, under typed ``StashKey``s.
     """
 
     __slots__ = (
-        "route", "upstream_path", "body", "raw_body", "_headers", "_raw_headers", "stream", "state", "worker",
+        "route", "upstream_path", "body", "raw_body", "_headers", "_raw_headers", "stream", "stash", "worker",
         "tried", "attempts", "status", "error", "response", "raw_response", "inspect_stream", "started",
         "timings", "sent_to_client", "request_id", "router",
     )
@@ -32,7 +94,7 @@ class RequestContext:
         self._headers = headers
         self._raw_headers: list[tuple[bytes, bytes]] | None = None
         self.stream = bool(body.get("stream")) if isinstance(body, dict) else False
-        self.state: dict[str, Any] = {}
+        self.stash = Stash()
         self.worker: Worker | None = None
         self.tried: list[Worker] = []
         self.attempts = 0

@@ -57,7 +57,12 @@ def required_components() -> list[str]:  # type: ignore[empty-body]  # a hookspe
 
 @hookspec
 def register_components(registry: ComponentRegistry, router: Router) -> None:
-    """Register named components other plugins may use: ``registry.register("radix_tree", tree)``.
+    """Register components other plugins may use: ``registry.register(TRAJECTORY_CACHE, cache)``.
+
+    Shared components are registered under the typed keys of ``slime_router_core.contracts`` and must implement
+    the key's protocol (checked here). To replace a first-party component (e.g. your own trajectory cache behind
+    the radix_tree plugin's routes and hooks), register it from a ``tryfirst=True`` implementation: the
+    first-party plugin then uses yours.
 
     Called once while the app is built, before ``register_routes``. Plugins reach each other
     only through the registry (or hooks), never by importing each other's internals.
@@ -148,11 +153,12 @@ def upstream_failed(ctx: RequestContext, worker: Worker, status: int | None, err
 
 
 @hookspec
-def stream_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> None:
+def stream_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> Awaitable[None] | None:
     """Called for each parsed SSE ``data:`` object of a streaming reply, in order.
 
     Only when a ``pre_request`` set ``ctx.inspect_stream``. Mutate ``chunk`` in place to change
-    what the client receives. The ``[DONE]`` marker is not passed.
+    what the client receives. The ``[DONE]`` marker is not passed. May return an awaitable, awaited before the
+    chunk is relayed (return one only when there is work to wait for: most chunks should cost no coroutine).
     """
 
 

@@ -7,6 +7,8 @@
 - ``--slime-router-middleware-paths a.b.C`` loads extra plugins by dotted path; the original
   slime names of the radix middleware are aliases for the ``radix_tree`` plugin.
 - A plugin that fails to import or register stops start-up with a message naming it and the cause.
+- The core's own API is the built-in plugin ``core`` (``slime_router_core.admin``), registered first and
+  always: selecting plugins does not drop it, blocking it is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from . import hookspecs
 from .errors import PluginLoadError
 
 ENTRY_POINT_GROUP = "slime_router"
+CORE = "core"  # the built-in plugin: slime_router_core.admin
 
 # The original slime router's middleware paths, accepted for compatibility.
 MIDDLEWARE_ALIASES = {
@@ -36,7 +39,7 @@ MIDDLEWARE_ALIASES = {
 @dataclass
 class PluginInfo:
     name: str
-    source: str  # "entry point <module> (<dist> <version>)" or "dotted path ..."
+    source: str  # "built-in", "entry point <module> (<dist> <version>)", "dotted path", "registered in code"
     obj: Any = None
     hooks: tuple[str, ...] = ()
 
@@ -105,12 +108,21 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
                  dotted_paths: list[str] | None = None, extra: list[tuple[str, Any]] | None = None) -> PluginManager:
     """Build a PluginManager from installed entry points and the selection flags.
 
-    ``select``: None = every installed plugin; else only these names (``[]``: none).
+    The built-in plugin ``core`` (the router's own API) is always registered, first, whatever the selection.
+    ``select``: None = every installed plugin; else only these names (``[]``: none besides ``core``).
     ``block``: names never loaded (each must name an installed plugin, a dotted path or an ``extra`` one, else
-    PluginLoadError lists the installed ones). ``dotted_paths``: extra plugins by import path.
-    ``extra``: ``(name, object)`` pairs registered directly (used by tests and embedding code).
+    PluginLoadError lists the installed ones; ``core`` cannot be blocked). ``dotted_paths``: extra plugins by
+    import path. ``extra``: ``(name, object)`` pairs registered directly (used by tests and embedding code).
     """
+    from . import admin  # not at import time: admin imports the router, which imports this module
+
+    if CORE in (block or []):
+        raise PluginLoadError(
+            f"Plugin {CORE!r} cannot be blocked (--no-plugin {CORE}): it is built in and serves the router's own API "
+            f"(/health, /add_worker, /remove_worker, /list_workers, /plugins and the forwarded worker endpoints); "
+            f"without it the router cannot be administered.")
     manager = PluginManager()
+    manager.register(admin, CORE, admin.SOURCE)
     block_set = set(block or [])
     available = discover()
     wanted: list[str] = []
@@ -133,6 +145,7 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
             f"{_did_you_mean(unknown_blocked, known)} Installed plugins: {sorted(available)}"
         )
     if select is not None:
+        select = [n for n in select if n != CORE]  # always loaded
         unknown = [n for n in select if n not in available]
         if unknown:
             raise PluginLoadError(

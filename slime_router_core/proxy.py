@@ -10,13 +10,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .context import RequestContext
 from .errors import HTTPError
-from .router import CONNECTION_ERRORS, Router, UpstreamError
+from .router import CONNECTION_ERRORS, Router, UpstreamError, maybe_await
+from .sse import DONE, END, OPAQUE, EventSplitter, encode_event, parse_event
 
 log = logging.getLogger("slime_router")
 
@@ -118,6 +120,95 @@ def validate_generate(body: Any) -> None:
         raise HTTPError(400, "'rid' must be a string (or a list of strings for a batch).", param="rid")
 
 
+
+# --- the schema of /generate, for the OpenAPI document (the hot path above never builds these models) ----------
+# GenerateRequest accepts exactly the bodies validate_generate accepts (tests/test_openapi_core.py checks it on
+# generated bodies): change both together.
+
+NonEmptyIntList = Annotated[list[int], Field(min_length=1)]
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /generate`` (SGLang's ``GenerateReqInput``), as the router checks it before a worker sees
+    it: exactly one of ``text``, ``input_ids`` or ``input_embeds``. Every other SGLang field (``logprob_start_len``,
+    ``top_logprobs_num``, ``lora_path``, ``extra_key``, ``priority``...) is passed to the worker as it is."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="The prompt; a list of prompts is a batch (the reply is then a list).")
+    input_ids: NonEmptyIntList | Annotated[list[NonEmptyIntList], Field(min_length=1)] | None = Field(
+        None, description="The prompt as token ids; a list of such lists is a batch.")
+    input_embeds: Any = Field(None, description="The prompt as embeddings (SGLang: a list of vectors, or a list of "
+                                                "such lists for a batch); passed to the worker unchecked.")
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None, description="SGLang's sampling parameters (max_new_tokens 128, temperature 1.0, top_p, top_k, "
+                          "min_p, stop, stop_token_ids, n, ignore_eos, skip_special_tokens, no_stop_trim, "
+                          "json_schema/regex/ebnf, sampling_seed...); a list gives each prompt of a batch its own. "
+                          "The worker checks the keys.")
+    stream: bool | None = Field(None, description="Server-sent events, one per chunk, then data: [DONE] "
+                                                  "(default false).")
+    return_logprob: bool | None = Field(None, description="Add meta_info.output_token_logprobs (default false).")
+    return_text_in_logprobs: bool | None = Field(None, description="Fill the token text in each logprob entry.")
+    rid: str | list[Any] | None = Field(None, description="Request id (a list for a batch); SGLang makes one "
+                                                          "when absent. POST /abort_request matches it by prefix.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        given = [k for k in PROMPT_KEYS if getattr(self, k) is not None]
+        if not given:
+            raise ValueError("Either text, input_ids or input_embeds should be provided.")
+        if len(given) > 1:
+            raise ValueError(f"Provide exactly one of text, input_ids or input_embeds (got {given}).")
+        return self
+
+
+# [logprob, token id, token text (with return_text_in_logprobs) or null]
+LogprobEntry = tuple[float | None, int, str | None]
+
+
+class FinishReason(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="stop (EOS, stop token or stop string), length, or abort.")
+    matched: int | str | None = Field(None, description="stop: the token id or stop string that matched.")
+    length: int | None = Field(None, description="length: the limit reached.")
+    message: str | None = Field(None, description="abort: why.")
+
+
+class WeightVersionSpan(BaseModel):
+    version: str
+    start: int = Field(description="First output token generated with this version.")
+    end: int = Field(description="One past the last.")
+
+
+class GenerateMetaInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(description="The request id (rid).")
+    finish_reason: FinishReason | None = Field(description="null until the last chunk of a stream.")
+    prompt_tokens: int
+    completion_tokens: int = Field(description="Cumulative, also in streams; equals len(output_ids).")
+    cached_tokens: int | None = Field(None, description="Prompt tokens served from the worker's prefix cache.")
+    weight_version: str | None = Field(None, description="The weights that produced the reply (SGLang >= 0.5.1).")
+    weight_versions: list[WeightVersionSpan] | None = Field(
+        None, description="SGLang 0.5.23, when the weights changed during the generation: each version's span.")
+    e2e_latency: float | None = Field(None, description="Seconds; in a stream only on the last chunk.")
+    output_token_logprobs: list[LogprobEntry] | None = Field(None, description="With return_logprob.")
+    input_token_logprobs: list[LogprobEntry] | None = Field(
+        None, description="With return_logprob and logprob_start_len >= 0; the first logprob is null.")
+    output_top_logprobs: list[list[LogprobEntry] | None] | None = Field(None, description="With top_logprobs_num.")
+    input_top_logprobs: list[list[LogprobEntry] | None] | None = None
+
+
+class GenerateResponse(BaseModel):
+    """One sequence of SGLang's reply (a streamed chunk has the same shape)."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str = Field(description="The output text, special tokens skipped, a matched stop string cut off.")
+    output_ids: list[int] | None = Field(
+        None, description="The output token ids, never trimmed (EOS / stop token included); absent in SGLang 0.4.")
+    meta_info: GenerateMetaInfo
+    index: int | None = Field(None, description="Which sequence of a batch stream this chunk belongs to.")
+
 def parse_json(raw: bytes) -> Any:
     if not raw:
         raise HTTPError(400, "Empty request body: send a JSON object")
@@ -214,8 +305,7 @@ class GenerateHandler:
                 router.stream_failed(ctx, worker, e)
                 ctx.error = f"worker {worker.url} failed mid-stream: {type(e).__name__}: {e}"
                 err = {"error": {"message": ctx.error, "type": "upstream_error"}}
-                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(err)
-                            + b"\n\ndata: [DONE]\n\n", "more_body": True})
+                await send({"type": "http.response.body", "body": encode_event(err) + DONE, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
@@ -228,37 +318,29 @@ class GenerateHandler:
         """Parse each SSE event, let ``stream_chunk`` hooks see (and edit) it, re-serialize it."""
         router = self.router
         stream_chunk = router.hooks.stream_chunk
-        buf = b""
+        splitter = EventSplitter()
         async for data in resp.iter_chunks():
-            buf += data
             out: list[bytes] = []
-            while True:
-                end = buf.find(b"\n\n")
-                if end < 0:
-                    break
-                event, buf = buf[:end], buf[end + 2:]
-                if not event.startswith(b"data:"):
+            for event in splitter.feed(data):
+                obj = parse_event(event)
+                if obj is OPAQUE:  # not a JSON data event: passed on as it came
                     out.append(event + b"\n\n")
                     continue
-                body = event[5:].strip()
-                if body == b"[DONE]":
-                    out.append(b"data: [DONE]\n\n")
-                    continue
-                try:
-                    obj = orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    out.append(event + b"\n\n")
+                if obj is END:
+                    out.append(DONE)
                     continue
                 if stream_chunk:
-                    stream_chunk(ctx=ctx, chunk=obj)
+                    pending = stream_chunk(ctx=ctx, chunk=obj)
+                    if pending:  # e.g. a record that must land before this chunk reaches the client
+                        await maybe_await(pending)
                 chunks.append(obj)
-                out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+                out.append(encode_event(obj))
             if out:
                 if "first_chunk" not in ctx.timings:
                     ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-        if buf.strip():
-            await send({"type": "http.response.body", "body": buf, "more_body": True})
+        if splitter.rest.strip():
+            await send({"type": "http.response.body", "body": splitter.rest, "more_body": True})
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task | None) -> None:

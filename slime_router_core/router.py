@@ -26,6 +26,7 @@ from .errors import HTTPError
 from .plugins import PluginManager
 from .registry import ComponentRegistry
 from .settings import Settings
+from .sse import END, OPAQUE, EventSplitter, parse_event
 from .upstream import StreamReply, UpstreamPool
 from .workers import Worker, WorkerPool
 
@@ -69,12 +70,6 @@ async def maybe_await(results: list[Any]) -> None:
     for r in results:
         if inspect.isawaitable(r):
             await r
-
-
-async def resolve(value: Any) -> Any:
-    """``value``, awaited if it is awaitable: for component methods that are sync in one implementation and
-    async in another (the trajectory cache in-process or in its own process)."""
-    return await value if inspect.isawaitable(value) else value
 
 
 def _fast_caller(hook: Any, firstresult: bool) -> Any:
@@ -134,7 +129,7 @@ class _UpstreamFailed(Protocol):
 
 
 class _StreamChunk(Protocol):
-    def __call__(self, *, ctx: RequestContext, chunk: dict[str, Any]) -> list[Any]: ...
+    def __call__(self, *, ctx: RequestContext, chunk: dict[str, Any]) -> list[Awaitable[None]]: ...
 
 
 class _PostResponse(Protocol):
@@ -434,7 +429,9 @@ class Router:
                 if obj is None:
                     break
                 if self.hooks.stream_chunk:
-                    self.hooks.stream_chunk(ctx=ctx, chunk=obj)
+                    pending = self.hooks.stream_chunk(ctx=ctx, chunk=obj)
+                    if pending:
+                        await maybe_await(pending)
                 chunks.append(obj)
                 if not ctx.sent_to_client:
                     ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
@@ -477,22 +474,15 @@ class Router:
 
 async def iter_sse(resp: StreamReply) -> AsyncIterator[dict[str, Any] | None]:
     """Parse an SGLang SSE stream: yields each ``data:`` JSON object, ``None`` for ``[DONE]``."""
-    buf = b""
+    splitter = EventSplitter()
     async for data in resp.iter_chunks():
-        buf += data
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            event, buf = buf[:end], buf[end + 2:]
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    yield None
-                    return
-                try:
-                    yield orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    log.warning("unparseable SSE data from worker: %r", payload[:200])
+        for event in splitter.feed(data):
+            value = parse_event(event)
+            if value is OPAQUE:
+                if event.startswith(b"data:"):  # comments and keep-alives are skipped silently
+                    log.warning("unparseable SSE data from worker: %r", event[:200])
+                continue
+            if value is END:
+                yield None
+                return
+            yield value

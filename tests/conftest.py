@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers on free loopback ports, torn down after each test."""
+"""Shared fixtures: real servers on free loopback ports, told to stop after each test."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from slime_router_core.testing import ServerThread, start_mock_worker_process, start_router
-from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, builtin_tokenizer_dir
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+from slime_router_testing import ServerThread, start_mock_worker_process, start_router
+from slime_router_testing.tokenizer import builtin_tokenizer_dir
 
 # Property tests explore new examples on every local run; CI (CI=true) replays a fixed set, so a submission's
 # verdict does not depend on the luck of the draw. A failure found locally is kept in .hypothesis/ and replayed.
@@ -25,22 +26,59 @@ def tokenizer_dir() -> str:
     return str(builtin_tokenizer_dir())
 
 
-@pytest.fixture
-def mock_worker(tokenizer_dir: str) -> Iterator[Callable[..., ServerThread]]:
-    """Factory: ``mock_worker(**MockWorkerConfig fields)`` → an in-thread mock SGLang worker with ``.url``."""
-    from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
+# In-thread servers told to exit and not joined yet. A uvicorn shutdown is ~0.2 s of sleeping (up to a 0.1 s
+# tick before it notices, then a fixed 0.1 s grace sleep), which most tests would spend waiting for their
+# router and workers to go. They go while the next tests run instead: a test's servers stop accepting at once
+# (``should_exit``), at most MAX_STOPPING stay unjoined, and all are joined before the session ends.
+_stopping: list[Any] = []
+MAX_STOPPING = 16
 
-    started: list[ServerThread] = []
+
+def stop_soon(servers: list[Any]) -> None:
+    """Tell ``servers`` (``ServerThread``-like: ``.server`` a uvicorn server, ``.thread``, ``.stop()``) to exit,
+    all at once; join those that have finished by now, and the oldest ones while too many are pending."""
+    for s in servers:
+        s.server.should_exit = True
+    _stopping.extend(servers)
+    still = []
+    for s in _stopping:
+        if s.thread.is_alive():
+            still.append(s)
+        else:
+            s.stop()  # joins at once (and whatever else its stop does)
+    while len(still) > MAX_STOPPING:
+        still.pop(0).stop()
+    _stopping[:] = still
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _join_stopping_servers() -> Iterator[None]:
+    yield
+    while _stopping:
+        _stopping.pop().stop()
+
+
+@pytest.fixture
+def servers_to_stop() -> Iterator[list[Any]]:
+    """The in-thread servers a test started (``router`` and ``mock_worker`` add theirs; a test module's own
+    factory may add its ``ServerThread``-like ones): told to exit together after the test (``stop_soon``)."""
+    started: list[Any] = []
+    yield started
+    stop_soon(started)
+
+
+@pytest.fixture
+def mock_worker(tokenizer_dir: str, servers_to_stop: list[Any]) -> Callable[..., ServerThread]:
+    """Factory: ``mock_worker(**MockWorkerConfig fields)`` → an in-thread mock SGLang worker with ``.url``."""
+    from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
 
     def make(**config: Any) -> ServerThread:
         config.setdefault("hf_checkpoint", BUILTIN_CHECKPOINT)
         server = ServerThread(create_mock_worker_app(MockWorkerConfig(**config))).start()
-        started.append(server)
+        servers_to_stop.append(server)
         return server
 
-    yield make
-    for s in started:
-        s.stop()
+    return make
 
 
 @pytest.fixture
@@ -59,18 +97,15 @@ def mock_worker_process(tokenizer_dir: str) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def router() -> Iterator[Callable[..., ServerThread]]:
+def router(servers_to_stop: list[Any]) -> Callable[..., ServerThread]:
     """Factory: ``router(plugins=[...], worker_urls=[...], **Settings fields)`` → a served router."""
-    started: list[ServerThread] = []
 
     def make(**kw: Any) -> ServerThread:
         server = start_router(**kw)
-        started.append(server)
+        servers_to_stop.append(server)
         return server
 
-    yield make
-    for s in started:
-        s.stop()
+    return make
 
 
 # The fast local subset (`pytest -m "not slow"`) leaves out what starts extra processes or explores many examples:
@@ -78,9 +113,30 @@ def router() -> Iterator[Callable[..., ServerThread]]:
 # property tests over whole conversations. CI runs everything.
 SLOW_MODULES = {"test_cli_demo.py", "test_cli_demo_tools.py", "test_cli_startup.py", "test_radix_tree_process.py",
                 "test_openai_history_property.py", "test_shutdown.py"}
+# Single tests of the same kinds in otherwise fast modules ("module.py::test name", every parametrization): each
+# spends seconds in a child Python process (the CLI or a mock worker started, then killed mid-run) or in
+# hundreds of generated examples; their modules keep faster tests of the same plugin in the fast subset.
+SLOW_TESTS = {
+    # the CLI in a subprocess (each start imports the router and its plugins)
+    "test_core_plugins.py::test_cli_plugins_lists_sources_and_hooks_of_an_installed_third_party_plugin",
+    "test_core_plugins.py::test_cli_serve_help_lists_plugin_flags_and_selection_hides_others",
+    "test_core_plugins.py::test_cli_hf_checkpoint_validation_messages",
+    "test_admin_plugin.py::test_cli_refuses_no_plugin_core",
+    "test_mock_worker.py::test_cli_crash_after_n",
+    "test_mock_worker_realistic.py::test_cli_flags_enable_realistic_in_a_worker_process",
+    # a mock worker process SIGKILLed while requests run on it; the cache in its own process
+    "test_core_proxy.py::test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_and_leaks_nothing",
+    "test_balancing.py::test_killed_worker_mid_run_fails_no_request",
+    "test_contracts.py::test_the_cache_process_keeps_the_same_contract",
+    # builds the 151k-token tokenizer from scratch into a fresh directory, then loads it with transformers
+    "test_tokenizer.py::test_build_into_fresh_cache_dir",
+    # property tests with 1500 examples
+    "test_openapi_core.py::test_generate_request_accepts_exactly_what_validate_generate_accepts",
+}
 
 
 def pytest_collection_modifyitems(config: Any, items: list) -> None:
     for item in items:
-        if item.path.name in SLOW_MODULES or "own_process" in item.nodeid:
+        if (item.path.name in SLOW_MODULES or "own_process" in item.nodeid
+                or f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)

@@ -15,10 +15,11 @@ import pytest
 
 from slime_router_core import PluginLoadError, Settings, hookimpl
 from slime_router_core.context import RequestContext
-from slime_router_core.testing import free_port
+from slime_router_core.contracts import AFFINITY, SESSION_KEY, Affinity
 from slime_router_plugins.balancing import HashRing
 from slime_router_plugins.balancing.cache_aware import session_key
 from slime_router_plugins.balancing.plugin import parse_status_codes
+from slime_router_testing import free_port
 
 GEN = {"sampling_params": {"max_new_tokens": 4}}
 
@@ -82,7 +83,7 @@ def wait_for(cond, timeout: float = 5.0, interval: float = 0.01) -> float:
     return time.monotonic() - t0
 
 
-class Affinity:
+class AffinityPlugin:
     """A stand-in for the trajectory cache: conversation id -> the worker that served its last turn."""
 
     def __init__(self, fixed: str | None = None, tokens: int | None = None) -> None:
@@ -98,9 +99,9 @@ class Affinity:
     def pre_request(self, ctx: RequestContext) -> None:
         url = self.fixed or self.last.get(self.conv(ctx))
         if url:
-            ctx.state["affinity_worker"] = url
-            if self.tokens is not None:
-                ctx.state["affinity_tokens"] = self.tokens
+            ids = ctx.body.get("input_ids")
+            prompt = len(ids) if isinstance(ids, list) else 0
+            ctx.stash[AFFINITY] = Affinity(url, prompt if self.tokens is None else self.tokens, prompt)
 
     @hookimpl
     def post_response(self, ctx: RequestContext, response: Any) -> None:
@@ -145,7 +146,7 @@ def test_session_key_joins_extra_key_and_cache_salt():
     salted = RequestContext("/generate", {"text": "x", "cache_salt": "u7"}, headers={"x-session-id": "s1"})
     assert session_key(salted) != "s1" and "u7" in session_key(salted)
     from_user = RequestContext("/v1/chat/completions", {"text": "x", "extra_key": "k"})
-    from_user.state["session_key"] = "alice"
+    from_user.stash[SESSION_KEY] = "alice"
     assert session_key(from_user).startswith("alice") and "k" in session_key(from_user)
     assert session_key(RequestContext("/generate", {"text": "x", "cache_salt": "u7"})) is None
 
@@ -155,10 +156,14 @@ def test_options_are_validated_with_helpful_messages(router, mock_worker):
     with pytest.raises(ValueError, match="only 5xx"):
         parse_status_codes("429,503")
     w = mock_worker()
-    with pytest.raises(PluginLoadError, match=r"Unknown --policy 'fastest'.*cache_aware.*round_robin"):
+    with pytest.raises(ValueError, match=r"Invalid value for --policy: 'fastest'.*cache_aware.*round_robin"):
         start(router, [w], policy="fastest")
-    with pytest.raises(PluginLoadError, match="drain-mode"):
+    with pytest.raises(ValueError, match="Invalid value for --drain-mode: 'later'. Valid values: wait, reject"):
         start(router, [w], drain_mode="later")
+    with pytest.raises(PluginLoadError, match=r"--cache-aware-min-match: 2.0: must be within \[0, 1\]"):
+        start(router, [w], cache_aware_min_match="2")
+    with pytest.raises(PluginLoadError, match=r"--retry-status-codes: '429'.*only 5xx"):
+        start(router, [w], retry_status_codes="429")
 
 
 # --- distribution per policy ---------------------------------------------------------------------------
@@ -202,7 +207,7 @@ async def test_power_of_two_uses_every_worker_and_avoids_the_slow_one(router, mo
 async def test_cache_aware_keeps_conversations_sticky_and_balanced(router, mock_worker):
     """50 concurrent 5-turn conversations over 4 workers; affinity from a stand-in trajectory cache."""
     workers = [mock_worker(latency=0.005) for _ in range(4)]
-    affinity = Affinity()
+    affinity = AffinityPlugin()
     r = start(router, workers, extra_plugins=[("affinity", affinity)], cache_aware_abs_threshold=16)
 
     async def conversation(client: httpx.AsyncClient, i: int) -> list[int]:
@@ -228,7 +233,7 @@ async def test_cache_aware_keeps_conversations_sticky_and_balanced(router, mock_
 
 async def test_cache_aware_overloaded_affinity_worker_spills_to_least_loaded(router, mock_worker):
     hot, *others = [mock_worker(latency=0.2) for _ in range(4)]
-    r = start(router, [hot] + others, extra_plugins=[("affinity", Affinity(fixed=hot.url))],
+    r = start(router, [hot] + others, extra_plugins=[("affinity", AffinityPlugin(fixed=hot.url))],
               cache_aware_abs_threshold=2, cache_aware_rel_threshold=1.5)
     responses = await fire(r.url + "/generate", [dict(GEN, text=f"q{i}") for i in range(24)], concurrency=24)
     assert all(x.status_code == 200 for x in responses)
@@ -243,7 +248,7 @@ async def test_cache_aware_overloaded_affinity_worker_spills_to_least_loaded(rou
 def test_cache_aware_ignores_an_affinity_that_covers_too_little_of_the_prompt(router, mock_worker):
     workers = [mock_worker() for _ in range(4)]
     # the "recorded prefix" is 2 of 10 prompt tokens (< --cache-aware-min-match 0.3): routed by load
-    r = start(router, workers, extra_plugins=[("affinity", Affinity(fixed=workers[0].url, tokens=2))])
+    r = start(router, workers, extra_plugins=[("affinity", AffinityPlugin(fixed=workers[0].url, tokens=2))])
     body = {"input_ids": list(range(100, 110)), "sampling_params": {"max_new_tokens": 2}}
     for _ in range(8):
         assert httpx.post(r.url + "/generate", json=body).status_code == 200
@@ -277,7 +282,7 @@ async def test_cache_aware_session_header_consistent_hashing(router, mock_worker
 
 
 async def test_cache_aware_with_the_radix_tree_plugin(router, mock_worker):
-    """The real trajectory cache supplies ctx.state["affinity_worker"] for multi-turn /generate text."""
+    """The real trajectory cache supplies ctx.stash[AFFINITY] for multi-turn /generate text."""
     workers = [mock_worker(latency=0.005) for _ in range(4)]
     r = start(router, workers, plugins=("radix_tree", "balancing"), hf_checkpoint="builtin:qwen3",
               cache_aware_abs_threshold=16)

@@ -10,7 +10,7 @@ import sys
 
 import httpx
 
-from slime_router_core.testing import free_port, wait_http
+from slime_router_testing import free_port, wait_http
 
 
 def _slime_router() -> list[str]:

@@ -18,7 +18,7 @@ import threading
 import httpx
 import pytest
 
-from slime_router_core.testing import free_port, stop_process_group, wait_http
+from slime_router_testing import free_port, stop_process_group, wait_http
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from slime_router_core import hookimpl
-from slime_router_core.testing import ServerThread, free_port
+from slime_router_testing import ServerThread, free_port
 
 CORE_ONLY: list[str] = []
 

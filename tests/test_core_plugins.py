@@ -37,8 +37,8 @@ def test_all_installed_plugins_load_by_default_including_third_party(third_party
 
 
 def test_plugin_selection_and_blocking(third_party):
-    assert load_plugins(["hello"]).names() == ["hello"]
-    assert load_plugins(["hello", "metrics"]).names() == ["hello", "metrics"]
+    assert load_plugins(["hello"]).names() == ["core", "hello"]  # core: the built-in plugin, always
+    assert load_plugins(["hello", "metrics"]).names() == ["core", "hello", "metrics"]
     blocked = load_plugins(block=["hello", "metrics"]).names()
     assert "hello" not in blocked and "metrics" not in blocked and "radix_tree" in blocked
     with pytest.raises(PluginLoadError, match=r"Unknown plugin\(s\) \['nope'\]: not installed"):
@@ -65,25 +65,25 @@ class DottedPlugin:
 
 def test_dotted_path_loading_and_slime_aliases():
     pm = load_plugins(["metrics"], dotted_paths=["test_core_plugins.DottedPlugin"])
-    assert pm.names() == ["metrics", "test_core_plugins.DottedPlugin"]
+    assert pm.names() == ["core", "metrics", "test_core_plugins.DottedPlugin"]
     assert pm.infos["test_core_plugins.DottedPlugin"].source == "dotted path"
     # the original slime radix middleware path is an alias for the radix_tree plugin
     pm = load_plugins(["metrics"], dotted_paths=[
         "slime.router.middleware_hub.radix_tree_middleware.RadixTreeMiddleware"])
-    assert pm.names() == ["metrics", "radix_tree"]
+    assert pm.names() == ["core", "metrics", "radix_tree"]
     with pytest.raises(PluginLoadError, match="'no.such.module.Thing' \\(dotted path\\) failed to import"):
         load_plugins([], dotted_paths=["no.such.module.Thing"])
 
 
 def test_registry_errors_have_the_documented_shape():
     reg = ComponentRegistry()
-    reg.register("radix_tree", object())
-    assert reg.has("radix_tree") and not reg.has("tokenizer")
+    reg.register("my_index", object())  # a plugin's own component: no contract to check
+    assert reg.has("my_index") and not reg.has("tokenizer")
     with pytest.raises(RuntimeError) as e:
         reg.get("tokenizer")
-    assert str(e.value) == "Required component 'tokenizer' not found. Available components: ['radix_tree']"
+    assert str(e.value) == "Required component 'tokenizer' not found. Available components: ['my_index']"
     with pytest.raises(ValueError, match="already registered"):
-        reg.register("radix_tree", object())
+        reg.register("my_index", object())
 
 
 class NeedsTokenizer:

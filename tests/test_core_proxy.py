@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from slime_router_core.testing import free_port
+from slime_router_testing import free_port
 
 CORE_ONLY: list[str] = []  # no plugins: the core alone
 
@@ -99,12 +99,12 @@ def test_streaming_arrives_incrementally(router, mock_worker):
     assert final["meta_info"]["finish_reason"]["type"] == "length" and len(final["output_ids"]) == 10
 
 
-def test_failover_when_a_worker_is_down(router, mock_worker, mock_worker_process):
+def test_failover_when_a_worker_is_down(router, mock_worker):
     live = mock_worker()
-    dying = mock_worker_process()
+    dying = mock_worker()
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     r = router(plugins=CORE_ONLY, worker_urls=[dead_url, dying.url, live.url])
-    dying.kill()
+    dying.stop()  # gone after the router took it: its port refuses connections
     for i in range(12):
         resp = httpx.post(r.url + "/generate", json={"text": f"hello {i}"})
         assert resp.status_code == 200, resp.text

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from slime_router_core import hookimpl, hookspecs
-from slime_router_core.testing import free_port
+from slime_router_testing import free_port
 
 HOOKS = sorted(name for name, f in vars(hookspecs).items()
                if inspect.isfunction(f) and hasattr(f, "slime_router_spec"))

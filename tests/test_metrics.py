@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 
 from slime_router_core import HTTPError, Settings, hookimpl
 from slime_router_core.context import RequestContext
-from slime_router_core.testing import free_port
 from slime_router_plugins.metrics import dashboard_path
 from slime_router_plugins.metrics.collector import BoundedCounter, Histogram
 from slime_router_plugins.metrics.plugin import wants_prometheus
 from slime_router_plugins.radix_tree.trie import DEFAULT_MAX_TOKENS
+from slime_router_testing import free_port
 
 ROUTER_KEYS = {"active_workers", "worker_loads", "total_in_flight"}
 CACHE_KEYS = {"total_entries", "cache_hits", "cache_misses", "hit_rate", "cur_cache_size", "max_cache_size",
@@ -56,12 +56,40 @@ def value(families: dict[str, Any], family: str, sample: str | None = None, **la
 
 
 class FakeCache:
-    """Counts a hit when the exact prompt text was answered before (whole-prompt granularity)."""
+    """Counts a hit when the exact prompt text was answered before (whole-prompt granularity). It registers as the
+    trajectory cache, so it has the contract's members; the metrics tests only read ``stats()``."""
+
+    max_record_tokens = 0
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
         self.hits = self.misses = 0
         self.hit_tokens = self.lookup_tokens = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def refresh(self) -> None:
+        pass
+
+    async def prepare(self, text: str) -> Any:
+        raise NotImplementedError("not used by the metrics tests")
+
+    async def prepare_ids(self, ids: list[int]) -> Any:
+        raise NotImplementedError("not used by the metrics tests")
+
+    async def record(self, prepared: Any, response: dict, worker_url: str | None) -> bool:
+        raise NotImplementedError("not used by the metrics tests")
+
+    async def record_replies(self, prepared: list, replies: list, n: int, worker_url: str | None,
+                             raw: bytes | None = None) -> list:
+        raise NotImplementedError("not used by the metrics tests")
+
+    async def retrieve(self, text: str, strict: bool = False) -> dict[str, Any]:
+        raise NotImplementedError("not used by the metrics tests")
 
     def stats(self) -> dict[str, Any]:
         return {"total_entries": len(self.seen), "cache_hits": self.hits, "cache_misses": self.misses,

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from slime_router_core.mock_worker import EOS_TOKEN_ID, MockWorkerConfig, create_mock_worker_app
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
+from slime_router_testing.mock_worker import EOS_TOKEN_ID, MockWorkerConfig, create_mock_worker_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,13 +55,12 @@ def tok():
 
 
 @pytest.fixture
-def make_worker():
-    servers: list[_Server] = []
+def make_worker(servers_to_stop):
     clients: list[httpx.Client] = []
 
     def make(**kw):
         s = _Server(MockWorkerConfig(**kw)).start()
-        servers.append(s)
+        servers_to_stop.append(s)  # stopped after the test, after the clients below are closed
         c = httpx.Client(base_url=s.url, timeout=10)
         clients.append(c)
         c.state = s.app.state.mock  # type: ignore[attr-defined]
@@ -70,8 +69,6 @@ def make_worker():
     yield make
     for c in clients:
         c.close()
-    for s in servers:
-        s.stop()
 
 
 @pytest.fixture
@@ -531,7 +528,7 @@ def test_cli_crash_after_n(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "slime_router_core.mock_worker", "--port", str(port), "--crash-after-n", "1",
+        [sys.executable, "-m", "slime_router_testing.mock_worker", "--port", str(port), "--crash-after-n", "1",
          "--mode", "reply_text", "--reply-text", "pong"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

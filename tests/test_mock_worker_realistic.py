@@ -17,9 +17,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from slime_router_core.mock_worker import EOS_TOKEN_ID, MockWorkerConfig
-from slime_router_core.mock_worker import cli as mock_worker_cli
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
+from slime_router_testing.mock_worker import EOS_TOKEN_ID, MockWorkerConfig
+from slime_router_testing.mock_worker import cli as mock_worker_cli
 
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {
@@ -299,7 +299,7 @@ def test_streams_and_batches_match_the_records(worker, tok, stream_mode):
     matches_records(w, batch)
 
 
-def test_configure_validates_and_cli_flags_enable_realistic(mock_worker, mock_worker_process, tok, monkeypatch):
+def test_configure_validates_and_cli_flags_enable_realistic(mock_worker, monkeypatch):
     c = httpx.Client(base_url=mock_worker().url, timeout=30)
     assert gen(c, text="x")["text"] == gen(c, text="x")["text"]  # the default worker is deterministic
     assert "shared_prefix_tokens" not in c.get("/mock/records").json()[0]
@@ -310,16 +310,6 @@ def test_configure_validates_and_cli_flags_enable_realistic(mock_worker, mock_wo
     assert c.post("/mock/configure", json={"shared_prefix_min": 5, "shared_prefix_max": 2}).status_code == 400
     assert c.post("/mock/configure", json={"version_every": -1}).status_code == 400
     c.close()
-
-    # python -m slime_router_core.mock_worker (argparse)
-    proc = mock_worker_process(realistic=True, version_every=1, realistic_seed=7, tool_call_rate=1.0)
-    shown = httpx.get(proc.url + "/get_server_info").json()["mock_config"]
-    assert shown["realistic"] is True and shown["version_every"] == 1 and shown["realistic_seed"] == 7
-    assert shown["tool_call_rate"] == 1.0
-    outs = [httpx.post(proc.url + "/generate", json={"text": chat_prompt(tok, "w", TOOLS)}, timeout=30).json()
-            for _ in range(2)]
-    assert [o["meta_info"]["weight_version"] for o in outs] == ["default", "v1"]
-    assert all("<tool_call>" in o["text"] for o in outs)
 
     # slime-router mock-worker (typer): the flags reach the config it serves
     served: list[MockWorkerConfig] = []
@@ -332,3 +322,15 @@ def test_configure_validates_and_cli_flags_enable_realistic(mock_worker, mock_wo
     cfg = served[0]
     assert cfg.realistic and cfg.version_every == 3 and cfg.split_rate == 0.25 and cfg.shared_prefix_max == 2
     assert cfg.realistic_seed == 11 and cfg.tool_call_rate == MockWorkerConfig().tool_call_rate
+
+
+def test_cli_flags_enable_realistic_in_a_worker_process(mock_worker_process, tok):
+    # python -m slime_router_testing.mock_worker (argparse)
+    proc = mock_worker_process(realistic=True, version_every=1, realistic_seed=7, tool_call_rate=1.0)
+    shown = httpx.get(proc.url + "/get_server_info").json()["mock_config"]
+    assert shown["realistic"] is True and shown["version_every"] == 1 and shown["realistic_seed"] == 7
+    assert shown["tool_call_rate"] == 1.0
+    outs = [httpx.post(proc.url + "/generate", json={"text": chat_prompt(tok, "w", TOOLS)}, timeout=30).json()
+            for _ in range(2)]
+    assert [o["meta_info"]["weight_version"] for o in outs] == ["default", "v1"]
+    assert all("<tool_call>" in o["text"] for o in outs)

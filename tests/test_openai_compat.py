@@ -14,9 +14,10 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
-from slime_router_core.testing import ServerThread, start_router
+from slime_router_core.contracts import SESSION_KEY
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
+from slime_router_testing import ServerThread, start_router
+from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -92,7 +93,8 @@ def test_sampling_params_sent_upstream(env, w):
     class Spy:
         @hookimpl
         def pre_request(self, ctx):
-            seen.append({"body": ctx.body, "state": dict(ctx.state), "route": ctx.route, "up": ctx.upstream_path})
+            seen.append({"body": ctx.body, "session": ctx.stash.get(SESSION_KEY), "route": ctx.route,
+                         "up": ctx.upstream_path})
 
     router = start_router(plugins=["openai_compat"], hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[w],
                           extra=[("spy", Spy())])
@@ -108,7 +110,7 @@ def test_sampling_params_sent_upstream(env, w):
         list(s)
     finally:
         router.stop()
-    body, state = seen[0]["body"], seen[0]["state"]
+    body, session = seen[0]["body"], seen[0]["session"]
     assert seen[0]["route"] == "/v1/chat/completions" and seen[0]["up"] == "/generate"
     assert body["return_logprob"] is True and body["top_logprobs_num"] == 3 and "stream" not in body
     assert body["rid"].startswith("chatcmpl-")
@@ -116,7 +118,7 @@ def test_sampling_params_sent_upstream(env, w):
     assert sp == {"temperature": 0.3, "top_p": 0.8, "max_new_tokens": 12, "stop": ["zz"], "sampling_seed": 3,
                   "n": 2, "presence_penalty": -1, "frequency_penalty": 1, "top_k": 4, "min_p": 0.1,
                   "repetition_penalty": 1.2, "stop_token_ids": [7], "json_schema": '{"type": "object"}'}
-    assert state["session_key"] == "sess-9"
+    assert session == "sess-9"
     # chat_template_kwargs reach the template: enable_thinking=False adds the empty think block
     assert load_tokenizer(BUILTIN_CHECKPOINT).decode(body["input_ids"]).endswith("<think>\n\n</think>\n\n")
     assert seen[1]["body"]["stream"] is True and "stream" not in seen[1]["body"]["sampling_params"]

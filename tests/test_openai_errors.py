@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from slime_router_core.testing import free_port, start_router
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+from slime_router_testing import free_port, start_router
 
 U = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]

@@ -17,9 +17,9 @@ import pytest
 from openai import OpenAI
 
 from slime_router_core import Settings
-from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
-from slime_router_core.testing import ServerThread, start_router
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+from slime_router_testing import ServerThread, start_router
+from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
 from test_openai_exact import assert_exact
 
 TOOLS = [{"type": "function", "function": {

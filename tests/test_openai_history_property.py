@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from openai import OpenAI
 
 from slime_router_core import Settings
-from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
-from slime_router_core.testing import ServerThread, start_router
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+from slime_router_testing import ServerThread, start_router
+from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
 from test_openai_history_exact import TOOLS, ask, configure, echo, records
 
 WORDS = st.sampled_from(["The", "sun", "is", "out", "21°C", "东京", "晴れ", "🙂", "ok", "Paris", "rain", "—", "x=1;"])

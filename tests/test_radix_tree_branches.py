@@ -186,13 +186,13 @@ def test_issue_reproduction_two_requests_same_prompt_same_first_tokens(tok, firs
                reply(tok, texts[1], [-0.5 - 0.01 * i for i in range(n_out[1])], "step-2")]
     prepared = [cache.prepare_sync(PROMPT), cache.prepare_sync(PROMPT)]  # concurrent samples
     for i in (first, 1 - first):
-        cache.record(prepared[i], replies[i], "w")
+        cache.record_sync(prepared[i], replies[i], "w")
         cache.tree.check()
     plen = len(tok.encode(PROMPT, add_special_tokens=False))
     for i in (0, 1):
         r = replies[i]
         for q in (PROMPT + texts[i], PROMPT + texts[i] + "<|im_end|>"):
-            got = cache.retrieve(q, strict=True)
+            got = cache.retrieve_sync(q, strict=True)
             assert got["tokens"] == prepared[i].input_ids + r["output_ids"] and got["fresh_tokens"] == 0
             assert got["loss_mask"] == [0] * plen + [1] * n_out[i]
             _check_generated(got, plen, r["output_ids"], [x[0] for x in r["meta_info"]["output_token_logprobs"]],
@@ -207,12 +207,12 @@ def test_a_sibling_of_an_eos_only_reply_is_sent_its_prompt_only(tok):
     prompt is the query's text (an optional span past its end is not taken); a retrieval still gets the EOS."""
     cache = TrajectoryCache(tok, max_size=100_000, gc_k=100)
     first = cache.prepare_sync(PROMPT)
-    cache.record(first, reply(tok, "", [-0.3], "v1"), "w")
+    cache.record_sync(first, reply(tok, "", [-0.3], "v1"), "w")
     again = cache.prepare_sync(PROMPT)
     assert again.input_ids == first.input_ids and again.fresh_tokens == 0
     import asyncio
     assert asyncio.run(cache.prepare(PROMPT)).input_ids == first.input_ids
-    got = cache.retrieve(PROMPT, strict=True)
+    got = cache.retrieve_sync(PROMPT, strict=True)
     assert got["tokens"] == first.input_ids + [EOS] and got["loss_mask"][-1] == 1
     # a longer prompt that continues after the omitted EOS still reads it as that reply's EOS
     cont = cache.prepare_sync(PROMPT + "\n<|im_start|>user")
@@ -233,12 +233,12 @@ def test_shared_prefix_with_agreeing_values_is_stored_once(tok):
             n = len(enc(head + tail)) + 1
             assert enc(head + tail)[:k] == enc(head)
             lps = [-0.1 * (j + 1) if (agree and j < k) else -0.001 * (i * 100 + j + 1) for j in range(n)]
-            cache.record(cache.prepare_sync(PROMPT), reply(tok, head + tail, lps, "v1" if agree else f"v{i}"), "w")
+            cache.record_sync(cache.prepare_sync(PROMPT), reply(tok, head + tail, lps, "v1" if agree else f"v{i}"), "w")
             total += n - (k if agree and i else 0)
             cache.tree.check()
             assert cache.tree.size == plen + total, (agree, i)
         for i, tail in enumerate(tails):
-            got = cache.retrieve(PROMPT + head + tail, strict=True)
+            got = cache.retrieve_sync(PROMPT + head + tail, strict=True)
             n = len(enc(head + tail)) + 1
             lps = [-0.1 * (j + 1) if (agree and j < k) else -0.001 * (i * 100 + j + 1) for j in range(n)]
             _check_generated(got, plen, enc(head + tail) + [EOS], lps, ["v1" if agree else f"v{i}"] * n)
@@ -308,7 +308,7 @@ def test_property_branch_families_each_retrieve_their_own_values(tok, fam):
             assert st_i["p1"].input_ids == tok.encode(PROMPT, add_special_tokens=False)
         elif n == 1:
             r, ids, lps, vs = _gen(tok, s["gen"], i, 0, s["agree"], s["version"], s["switch"])
-            cache.record(st_i["p1"], r, "w")
+            cache.record_sync(st_i["p1"], r, "w")
             st_i["t1"] = (PROMPT + r["text"], st_i["p1"].input_ids + ids, lps, vs)
         elif n == 2:
             text1 = st_i["t1"][0]
@@ -317,7 +317,7 @@ def test_property_branch_families_each_retrieve_their_own_values(tok, fam):
             assert p2.cached_tokens == len(st_i["t1"][1]) and p2.input_ids[:p2.cached_tokens] == st_i["t1"][1]
         else:
             r, ids, lps, vs = _gen(tok, s["cont"], i, 1, s["agree"], s["version"], 0)
-            cache.record(st_i["p2"], r, "w")
+            cache.record_sync(st_i["p2"], r, "w")
             st_i["t2"] = (st_i["prompt2"] + r["text"], st_i["p2"].input_ids + ids, lps, vs)
         cache.tree.check()
 
@@ -325,14 +325,14 @@ def test_property_branch_families_each_retrieve_their_own_values(tok, fam):
         text1, ids1, lps1, vs1 = state[i]["t1"]
         n1 = len(ids1) - plen
         for q in (text1, text1 + "<|im_end|>"):
-            got = cache.retrieve(q, strict=True)
+            got = cache.retrieve_sync(q, strict=True)
             assert got["tokens"] == ids1 and got["fresh_tokens"] == 0, (i, q)
             assert got["loss_mask"] == [0] * plen + [1] * n1
             _check_generated(got, plen, ids1[plen:], lps1, vs1)
             assert got["rollout_logp"][:plen] == [0.0] * plen and set(got["weight_versions"][:plen]) <= all_versions
         if "t2" in state[i]:
             text2, ids2, lps2, vs2 = state[i]["t2"]
-            got = cache.retrieve(text2 + "<|im_end|>", strict=True)
+            got = cache.retrieve_sync(text2 + "<|im_end|>", strict=True)
             assert got["tokens"] == ids2 and got["fresh_tokens"] == 0
             n2 = len(lps2)
             fresh = len(ids2) - len(ids1) - n2

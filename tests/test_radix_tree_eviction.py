@@ -40,7 +40,7 @@ def turn(cache: TrajectoryCache, tok, prompt: str, reply_text: str, version: str
 def recorded(cache: TrajectoryCache, tok, prompt: str, reply_text: str, version: str = "1") -> tuple[str, list[int]]:
     """Record one turn; returns its trajectory text and exact ids."""
     p, r = turn(cache, tok, prompt, reply_text, version)
-    assert cache.record(p, r, "w") is not False
+    assert cache.record_sync(p, r, "w") is not False
     return prompt + reply_text, p.input_ids + r["output_ids"]
 
 
@@ -62,15 +62,15 @@ def test_a_prompt_far_larger_than_the_bound_is_not_recorded_and_flushes_nothing(
         p, r = turn(cache, tok, huge, " ok")
         assert p.fresh_tokens > 6 * 10_000
         assert cache.tree.size == size  # preparing it inserted nothing
-        ok = cache.record(p, r, "w")
+        ok = cache.record_sync(p, r, "w")
         p2, r2 = turn(cache, tok, huge + "once more", " ok")
-        ok2 = cache.record(p2, r2, "w")
+        ok2 = cache.record_sync(p2, r2, "w")
     for text, ids in convs.items():  # nothing was flushed
-        got = cache.retrieve(text, strict=True)
+        got = cache.retrieve_sync(text, strict=True)
         assert got["tokens"] == ids and got["fresh_tokens"] == 0
     assert cache.tree.size == size and cache.tree.evictions == 0
     assert ok is False and ok2 is False and cache.max_record_tokens == 2_500  # the caller can tell
-    assert all(cache.retrieve(text)["evicted"] is False for text in convs)
+    assert all(cache.retrieve_sync(text)["evicted"] is False for text in convs)
     s = cache.stats()
     sizes = [x.fresh_tokens + len(y["output_ids"]) for x, y in ((p, r), (p2, r2))]
     assert (s["records_too_large"], s["records_too_large_tokens"]) == (2, sum(sizes))
@@ -87,15 +87,15 @@ def test_the_per_record_limit_counts_the_tokens_a_record_adds(tok):
     out = tok.encode(" done", add_special_tokens=False) + [EOS]
     reply = {"text": " done", "output_ids": out, "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}}}
     first = x * (100 - len(out))
-    assert cache.record(cache.prepare_ids(first), reply, None) is True  # exactly at the limit
+    assert cache.record_sync(cache.prepare_ids_sync(first), reply, None) is True  # exactly at the limit
     # the next turn: 200 tokens in all, but only its new 100 are added
-    nxt = cache.prepare_ids(first + out + x * (100 - len(out)))
+    nxt = cache.prepare_ids_sync(first + out + x * (100 - len(out)))
     assert (nxt.cached_tokens, nxt.fresh_tokens) == (100, 100 - len(out))
-    assert cache.record(nxt, reply, None) is True
-    too_many = cache.prepare_ids(tok.encode(" z", add_special_tokens=False) * (101 - len(out)))
-    assert cache.record(too_many, reply, None) is False
+    assert cache.record_sync(nxt, reply, None) is True
+    too_many = cache.prepare_ids_sync(tok.encode(" z", add_special_tokens=False) * (101 - len(out)))
+    assert cache.record_sync(too_many, reply, None) is False
     unfinished = dict(reply, meta_info={"finish_reason": {"type": "abort"}})  # adds its prompt only
-    assert cache.record(cache.prepare_ids(tok.encode(" w", add_special_tokens=False) * 100), unfinished, None)
+    assert cache.record_sync(cache.prepare_ids_sync(tok.encode(" w", add_special_tokens=False) * 100), unfinished, None)
     assert cache.stats()["records_too_large"] == 1
 
 
@@ -108,7 +108,7 @@ def test_evicting_never_retrieved_generated_tokens_is_counted_and_logged_once_pe
     for name in ("read", "unread", "prepared"):
         texts[name], _ = recorded(cache, tok, f"Q {name}:", f" the reply for {name}.")
         gen[name] = len(tok.encode(f" the reply for {name}.", add_special_tokens=False)) + 1
-    cache.retrieve(texts["read"])
+    cache.retrieve_sync(texts["read"])
     cache.prepare_sync(texts["prepared"] + " and more")  # a prepare returns nothing to a trainer: no flag
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         cache.tree.evict(cache.tree.size)
@@ -134,7 +134,7 @@ def test_a_retrieval_covers_what_it_returned_not_the_next_turn(tok):
     cache = TrajectoryCache(tok, max_size=100_000)
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     text, _ = recorded(cache, tok, prompt, " hello there.")
-    cache.retrieve(text)
+    cache.retrieve_sync(text)
     nxt = text + "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
     recorded(cache, tok, nxt, " the second answer.")
     assert cache.tree.node_count == 1  # the next turn extended the very leaf that was retrieved
@@ -148,13 +148,13 @@ def test_weight_version_gc_of_never_retrieved_tokens_is_counted_separately(tok):
     cache = TrajectoryCache(tok, max_size=100_000, gc_k=1)
     read, _ = recorded(cache, tok, "Old read:", " first.", version="v1")
     unread, _ = recorded(cache, tok, "Old unread:", " second one.", version="v1")
-    cache.retrieve(read)
+    cache.retrieve_sync(read)
     recorded(cache, tok, "New:", " third.", version="v2")  # a new version: v1's trajectories are GC'd
     s = cache.stats()
     n_unread = len(tok.encode(" second one.", add_special_tokens=False)) + 1
     assert (s["gc_removed_unretrieved"], s["gc_removed_unretrieved_generated_tokens"]) == (1, n_unread)
     assert s["evicted_unretrieved"] == 0
-    got = cache.retrieve(unread)
+    got = cache.retrieve_sync(unread)
     assert got["evicted"] is True and got["evicted_generated_tokens"] == n_unread
     assert "weight-version GC" in got["warning"] and "--radix-tree-gc-k" in got["warning"]
 
@@ -168,29 +168,29 @@ def test_retrieving_evicted_text_is_flagged_and_strict_answers_410(tok):
     a, a_ids = recorded(cache, tok, prompt, "Blue, like the sky.")
     b, b_ids = recorded(cache, tok, prompt, "Red.")
     gen_a = len(a_ids) - len(cache.detok.encode(prompt))
-    cache.retrieve(b)  # b is more recent: the next eviction takes a's own part only
+    cache.retrieve_sync(b)  # b is more recent: the next eviction takes a's own part only
     freed = cache.tree.evict(gen_a)
     assert freed == gen_a
-    got = cache.retrieve(a)
+    got = cache.retrieve_sync(a)
     assert got["evicted"] is True and got["evicted_at_char"] == len(prompt) == got["recorded_chars"]
     assert got["evicted_generated_tokens"] == gen_a and sum(got["loss_mask"]) == 0
     assert "evicted" in got["warning"] and "100,000 tokens" in got["warning"] and "--radix-tree-max-size" in \
         got["warning"]
     with pytest.raises(HTTPError) as e:
-        cache.retrieve(a, strict=True)
+        cache.retrieve_sync(a, strict=True)
     assert (e.value.status, e.value.code) == (410, "evicted") and "--radix-tree-max-size" in e.value.message
-    assert cache.retrieve(b, strict=True)["tokens"] == b_ids  # what is still there is exact
+    assert cache.retrieve_sync(b, strict=True)["tokens"] == b_ids  # what is still there is exact
     # text never recorded, or diverging from what is recorded: not "evicted" (404 when strict, as before)
     for text in ("Something never seen", prompt + "Green."):
-        assert cache.retrieve(text)["evicted"] is False
+        assert cache.retrieve_sync(text)["evicted"] is False
         with pytest.raises(HTTPError) as e:
-            cache.retrieve(text, strict=True)
+            cache.retrieve_sync(text, strict=True)
         assert (e.value.status, e.value.code) == (404, "not_recorded")
     # everything evicted, node by node (b's reply, then the shared prompt): found through the chain of removals
     cache.tree.evict(cache.tree.size)
-    got = cache.retrieve(a + " and a continuation never generated")
+    got = cache.retrieve_sync(a + " and a continuation never generated")
     assert got["evicted"] is True and got["evicted_at_char"] == 0 and got["evicted_generated_tokens"] == gen_a
-    got = cache.retrieve(prompt + "Green.")  # its prompt was recorded: evicted, though no generated token was
+    got = cache.retrieve_sync(prompt + "Green.")  # its prompt was recorded: evicted, though no generated token was
     assert got["evicted"] is True and got["evicted_at_char"] == 0 and got["evicted_generated_tokens"] == 0
     s = cache.stats()
     assert s["retrievals_after_eviction"] == 4 and s["retrievals_after_eviction_generated_tokens"] == 3 * gen_a
@@ -206,7 +206,7 @@ def test_the_hot_paths_never_look_at_removed_text(tok, monkeypatch):
 
     monkeypatch.setattr(cache.tree, "removed_at", boom)
     recorded(cache, tok, text + " next", " again.")  # prepare + record of text that was evicted
-    assert cache.retrieve(text + " next again.")["evicted"] is False  # fully recorded: nothing to look up
+    assert cache.retrieve_sync(text + " next again.")["evicted"] is False  # fully recorded: nothing to look up
 
 
 # --- 4. the default -------------------------------------------------------------------------------------

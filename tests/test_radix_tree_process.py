@@ -116,9 +116,25 @@ def test_option_needs_a_checkpoint():
     from slime_router_core.app import build_app
     from slime_router_core.errors import PluginLoadError
     from slime_router_core.plugins import load_plugins
+    from slime_router_core.tokenizers import load_tokenizer
 
     class Tok:  # a tokenizer registered by hand: nothing the child could load
-        pass
+        def __init__(self) -> None:
+            self.inner = load_tokenizer(BUILTIN_CHECKPOINT)
+            self.eos_token_id = self.inner.eos_token_id
+
+        def encode(self, text, add_special_tokens=False):
+            return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+        def decode(self, ids, skip_special_tokens=False):
+            return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def convert_ids_to_tokens(self, ids):
+            return self.inner.convert_ids_to_tokens(ids)
+
+        def apply_chat_template(self, conversation, tools=None, tokenize=False, add_generation_prompt=True, **kw):
+            return self.inner.apply_chat_template(conversation, tools=tools, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt, **kw)
 
     from slime_router_core.hookspecs import hookimpl
 

@@ -282,25 +282,25 @@ def test_cache_turns_with_bpe_boundaries_and_spans(tok):
     p1 = asyncio.run(cache.prepare("Assistant:"))
     assert p1.cached_tokens == 0 and p1.input_ids == enc("Assistant:")
     out = enc(" 我 remember.") + [EOS]
-    cache.record(p1, reply(" 我 remember.", out, spans=[{"version": "a", "start": 0, "end": 2},
+    cache.record_sync(p1, reply(" 我 remember.", out, spans=[{"version": "a", "start": 0, "end": 2},
                                                          {"version": "b", "start": 2, "end": len(out)}]), "w1")
     # the next turn appends text that BPE would merge with the last generated token (".memory")
     p2 = asyncio.run(cache.prepare("Assistant: 我 remember.memory"))
     assert p2.input_ids[:len(p1.input_ids) + len(out)] == p1.input_ids + out
     assert p2.input_ids[len(p1.input_ids) + len(out):] == enc("memory")
     assert p2.worker_url == "w1" and p2.fresh_tokens == len(enc("memory"))
-    got = cache.retrieve("Assistant: 我 remember.")
+    got = cache.retrieve_sync("Assistant: 我 remember.")
     assert got["tokens"] == p1.input_ids + out
     assert got["loss_mask"] == [0] * len(p1.input_ids) + [1] * len(out)
     assert got["weight_versions"][len(p1.input_ids):] == ["a", "a"] + ["b"] * (len(out) - 2)
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in
                zip(got["rollout_logp"][len(p1.input_ids):], [-0.1 * (i + 1) for i in range(len(out))]))
     with pytest.raises(HTTPError) as e:
-        cache.retrieve("Assistant: 我 remember. unseen", strict=True)
+        cache.retrieve_sync("Assistant: 我 remember. unseen", strict=True)
     assert e.value.status == 404
     for bad in ("", None, 3):
         with pytest.raises(HTTPError) as e:
-            cache.retrieve(bad)  # type: ignore[arg-type]
+            cache.retrieve_sync(bad)  # type: ignore[arg-type]
         assert e.value.status == 400
 
 
@@ -309,9 +309,9 @@ def test_cache_stop_string_trimmed_inside_a_token(tok):
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     p = cache.prepare_sync("Q:")
     out = enc(" fine.\n\nUser")  # stop "\n\nUser" trimmed by the worker; ".\n\n" may be one token
-    cache.record(p, reply(" fine.", out, finish={"type": "stop", "matched": "\n\nUser"}), None)
+    cache.record_sync(p, reply(" fine.", out, finish={"type": "stop", "matched": "\n\nUser"}), None)
     for q in ("Q: fine.", "Q: fine.\n\nUser"):
-        got = cache.retrieve(q)
+        got = cache.retrieve_sync(q)
         assert got["tokens"] == p.input_ids + out and got["fresh_tokens"] == 0
     nxt = cache.prepare_sync("Q: fine.\n\nUser: next")
     assert nxt.input_ids[:len(p.input_ids) + len(out)] == p.input_ids + out
@@ -321,8 +321,8 @@ def test_cache_stop_string_trimmed_inside_a_token(tok):
 def test_cache_aborted_generation_records_only_the_prompt(tok):
     cache = TrajectoryCache(tok)
     p = cache.prepare_sync("Abort me:")
-    cache.record(p, reply(" partial", tok.encode(" partial"), finish={"type": "abort", "message": "x"}), None)
-    got = cache.retrieve("Abort me: partial")
+    cache.record_sync(p, reply(" partial", tok.encode(" partial"), finish={"type": "abort", "message": "x"}), None)
+    got = cache.retrieve_sync("Abort me: partial")
     assert got["exact_tokens"] == len(p.input_ids) and sum(got["loss_mask"]) == 0
     s = cache.stats()
     for key in ("total_entries", "cache_hits", "cache_misses", "hit_rate", "hit_tokens", "lookup_tokens",
@@ -348,7 +348,7 @@ def test_long_prompts_are_tokenized_off_the_event_loop(tok, caplog):
     p = asyncio.run(cache.prepare(long_text))
     assert p.input_ids == tok.encode(long_text, add_special_tokens=False) and p.cached_tokens == 0
     out = tok.encode(" done", add_special_tokens=False) + [EOS]
-    asyncio.run(cache.record_async(p, reply(" done", out), "w"))
+    asyncio.run(cache.record(p, reply(" done", out), "w"))
     with caplog.at_level("INFO", logger="slime_router.radix_tree"):
         p2 = asyncio.run(cache.prepare(long_text + " done more"))
     assert p2.cached_tokens == len(p.input_ids) + len(out) and p2.worker_url == "w"
@@ -404,15 +404,15 @@ def test_incremental_record_walks_only_new_tokens_and_falls_back_when_the_tree_c
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     for i in range(4):
         p, r = _turn(cache, tok, prompt, f" reply {i} 你好 🤖.")
-        cache.record(p, r, "w")
+        cache.record_sync(p, r, "w")
         prompt += r["text"] + f"<|im_end|>\n<|im_start|>user\nmore {i}<|im_end|>\n<|im_start|>assistant\n"
     assert cache.records_incremental == 3  # turn 1 has no anchor; turns 2-4 continue the recorded chain
     # the tree changes under a prepared prompt (its anchor node is evicted): the full insert is used
     p, r = _turn(cache, tok, prompt, " last")
     cache.tree.evict(cache.tree.size)
-    cache.record(p, r, "w")
+    cache.record_sync(p, r, "w")
     assert cache.records_incremental == 3
-    got = cache.retrieve(prompt + " last")
+    got = cache.retrieve_sync(prompt + " last")
     assert got["tokens"] == p.input_ids + r["output_ids"] and got["fresh_tokens"] == 0
     cache.tree.check()
 
@@ -445,16 +445,16 @@ def test_property_incremental_record_equals_full_insert(tok, script, max_size):
         pending.append((pair, base + reply_text))
         if not delay:  # record now, or later (interleaved with other conversations' records)
             for (p, r), c in zip(pending.pop()[0], caches):
-                c.record(p, r, "w")
+                c.record_sync(p, r, "w")
         convs[conv] = base + reply_text + "<|im_end|>\n<|im_start|>user\nnext<|im_end|>\n<|im_start|>assistant\n"
         texts.update([base + reply_text, convs[conv]])
     for pair, _ in pending:
         for (p, r), c in zip(pair, caches):
-            c.record(p, r, "w")
+            c.record_sync(p, r, "w")
     for c in caches:
         c.tree.check()
     for text in sorted(texts):
-        a, b = (c.retrieve(text) for c in caches)
+        a, b = (c.retrieve_sync(text) for c in caches)
         if evicting:
             # After its own records were evicted, a text can be matched against a sibling's shorter reply and get
             # that reply's EOS (the optional-span rule reads the text as that reply continued without writing its
@@ -538,8 +538,8 @@ def test_record_honours_weight_version_spans_and_logprob_ids(tok):
          "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}, "weight_version": "v2",
                        "weight_versions": [{"start": 0, "end": 2, "version": "v1"}],
                        "output_token_logprobs": [[-0.5, t, None] for t in out]}}
-    asyncio.run(cache.record_async(p, r, "w"))
-    got = cache.retrieve("Q: one two three")
+    asyncio.run(cache.record(p, r, "w"))
+    got = cache.retrieve_sync("Q: one two three")
     assert got["tokens"] == p.input_ids + out
     assert got["weight_versions"] == ["v1"] * len(p.input_ids) + ["v1", "v1"] + ["v2"] * (len(out) - 2)
     assert got["rollout_logp"] == [0.0] * len(p.input_ids) + [-0.5] * len(out)
@@ -551,13 +551,13 @@ def test_leaves_grow_to_a_quarter_of_the_bound_so_eviction_keeps_a_long_trajecto
     prompt = "<|im_start|>user\nstart<|im_end|>\n<|im_start|>assistant\n"
     for i in range(30):  # ~30 tokens a turn: the trajectory outgrows the bound
         p, r = _turn(cache, tok, prompt, f" reply number {i}, with a few more words to make it longer.")
-        cache.record(p, r, "w")
+        cache.record_sync(p, r, "w")
         prompt += r["text"] + f"<|im_end|>\n<|im_start|>user\nquestion {i} and some more text<|im_end|>\n" \
                               f"<|im_start|>assistant\n"
         cache.tree.check()
     assert all(len(n.ids) <= 100 for n in cache.tree._iter_nodes())  # no leaf holds more than a quarter
     assert cache.tree.size <= 400 and cache.tree.evictions > 0
-    got = cache.retrieve(prompt)
+    got = cache.retrieve_sync(prompt)
     assert got["exact_tokens"] > 0  # the newest turns were evicted, not the whole trajectory
     assert got["tokens"][:got["exact_tokens"]] == p.input_ids[:got["exact_tokens"]]
 
@@ -568,7 +568,7 @@ def test_a_token_holding_a_space_and_half_an_emoji_is_no_place_to_cut(tok):
     cache = TrajectoryCache(tok, max_size=10_000)
     base = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
     p, r = _turn(cache, tok, base, " 🤖!")
-    cache.record(p, r, "w")
+    cache.record_sync(p, r, "w")
     ids = tok.encode(" 🤖!", add_special_tokens=False)
     assert tok.decode(ids[:1]) != " "  # the premise: the first token holds the space and bytes of the emoji
     pieces = cache.detok.pieces(ids)
@@ -576,7 +576,7 @@ def test_a_token_holding_a_space_and_half_an_emoji_is_no_place_to_cut(tok):
     for text in (base + " ok", base + " ok<|im_end|>\n<|im_start|>user\nnext"):
         prepared = cache.prepare_sync(text)
         assert tok.decode(prepared.input_ids) == text
-        assert tok.decode(cache.retrieve(text)["tokens"]) == text
+        assert tok.decode(cache.retrieve_sync(text)["tokens"]) == text
 
 
 _PIECES = st.sampled_from(list(" ab\n你好🤖!é1") + ["  ", "e\u0301", "👍🏽", "\u200d", "x", "<think>", "</think>",
@@ -608,7 +608,7 @@ def test_property_prompts_and_retrievals_spell_the_text(tok, script, max_size):
     texts: list[str] = []
     for conv, reply_text, delay, user, finish in script:
         for item in [x for x in pending if x[2] == conv]:
-            cache.record(item[0], item[1], "w")
+            cache.record_sync(item[0], item[1], "w")
             pending.remove(item)
         base = convs[conv]
         p, r = _turn(cache, tok, base, reply_text)
@@ -623,11 +623,11 @@ def test_property_prompts_and_retrievals_spell_the_text(tok, script, max_size):
         pending.append((p, r, conv))
         if not delay:
             item = pending.pop()
-            cache.record(item[0], item[1], "w")
+            cache.record_sync(item[0], item[1], "w")
         convs[conv] = base + r["text"] + "<|im_end|>\n<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n"
         texts += [base + r["text"], convs[conv]]
     for item in pending:
-        cache.record(item[0], item[1], "w")
+        cache.record_sync(item[0], item[1], "w")
     cache.tree.check()
     for text in texts:
-        assert same(cache.retrieve(text)["tokens"], text), text
+        assert same(cache.retrieve_sync(text)["tokens"], text), text

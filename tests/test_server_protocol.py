@@ -9,7 +9,7 @@ import httpx
 import uvicorn
 
 from slime_router_core.server import OneWriteProtocol
-from slime_router_core.testing import free_port
+from slime_router_testing import free_port
 
 WRITES: list[bytes] = []
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from slime_router_core.testing import free_port, wait_http
+from slime_router_testing import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,12 @@ import pytest
 
 from slime_router_core.tokenizers import (
     BUILTIN_CHECKPOINT,
-    QWEN3_SPECIAL_TOKENS,
     QWEN_PAT_STR,
-    builtin_tokenizer_dir,
     load_qwen_ranks,
     load_tokenizer,
     resolve_checkpoint,
 )
+from slime_router_testing.tokenizer import QWEN3_SPECIAL_TOKENS, builtin_tokenizer_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

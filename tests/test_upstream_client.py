@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from slime_router_core.testing import free_port
 from slime_router_core.upstream import UpstreamConnectionError, UpstreamPool
+from slime_router_testing import free_port
 
 
 class RawServer:

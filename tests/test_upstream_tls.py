@@ -27,9 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from slime_router_core.testing import ServerThread, free_port, wait_http
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
 from slime_router_core.upstream import UpstreamConnectionError, UpstreamPool
+from slime_router_testing import ServerThread, free_port, wait_http
 
 CA_CONFIG = """[req]
 distinguished_name = dn
@@ -236,7 +236,7 @@ def test_router_generates_on_an_https_worker_end_to_end(certs, tokenizer_dir):
     """The real CLI with ``--worker-url https://...``: /generate (whole and streamed), the OpenAI route and the
     trajectory cache work, and the health checks (aiohttp) keep the worker in rotation. The router trusts the
     test CA the way a deployment would: SSL_CERT_FILE."""
-    from slime_router_core.mock_worker import MockWorkerConfig, create_mock_worker_app
+    from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
 
     health_checks: list[int] = []
     second_health_check = threading.Event()  # rounds run one after another: the first one is then complete

@@ -2,16 +2,16 @@
 
 Order of decisions for one attempt (all synchronous, no ``await``):
 
-1. **Explicit session key** — header ``X-Session-ID`` or ``ctx.state["session_key"]`` (openai_compat sets it
+1. **Explicit session key** — header ``X-Session-ID`` or ``ctx.stash[SESSION_KEY]`` (openai_compat sets it
    from the OpenAI ``user`` field). The body's ``extra_key`` / ``cache_salt`` (which partition SGLang's prefix
    cache) join the key. The key is consistent-hashed onto a ring of the pool's workers; the first ring owner
    that is a current candidate wins, so adding/removing/losing one worker moves only its own sessions.
-2. **Trajectory affinity** — ``ctx.state["affinity_worker"]``: the URL of the worker that produced the longest
-   recorded prefix of this request (set by the radix_tree plugin for ``/generate`` and by openai_compat).
-   When ``ctx.state["affinity_tokens"]`` (the length of that prefix in tokens) is given too, the affinity is
-   only used if it covers at least ``--cache-aware-min-match`` of the prompt (``ctx.state["prompt_tokens"]``
-   or ``len(body["input_ids"])``): a new conversation that merely shares a few tokens of boilerplate with a
-   recorded one ("<|im_start|>system\nProblem 1") is routed by load, not piled onto one worker.
+2. **Trajectory affinity** — ``ctx.stash[AFFINITY]`` (``slime_router_core.contracts.Affinity``): the worker that
+   produced the longest recorded prefix of this request (set by the radix_tree plugin for ``/generate`` and by
+   openai_compat), with the length of that prefix and of the prompt in tokens. The affinity is only used if the
+   prefix covers at least ``--cache-aware-min-match`` of the prompt: a new conversation that merely shares a few
+   tokens of boilerplate with a recorded one ("<|im_start|>system\nProblem 1") is routed by load, not piled onto
+   one worker.
 3. The preferred worker from 1 or 2 is used **unless overloaded**: its in-flight count exceeds the least
    loaded candidate's by more than ``--cache-aware-abs-threshold`` *and* is more than
    ``--cache-aware-rel-threshold`` times it (the sglang-router rule, applied to the preferred worker).
@@ -22,6 +22,8 @@ Order of decisions for one attempt (all synchronous, no ``await``):
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from slime_router_core.contracts import AFFINITY, SESSION_KEY
 
 from .base import Policy
 from .hashring import HashRing
@@ -35,7 +37,7 @@ SESSION_HEADER = "x-session-id"
 
 def session_key(ctx: RequestContext) -> str | None:
     """The explicit affinity key of a request, or ``None``: session id joined with extra_key / cache_salt."""
-    key = ctx.headers.get(SESSION_HEADER) or ctx.state.get("session_key")
+    key = ctx.headers.get(SESSION_HEADER) or ctx.stash.get(SESSION_KEY)
     if not key:
         return None
     body = ctx.body
@@ -44,19 +46,6 @@ def session_key(ctx: RequestContext) -> str | None:
         if extra is not None or salt is not None:
             return f"{key}\x1f{'' if extra is None else extra}\x1f{'' if salt is None else salt}"
     return str(key)
-
-
-def prompt_tokens(ctx: RequestContext) -> int | None:
-    """The prompt length in tokens, when known before the request is sent."""
-    n = ctx.state.get("prompt_tokens")
-    if isinstance(n, int):
-        return n
-    body = ctx.body
-    if isinstance(body, dict):
-        ids = body.get("input_ids")
-        if isinstance(ids, list) and ids and isinstance(ids[0], int):
-            return len(ids)
-    return None
 
 
 class CacheAwarePolicy(Policy):
@@ -86,23 +75,17 @@ class CacheAwarePolicy(Policy):
         key = session_key(ctx)
         if key is not None:
             return self.ring.lookup(key, workers), "session_routed"
-        url = ctx.state.get("affinity_worker")
-        if url:
-            if self.min_match > 0 and not self.covers_enough(ctx):
+        affinity = ctx.stash.get(AFFINITY)
+        if affinity is not None:
+            if affinity.cached_tokens < self.min_match * affinity.prompt_tokens:
                 self.stats["affinity_below_min_match"] += 1
                 return None, ""
+            url = affinity.worker_url
             for w in workers:
                 if w.url == url:
                     return w, "affinity_routed"
             self.stats["affinity_unavailable"] += 1
         return None, ""
-
-    def covers_enough(self, ctx: RequestContext) -> bool:
-        matched = ctx.state.get("affinity_tokens")
-        if matched is None:
-            return True  # the producer did not say how long the match is: trust it
-        total = prompt_tokens(ctx)
-        return not total or matched / total >= self.min_match
 
     def select(self, ctx: RequestContext, workers: list[Worker]) -> Worker:
         target, reason = self.preferred(ctx, workers)

@@ -23,17 +23,33 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
-from fastapi import Request
+from fastapi import Body
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from slime_router_core import HTTPError, hookimpl
+from slime_router_core.admin import ErrorResponse
+from slime_router_core.context import StashKey
+from slime_router_core.contracts import BALANCER
+from slime_router_core.settings import PluginConfig, at_least, option
 
 from . import POLICIES
 from .base import Policy
 from .health import CircuitBreaker, HealthChecker, init_worker_state
+from .models import (
+    AbortReport,
+    AbortRequest,
+    BalancingState,
+    BroadcastReport,
+    PauseReport,
+    PauseRequest,
+    ResumeReport,
+    UpdateWeightsFromDiskRequest,
+    UpdateWeightVersionRequest,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -50,125 +66,76 @@ DEFAULT_POLICY = "cache_aware"
 MAX_TRACKED_RIDS = 200_000
 LATENCY_EMA_ALPHA = 0.2
 
-# ctx.state keys owned by this plugin
-_ADMITTED = "balancing_admitted"
-_RIDS = "balancing_rids"
+# per-request values owned by this plugin
+_ADMITTED: StashKey[bool] = StashKey("balancing.admitted")  # counted in ``active`` (released when finished)
+_RIDS: StashKey[list[str]] = StashKey("balancing.rids")  # the request's rids, tracked for /abort_request
 
 
 # --- options -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BalancingConfig(PluginConfig):
+    policy: str = option(
+        DEFAULT_POLICY, flag="--policy", aliases=("--balancing-policy",), choices=tuple(sorted(POLICIES)),
+        help="Worker-selection policy. cache_aware keeps multi-turn trajectories on the worker holding their KV "
+             "prefix (via the radix_tree plugin or an X-Session-ID header / OpenAI 'user') and falls back to least "
+             "in-flight.")
+    cache_aware_abs_threshold: float = option(
+        32, flag="--cache-aware-abs-threshold", aliases=("--balance-abs-threshold",), check=at_least(0),
+        help="cache_aware: the preferred worker is overloaded (request goes to the least loaded one) when its "
+             "in-flight count exceeds the least loaded worker's by more than this ...")
+    cache_aware_rel_threshold: float = option(
+        1.5, flag="--cache-aware-rel-threshold", aliases=("--balance-rel-threshold",), check=at_least(1),
+        help="... and is more than this many times the least loaded worker's in-flight count.")
+    cache_aware_min_match: float = option(
+        0.3, flag="--cache-aware-min-match", aliases=("--cache-threshold",),
+        check=lambda v: None if 0 <= v <= 1 else "must be within [0, 1]",
+        help="cache_aware: use the trajectory affinity only when the recorded prefix covers at least this fraction "
+             "of the prompt.")
+    health_check_path: str = option("/health", flag="--health-check-path", aliases=("--health-check-endpoint",),
+                                    help="Path probed on every worker by the background health checker.")
+    health_check_interval: float = option(
+        5.0, flag="--health-check-interval", aliases=("--health-check-interval-secs",), check=at_least(0),
+        help="Seconds between health-check rounds (0 disables active health checks).")
+    health_check_timeout: float = option(
+        5.0, flag="--health-check-timeout", aliases=("--health-check-timeout-secs",), check=at_least(0),
+        help="Timeout of one health probe, in seconds.")
+    health_failure_threshold: int = option(3, flag="--health-failure-threshold", check=at_least(1),
+                                           help="Consecutive failed probes that take a worker out of rotation.")
+    health_success_threshold: int = option(
+        2, flag="--health-success-threshold", check=at_least(1),
+        help="Consecutive good probes that put an unhealthy worker back into rotation.")
+    circuit_failure_threshold: int = option(
+        5, flag="--circuit-failure-threshold", aliases=("--cb-failure-threshold",), check=at_least(0),
+        help="Consecutive failed requests (connection error or 5xx) that open a worker's circuit (0 disables the "
+             "circuit breaker).")
+    circuit_cooldown: float = option(
+        10.0, flag="--circuit-cooldown", aliases=("--cb-timeout-duration-secs",), check=at_least(0),
+        help="Seconds an open circuit waits before letting one probe request through (half-open).")
+    retry_status_codes: frozenset[int] = option(
+        frozenset({502, 503, 504}), flag="--retry-status-codes", parse=lambda v: parse_status_codes(v),
+        help="Comma-separated 5xx worker statuses retried on another worker (connection errors always are), while "
+             "nothing was streamed. The attempt bound is the core's --max-attempts.")
+    retry_backoff_base: float = option(
+        0.05, flag="--retry-backoff-base", check=at_least(0),
+        help="First retry delay in seconds; doubles per attempt (with jitter), capped by --retry-backoff-max.")
+    retry_backoff_max: float = option(2.0, flag="--retry-backoff-max", check=at_least(0),
+                                      help="Largest retry delay in seconds.")
+    seed: int | None = option(
+        None, flag="--balancing-seed",
+        help="Seed for power_of_two's sampling and the retry jitter, for reproducible runs (default: random).")
+    drain_mode: str = option(
+        "wait", flag="--drain-mode", choices=("wait", "reject"),
+        help="While paused (POST /pause): 'wait' holds new requests until POST /resume; 'reject' answers them 503.")
+    drain_timeout: float = option(
+        60.0, flag="--drain-timeout", check=at_least(0),
+        help="POST /pause answers when in-flight requests reach 0 or after this many seconds.")
+
+
 @hookimpl
 def add_options(options: OptionRegistry) -> None:
-    choices = ", ".join(sorted(POLICIES))
-    options.add("--policy", default=DEFAULT_POLICY, aliases=["--balancing-policy"],
-                help=f"Worker-selection policy: {choices}. cache_aware keeps multi-turn trajectories on the worker "
-                     "holding their KV prefix (via the radix_tree plugin or an X-Session-ID header / OpenAI 'user') "
-                     "and falls back to least in-flight.")
-    options.add("--cache-aware-abs-threshold", type=int, default=32, aliases=["--balance-abs-threshold"],
-                help="cache_aware: the preferred worker is overloaded (request goes to the least loaded one) when "
-                     "its in-flight count exceeds the least loaded worker's by more than this ...")
-    options.add("--cache-aware-rel-threshold", type=float, default=1.5, aliases=["--balance-rel-threshold"],
-                help="... and is more than this many times the least loaded worker's in-flight count.")
-    options.add("--cache-aware-min-match", type=float, default=0.3, aliases=["--cache-threshold"],
-                help="cache_aware: use the trajectory affinity only when the recorded prefix covers at least this "
-                     "fraction of the prompt (when the trajectory cache reports the match length).")
-    options.add("--health-check-path", default="/health", aliases=["--health-check-endpoint"],
-                help="Path probed on every worker by the background health checker.")
-    options.add("--health-check-interval", type=float, default=5.0, aliases=["--health-check-interval-secs"],
-                help="Seconds between health-check rounds (0 disables active health checks).")
-    options.add("--health-check-timeout", type=float, default=5.0, aliases=["--health-check-timeout-secs"],
-                help="Timeout of one health probe, in seconds.")
-    options.add("--health-failure-threshold", type=int, default=3,
-                help="Consecutive failed probes that take a worker out of rotation.")
-    options.add("--health-success-threshold", type=int, default=2,
-                help="Consecutive good probes that put an unhealthy worker back into rotation.")
-    options.add("--circuit-failure-threshold", type=int, default=5, aliases=["--cb-failure-threshold"],
-                help="Consecutive failed requests (connection error or 5xx) that open a worker's circuit "
-                     "(0 disables the circuit breaker).")
-    options.add("--circuit-cooldown", type=float, default=10.0, aliases=["--cb-timeout-duration-secs"],
-                help="Seconds an open circuit waits before letting one probe request through (half-open).")
-    options.add("--retry-status-codes", default="502,503,504",
-                help="Comma-separated 5xx worker statuses retried on another worker (connection errors always "
-                     "are), while nothing was streamed. The attempt bound is the core's --max-attempts.")
-    options.add("--retry-backoff-base", type=float, default=0.05,
-                help="First retry delay in seconds; doubles per attempt (with jitter), capped by "
-                     "--retry-backoff-max.")
-    options.add("--retry-backoff-max", type=float, default=2.0, help="Largest retry delay in seconds.")
-    options.add("--balancing-seed", type=int, default=None,
-                help="Seed for power_of_two's sampling and the retry jitter, for reproducible runs (default: random).")
-    options.add("--drain-mode", default="wait",
-                help="While paused (POST /pause): 'wait' holds new requests until POST /resume; 'reject' answers "
-                     "them 503.")
-    options.add("--drain-timeout", type=float, default=60.0,
-                help="POST /pause answers when in-flight requests reach 0 or after this many seconds.")
-
-
-@dataclass
-class BalancingConfig:
-    policy: str = DEFAULT_POLICY
-    cache_aware_abs_threshold: float = 32
-    cache_aware_rel_threshold: float = 1.5
-    cache_aware_min_match: float = 0.3
-    health_check_path: str = "/health"
-    health_check_interval: float = 5.0
-    health_check_timeout: float = 5.0
-    health_failure_threshold: int = 3
-    health_success_threshold: int = 2
-    circuit_failure_threshold: int = 5
-    circuit_cooldown: float = 10.0
-    retry_status_codes: frozenset = frozenset({502, 503, 504})
-    retry_backoff_base: float = 0.05
-    retry_backoff_max: float = 2.0
-    drain_mode: str = "wait"
-    drain_timeout: float = 60.0
-    max_attempts: int = 3
-    seed: int | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> BalancingConfig:
-        d = cls()
-
-        def get(name: str, conv: Any) -> Any:
-            value = settings.get(name, None)
-            if value is None:
-                return getattr(d, name)
-            try:
-                return conv(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"--{name.replace('_', '-')}: invalid value {value!r}") from None
-
-        policy = str(get("policy", str)).strip().replace("-", "_")
-        if policy not in POLICIES:
-            raise ValueError(f"Unknown --policy {policy!r}; choose one of {sorted(POLICIES)}")
-        drain_mode = str(get("drain_mode", str)).strip().lower()
-        if drain_mode not in ("wait", "reject"):
-            raise ValueError(f"--drain-mode must be 'wait' or 'reject', got {drain_mode!r}")
-        cfg = cls(
-            policy=policy,
-            cache_aware_abs_threshold=get("cache_aware_abs_threshold", float),
-            cache_aware_rel_threshold=get("cache_aware_rel_threshold", float),
-            cache_aware_min_match=get("cache_aware_min_match", float),
-            health_check_path=str(get("health_check_path", str)),
-            health_check_interval=get("health_check_interval", float),
-            health_check_timeout=get("health_check_timeout", float),
-            health_failure_threshold=get("health_failure_threshold", int),
-            health_success_threshold=get("health_success_threshold", int),
-            circuit_failure_threshold=get("circuit_failure_threshold", int),
-            circuit_cooldown=get("circuit_cooldown", float),
-            retry_status_codes=parse_status_codes(settings.get("retry_status_codes", None) or "502,503,504"),
-            retry_backoff_base=get("retry_backoff_base", float),
-            retry_backoff_max=get("retry_backoff_max", float),
-            drain_mode=drain_mode,
-            drain_timeout=get("drain_timeout", float),
-            max_attempts=int(settings.get("max_attempts", 3) or 3),
-            seed=settings.get("balancing_seed", None),
-        )
-        if cfg.cache_aware_abs_threshold < 0 or cfg.cache_aware_rel_threshold < 1:
-            raise ValueError("--cache-aware-abs-threshold must be >= 0 and --cache-aware-rel-threshold >= 1")
-        if not 0 <= cfg.cache_aware_min_match <= 1:
-            raise ValueError("--cache-aware-min-match must be within [0, 1]")
-        return cfg
+    options.add_config(BalancingConfig)
 
 
 def parse_status_codes(value: Any) -> frozenset:
@@ -190,8 +157,8 @@ def parse_status_codes(value: Any) -> frozenset:
 
 @hookimpl
 def register_components(registry: ComponentRegistry, router: Router) -> None:
-    balancer = Balancer(router, BalancingConfig.from_settings(router.settings))
-    registry.register("balancing", balancer, owner="balancing")
+    balancer = Balancer(router, router.settings.config(BalancingConfig))
+    registry.register(BALANCER, balancer, owner="balancing")
 
 
 def _balancer(router: Router) -> Balancer:
@@ -324,7 +291,7 @@ class Balancer:
     def pre_request(self, ctx: RequestContext) -> Any:
         if not self.paused:  # fast path: no coroutine per request
             self.active += 1
-            ctx.state[_ADMITTED] = True
+            ctx.stash[_ADMITTED] = True
             return None
         if self.drain_mode == "reject":
             raise HTTPError(503, "The router is paused (draining for a weight update); retry after POST /resume.",
@@ -339,7 +306,7 @@ class Balancer:
         finally:
             self.waiting -= 1
         self.active += 1
-        ctx.state[_ADMITTED] = True
+        ctx.stash[_ADMITTED] = True
 
     def select_worker(self, ctx: RequestContext, workers: list[Worker]) -> Worker | None:
         return self.policy_impl.select(ctx, workers)
@@ -350,9 +317,10 @@ class Balancer:
             self.breaker.on_selected(worker)
             rid = body.get("rid")
             if rid:
-                rids = ctx.state.get(_RIDS)
+                rids = ctx.stash.get(_RIDS)
                 if rids is None:
-                    rids = ctx.state[_RIDS] = [rid] if isinstance(rid, str) else [r for r in rid if isinstance(r, str)]
+                    rids = [rid] if isinstance(rid, str) else [r for r in rid if isinstance(r, str)]
+                    ctx.stash[_RIDS] = rids
                 for r in rids:
                     self.rids.pop(r, None)  # re-insert: keeps insertion order = age
                     self.rids[r] = worker
@@ -381,11 +349,11 @@ class Balancer:
         return delay if delay > 0 else True
 
     def request_finished(self, ctx: RequestContext) -> None:
-        state = ctx.state
-        if state.pop(_ADMITTED, False):
+        stash = ctx.stash
+        if stash.pop(_ADMITTED, False):
             self.active -= 1
         worker = ctx.worker
-        rids = state.pop(_RIDS, None)
+        rids = stash.pop(_RIDS, None)
         if rids:
             for r in rids:
                 if self.rids.get(r) is worker:
@@ -514,17 +482,23 @@ class Balancer:
             return
         balancer = self
 
-        @app.post("/abort_request")
-        async def abort_request(request: Request) -> Response:
+        # The bodies are parsed by FastAPI into the models of models.py (a refusal is the core's 400, naming the
+        # field); the answers keep their orjson serialization and status codes, described by the same models.
+        no_workers: dict[int | str, dict[str, Any]] = {
+            503: {"model": ErrorResponse, "description": "No workers registered"}}
+        worker_failed: dict[int | str, dict[str, Any]] = {
+            502: {"model": BroadcastReport, "description": "A worker failed (each worker's result)"}, **no_workers}
+
+        @app.post("/abort_request", response_model=AbortReport,
+                  responses={502: {"model": AbortReport, "description": "A worker failed"}, **no_workers})
+        async def abort_request(body: Annotated[AbortRequest | None, Body()] = None) -> Response:
             """Abort by rid (SGLang prefix match), sent only to the worker(s) holding it.
 
             JSON ``{"rid": "...", "abort_all": false}``. An untracked rid, or ``abort_all``, goes to every
             worker. Answers per worker.
             """
-            body = await _json_object(request)
-            rid, abort_all = body.get("rid"), bool(body.get("abort_all", False))
-            if rid is not None and not isinstance(rid, str):
-                raise HTTPError(400, "'rid' must be a string (it is matched as a prefix).", param="rid")
+            body = body or AbortRequest()
+            rid, abort_all = body.rid, body.abort_all
             if not abort_all and not rid:
                 raise HTTPError(400, "Give 'rid' (matched as a prefix of request ids) or 'abort_all': true.",
                                 param="rid")
@@ -534,17 +508,17 @@ class Balancer:
                 assert rid is not None  # checked above: a non-empty string unless abort_all
                 targets = balancer.workers_for_rid(rid)
             routed = "tracked" if targets else "broadcast"
-            results = await balancer.router.broadcast("POST", "/abort_request", body, urls=targets or None)
+            results = await balancer.router.broadcast("POST", "/abort_request", body.model_dump(exclude_unset=True),
+                                                      urls=targets or None)
             ok = all(200 <= s < 300 for s, _ in results.values())
             return _json({"success": ok, "rid": rid, "abort_all": abort_all, "routed": routed,
                           "workers": {u: {"status": s, "response": r} for u, (s, r) in results.items()}},
                          200 if ok else 502)
 
-        async def all_or_nothing(path: str, request: Request) -> Response:
-            raw = await request.body()
-            body = _parse(raw) if raw else None
+        async def all_or_nothing(path: str, body: BaseModel | None) -> Response:
             _require_workers(balancer.router)
-            results = await balancer.router.broadcast("POST", path, body)
+            payload = body.model_dump(exclude_unset=True) if body is not None else None  # as sent, extras included
+            results = await balancer.router.broadcast("POST", path, payload)
             workers, failed = {}, []
             for url, (status, resp) in results.items():
                 ok = 200 <= status < 300 and not (isinstance(resp, dict) and resp.get("success") is False)
@@ -561,50 +535,43 @@ class Balancer:
                 log.warning("%s failed on %d/%d workers: %s", path, len(failed), len(results), failed)
             return _json({"success": not failed, "failed": failed, "workers": workers}, code)
 
-        @app.post("/update_weights_from_disk")
-        async def update_weights_from_disk(request: Request) -> Response:
+        @app.post("/update_weights_from_disk", response_model=BroadcastReport, responses=worker_failed)
+        async def update_weights_from_disk(body: Annotated[UpdateWeightsFromDiskRequest | None, Body()] = None
+                                           ) -> Response:
             """Broadcast to every worker; 200 only if all succeeded, else 502 with each worker's result."""
-            return await all_or_nothing("/update_weights_from_disk", request)
+            return await all_or_nothing("/update_weights_from_disk", body)
 
-        @app.post("/update_weight_version")
-        async def update_weight_version(request: Request) -> Response:
+        @app.post("/update_weight_version", response_model=BroadcastReport, responses=worker_failed)
+        async def update_weight_version(body: Annotated[UpdateWeightVersionRequest | None, Body()] = None
+                                        ) -> Response:
             """Broadcast ``{"new_version": ...}`` to every worker; 200 only if all succeeded."""
-            return await all_or_nothing("/update_weight_version", request)
+            return await all_or_nothing("/update_weight_version", body)
 
-        @app.post("/pause")
-        async def pause(request: Request) -> Response:
+        @app.post("/pause", response_model=PauseReport)
+        async def pause(body: Annotated[PauseRequest | None, Body()] = None) -> Response:
             """Stop admitting requests and wait for in-flight ones (drain).
 
             Optional JSON: ``{"timeout": seconds, "mode": "wait"|"reject", "wait": true}``. New requests are
             held (``wait``) or answered 503 (``reject``) until ``POST /resume``. Answers when in-flight
             reaches 0 (``drained: true``) or at the timeout (``drained: false``; still paused).
             """
-            raw = await request.body()
-            body = _parse(raw) if raw else {}
-            if not isinstance(body, dict):
-                raise HTTPError(400, "Body must be a JSON object like {\"timeout\": 30, \"mode\": \"wait\"}")
-            mode = body.get("mode")
-            if mode is not None and mode not in ("wait", "reject"):
-                raise HTTPError(400, "'mode' must be 'wait' or 'reject'.", param="mode")
-            try:
-                timeout = float(body.get("timeout", balancer.config.drain_timeout))
-            except (TypeError, ValueError):
-                raise HTTPError(400, "'timeout' must be a number of seconds.", param="timeout") from None
-            balancer.pause(mode)
+            body = body or PauseRequest()
+            timeout = balancer.config.drain_timeout if body.timeout is None else body.timeout
+            balancer.pause(body.mode)
             started = time.perf_counter()
-            drained = balancer.drained() if body.get("wait") is False else await balancer.wait_drained(timeout)
+            drained = await balancer.wait_drained(timeout) if body.wait else balancer.drained()
             return _json({"paused": balancer.paused, "drained": drained, "mode": balancer.drain_mode,
                           "in_flight": max(balancer.active, balancer.router.pool.total_inflight()),
                           "waiting_requests": balancer.waiting,
                           "waited_s": round(time.perf_counter() - started, 4)})
 
-        @app.post("/resume")
+        @app.post("/resume", response_model=ResumeReport)
         async def resume() -> Response:
             """Admit requests again (releases the ones held by ``/pause``)."""
             released = balancer.resume()
             return _json({"paused": False, "released": released})
 
-        @app.get("/workers/state")
+        @app.get("/workers/state", response_model=BalancingState)
         async def workers_state() -> Response:
             """Per-worker balancing state: in-flight, requests, failures, health, circuit, latency EMA..."""
             return _json(balancer.state())
@@ -615,21 +582,6 @@ class Balancer:
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
-
-
-def _parse(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise HTTPError(400, f"Malformed JSON body: {e}") from None
-
-
-async def _json_object(request: Request) -> dict:
-    raw = await request.body()
-    body = _parse(raw) if raw else {}
-    if not isinstance(body, dict):
-        raise HTTPError(400, "Body must be a JSON object.")
-    return body
 
 
 def _require_workers(router: Router) -> None:

@@ -30,6 +30,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from slime_router_core.context import StashKey
+from slime_router_core.contracts import BALANCER, OPENAI_COMPAT, TRAJECTORY_CACHE, ComponentKey
+
 if TYPE_CHECKING:  # pragma: no cover
     from slime_router_core.context import RequestContext
     from slime_router_core.router import Router
@@ -50,9 +53,9 @@ STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 STAGES = ("queueing", "retrying", "tokenization", "upstream", "recording")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 
-# ctx.state keys (prefixed with the plugin name, as the core asks)
-K_FIRST_SELECTED = "metrics_first_selected"
-K_LAST_SELECTED = "metrics_last_selected"
+# per-request values owned by this plugin: when the first and the last attempt's worker was chosen
+K_FIRST_SELECTED: StashKey[float] = StashKey("metrics.first_selected")
+K_LAST_SELECTED: StashKey[float] = StashKey("metrics.last_selected")
 
 
 class Histogram:
@@ -176,10 +179,10 @@ class MetricsState:
 
     def on_worker_selected(self, ctx: RequestContext) -> None:
         now = time.perf_counter()
-        state = ctx.state
-        if K_FIRST_SELECTED not in state:
-            state[K_FIRST_SELECTED] = now
-        state[K_LAST_SELECTED] = now
+        stash = ctx.stash
+        if K_FIRST_SELECTED not in stash:
+            stash[K_FIRST_SELECTED] = now
+        stash[K_LAST_SELECTED] = now
 
     def on_upstream_failed(self, status: int | None, error: BaseException | None) -> None:
         reason = _status_label(status) if status is not None else "connection"
@@ -278,15 +281,15 @@ class MetricsState:
         - ttft: arrival → first streamed chunk (streams whose chunks are inspected)
         - recording: the ``post_response`` hooks (trajectory-cache recording)
         """
-        timings, state = ctx.timings, ctx.state
+        timings, stash = ctx.timings, ctx.stash
         pre = timings.get("pre_request")
         post = timings.get("post_response")
-        first_sel = state.get(K_FIRST_SELECTED)
-        last_sel = state.get(K_LAST_SELECTED)
+        first_sel = stash.get(K_FIRST_SELECTED)
+        last_sel = stash.get(K_LAST_SELECTED, first_sel)  # both are set together, the last one again per retry
         queueing = retrying = upstream = None
         if first_sel is not None:
             queueing = max(0.0, first_sel - ctx.started - (pre or 0.0))
-            retrying = last_sel - first_sel
+            retrying = (last_sel or first_sel) - first_sel
         if "upstream" in timings:
             upstream = timings["upstream"]
         elif last_sel is not None and ctx.stream:
@@ -299,24 +302,25 @@ class MetricsState:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def _component_stats(self, name: str) -> dict[str, Any] | None:
-        """``registry.get(name).stats()`` when that plugin is loaded; a broken one must not break /metrics."""
-        registry = self.router.registry
-        if not registry.has(name):
+    def _component_stats(self, key: ComponentKey[Any]) -> dict[str, Any] | None:
+        """``stats()`` of the component under ``key`` when its plugin is loaded; a broken one must not break
+        /metrics."""
+        component = self.router.registry.find(key)
+        if component is None:
             return None
         try:
-            stats = registry.get(name).stats()
+            stats = component.stats()
         except Exception:
-            log.exception("%s.stats() failed", name)
+            log.exception("%s.stats() failed", key.name)
             return None
         return stats if isinstance(stats, dict) else None
 
     def openai_stats(self) -> dict[str, Any] | None:
         """openai_compat's counters (requests, recorded turns, history rewrites...), when it is loaded."""
-        return self._component_stats("openai_compat")
+        return self._component_stats(OPENAI_COMPAT)
 
     def cache_stats(self) -> dict[str, Any] | None:
-        return self._component_stats("radix_tree")
+        return self._component_stats(TRAJECTORY_CACHE)
 
     def audit(self) -> dict[str, dict[str, int]] | None:
         """Where the generated tokens went: recorded, served back exactly, or lost (and why), and the tokens
@@ -340,16 +344,12 @@ class MetricsState:
                  "evicted": a.get("fresh_served_evicted", 0)}
         return {"generated_tokens": generated, "fresh_tokens_served": fresh}
 
-    def balancing_stats(self) -> Any:
-        registry = self.router.registry
-        if not registry.has("balancing"):
-            return None
-        comp = registry.get("balancing")
-        fn = getattr(comp, "worker_stats", None)
-        if fn is None:
+    def balancing_stats(self) -> list[dict[str, Any]] | None:
+        balancer = self.router.registry.find(BALANCER)
+        if balancer is None:
             return None
         try:
-            return fn()
+            return balancer.worker_stats()
         except Exception:
             log.exception("balancing.worker_stats() failed")
             return None
@@ -357,9 +357,7 @@ class MetricsState:
     def worker_details(self) -> dict[str, dict[str, Any]]:
         """Per-worker stats: the balancing component's when it offers them, else the pool's."""
         stats = self.balancing_stats()
-        if isinstance(stats, dict) and stats:
-            return stats
-        if isinstance(stats, list) and stats and all(isinstance(s, dict) and "url" in s for s in stats):
+        if stats and all(isinstance(s, dict) and "url" in s for s in stats):
             return {s["url"]: s for s in stats}
         out: dict[str, dict[str, Any]] = {}
         for w in self.router.pool:

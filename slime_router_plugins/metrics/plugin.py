@@ -14,16 +14,20 @@ upstream, time to first token, recording, total) is logged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client.exposition import choose_encoder
 
 from slime_router_core import hookimpl
+from slime_router_core.contracts import METRICS, TRAJECTORY_CACHE
+from slime_router_core.settings import PluginConfig, at_least, option
 
 from .collector import MetricsState
+from .models import MetricsSnapshot, RecentRequests
 
 if TYPE_CHECKING:  # pragma: no cover
     from slime_router_core.context import RequestContext
@@ -45,20 +49,27 @@ def _state(ctx: RequestContext) -> MetricsState | None:
 # --- configuration and start-up ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MetricsConfig(PluginConfig):
+    flag_prefix = "--metrics-"
+    max_weight_versions: int = option(
+        20, check=at_least(1),
+        help="Distinct weight versions kept as Prometheus label values; older ones are counted as 'other'.")
+    recent_requests: int = option(
+        100, check=at_least(0),
+        help="How many recent per-request timing breakdowns GET /metrics/requests keeps (0: off).")
+
+
 @hookimpl
 def add_options(options: Any) -> None:
-    options.add("--metrics-max-weight-versions", type=int, default=20,
-                help="Distinct weight versions kept as Prometheus label values; older ones are counted as 'other'.")
-    options.add("--metrics-recent-requests", type=int, default=100,
-                help="How many recent per-request timing breakdowns GET /metrics/requests keeps (0: off).")
+    options.add_config(MetricsConfig)
 
 
 @hookimpl
 def register_components(registry: Any, router: Router) -> None:
-    settings = router.settings
-    registry.register(COMPONENT, MetricsState(router, max_versions=settings.get("metrics_max_weight_versions", 20),
-                                              recent=settings.get("metrics_recent_requests", 100)),
-                      owner="metrics")
+    config = router.settings.config(MetricsConfig)
+    registry.register(METRICS, MetricsState(router, max_versions=config.max_weight_versions,
+                                            recent=config.recent_requests), owner="metrics")
 
 
 @hookimpl
@@ -69,17 +80,22 @@ def register_routes(app: FastAPI, router: Router) -> None:
     async def refresh() -> None:
         """Components that live in another process (the trajectory cache with --radix-tree-process) fetch
         their statistics before a scrape reads them."""
-        fresh = getattr(router.registry.find("radix_tree"), "refresh", None)
-        if fresh is not None:
-            await fresh()
+        cache = router.registry.find(TRAJECTORY_CACHE)
+        if cache is not None:
+            await cache.refresh()
 
-    @app.get("/metrics", response_model=None)
-    async def metrics(request: Request) -> Response:
+    # Prometheus' text exposition, or OpenMetrics when the Accept header asks for it.
+    exposition = {"text/plain": {"schema": {"type": "string", "description": "Prometheus text exposition 0.0.4"}},
+                  "application/openmetrics-text": {"schema": {"type": "string", "description": "OpenMetrics 1.0"}}}
+
+    @app.get("/metrics", response_model=MetricsSnapshot, responses={200: {"content": exposition}})
+    async def metrics(request: Request, fmt: str | None = Query(
+            None, alias="format", description="prometheus or openmetrics: the text exposition, whatever the Accept "
+                                              "header says")) -> Response:
         """Router, worker and trajectory-cache metrics as JSON; Prometheus text when the Accept
         header asks for ``text/plain`` / ``application/openmetrics-text`` or with ``?format=prometheus``."""
         await refresh()
         accept = request.headers.get("accept", "")
-        fmt = request.query_params.get("format")
         if fmt in ("prometheus", "openmetrics") or (fmt is None and wants_prometheus(accept)):
             if fmt == "openmetrics" and "openmetrics" not in accept:
                 accept = "application/openmetrics-text; version=1.0.0"
@@ -87,13 +103,13 @@ def register_routes(app: FastAPI, router: Router) -> None:
         return Response(orjson.dumps(state.snapshot(), option=orjson.OPT_NON_STR_KEYS),
                         media_type="application/json")
 
-    @app.get("/metrics/prometheus", response_model=None)
+    @app.get("/metrics/prometheus", response_class=PlainTextResponse, responses={200: {"content": exposition}})
     async def metrics_prometheus(request: Request) -> Response:
         """Prometheus text exposition (OpenMetrics when the Accept header asks for it)."""
         await refresh()
         return prometheus_response(state, request.headers.get("accept", ""))
 
-    @app.get("/metrics/requests")
+    @app.get("/metrics/requests", response_model=RecentRequests, response_model_exclude_unset=True)
     async def metrics_requests(limit: int | None = None) -> dict:
         """The per-request timing breakdowns (milliseconds) of the most recent requests, newest last."""
         capacity = state.recent.maxlen if state.recent is not None else 0

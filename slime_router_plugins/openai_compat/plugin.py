@@ -7,41 +7,40 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.responses import StreamingResponse
 
 from slime_router_core import hookimpl
+from slime_router_core.contracts import OPENAI_COMPAT
 
-from .schema import bad, parse_body, validate_chat, validate_completion, validate_messages, validate_tools
+from .config import OpenAIConfig
+from .models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionChunk,
+    CompletionRequest,
+    ErrorResponse,
+    MessagesRetrieval,
+    OpenAIStats,
+    RetrieveFromMessagesRequest,
+    ServedModelList,
+    TextCompletion,
+    add_schemas,
+    request_body,
+    streamed_answer,
+)
+from .schema import parse_body, validate_chat, validate_completion, validate_retrieve
 from .service import OpenAIService, StreamJob
 
 COMPONENT = "openai_compat"
-# The accepted values of the enumerated flags: anything else is refused at start-up, naming these.
-HISTORY_MODES = ("template", "raw")
-REASONING_PARSERS = ("qwen3", "none")
-TOOL_PARSERS = ("qwen", "none")
 
 
 @hookimpl
 def add_options(options: Any) -> None:
-    options.add("--served-model-name", default=None,
-                help="Model name listed by /v1/models and used when a request has no 'model' "
-                     "(default: the basename of --hf-checkpoint).")
-    options.add("--openai-history", default="template", choices=HISTORY_MODES,
-                help="How assistant turns in the request history are rendered: 'template' (the chat template, "
-                     "reasoning restored for turns the router produced) or 'raw' (the exact text the model "
-                     "generated, so no generated token is lost). Per request: 'history_mode'.")
-    options.add("--openai-history-size", type=int, default=100_000,
-                help="How many generated assistant turns to remember for exact history rendering.")
-    options.add("--openai-reasoning-parser", default="qwen3", choices=REASONING_PARSERS,
-                help="'qwen3' splits <think>...</think> into reasoning_content; 'none' keeps it in content.")
-    options.add("--openai-tool-parser", default="qwen", choices=TOOL_PARSERS,
-                help="'qwen' parses <tool_call>{json}</tool_call> into tool_calls (when the request has tools); "
-                     "'none' disables it.")
-    options.add("--openai-default-max-tokens", type=int, default=None,
-                help="max_new_tokens when a request sets neither max_tokens nor max_completion_tokens "
-                     "(default: the worker's own default).")
+    options.add_config(OpenAIConfig)
 
 
 @hookimpl
@@ -52,7 +51,7 @@ def required_components() -> list[str]:
 @hookimpl
 def register_components(registry: Any, router: Any) -> None:
     if registry.has("tokenizer"):  # otherwise required_components reports it clearly
-        registry.register(COMPONENT, OpenAIService(router), owner=COMPONENT)
+        registry.register(OPENAI_COMPAT, OpenAIService(router), owner=COMPONENT)
 
 
 class JobResponse(StreamingResponse):
@@ -85,32 +84,48 @@ def register_routes(app: FastAPI, router: Any) -> None:
     def answer(result: Any) -> Response:
         if isinstance(result, StreamJob):
             return JobResponse(result)
-        import orjson
-
         return Response(orjson.dumps(result), media_type="application/json")
 
-    @app.post("/v1/chat/completions")
+    # The bodies are read by the hand parser of schema.py (OpenAI's error shape, naming the parameter); the
+    # models of models.py describe them (request_body) and the answers, which are serialized with orjson.
+    add_schemas(app, ChatCompletionRequest, CompletionRequest, RetrieveFromMessagesRequest, ChatCompletionChunk,
+                CompletionChunk, ErrorResponse)
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse, "description": "Invalid request (OpenAI's error shape, naming the parameter)"}}
+
+    @app.post("/v1/chat/completions", response_class=Response, openapi_extra=request_body(ChatCompletionRequest),
+              responses={200: streamed_answer(ChatCompletion, ChatCompletionChunk, "A chat.completion object, or "
+                                              "server-sent chat.completion.chunk events with \"stream\": true"),
+                         **errors})
     async def chat_completions(request: Request) -> Response:
         """OpenAI Chat Completions over the workers' /generate (token-exact through the trajectory cache)."""
         body = parse_body(await request.body())
         validate_chat(body)
         return answer(await svc().chat(body, _headers(request)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_class=Response, openapi_extra=request_body(CompletionRequest),
+              responses={200: streamed_answer(TextCompletion, CompletionChunk, "A text_completion object, or "
+                                              "server-sent text_completion events with \"stream\": true"),
+                         **errors})
     async def completions(request: Request) -> Response:
         """OpenAI (legacy) Completions: a text prompt (or token ids) through the same path."""
         body = parse_body(await request.body())
         validate_completion(body)
         return answer(await svc().completion(body, _headers(request)))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ServedModelList)
     async def models() -> dict:
         """The served model (``--served-model-name`` or the checkpoint's basename)."""
         s = svc()
         return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": int(router.started_at),
                                             "owned_by": "slime-router", "root": router.settings.hf_checkpoint}]}
 
-    @app.post("/retrieve_from_messages")
+    @app.post("/retrieve_from_messages", response_class=Response,
+              openapi_extra=request_body(RetrieveFromMessagesRequest),
+              responses={200: {"model": MessagesRetrieval}, **errors,
+                         404: {"model": ErrorResponse, "description": "strict: part of it was never recorded"},
+                         410: {"model": ErrorResponse, "description": "strict: part of it was evicted"},
+                         501: {"model": ErrorResponse, "description": "The radix_tree plugin is not loaded"}})
     async def retrieve_from_messages(request: Request) -> Response:
         """Training data for a chat conversation: tokens, loss_mask, rollout_logp, weight versions.
 
@@ -118,20 +133,10 @@ def register_routes(app: FastAPI, router: Any) -> None:
         Says ``history_rewritten`` when the chat template re-rendered earlier generated turns.
         """
         body = parse_body(await request.body())
-        validate_messages(body.get("messages"))
-        validate_tools(body)
-        if body.get("chat_template_kwargs") is not None and not isinstance(body["chat_template_kwargs"], dict):
-            raise bad("Invalid type for 'chat_template_kwargs': expected an object.", "chat_template_kwargs",
-                      "invalid_type")
-        if body.get("history_mode") not in (None, "template", "raw"):
-            raise bad(f"Invalid 'history_mode': {body['history_mode']!r}; expected 'template' or 'raw'.",
-                      "history_mode")
-        if body.get("strict") is not None and not isinstance(body["strict"], bool):
-            raise bad("Invalid type for 'strict': expected a boolean.", "strict", "invalid_type")
+        validate_retrieve(body)
         return answer(await svc().retrieve_messages(body))
 
-    @app.get("/openai_compat/stats")
+    @app.get("/openai_compat/stats", response_model=OpenAIStats)
     async def openai_stats() -> dict:
         """Counters: requests, streams, disconnects, recorded turns, history rewrites found by retrievals."""
         return svc().stats()
-

@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
-
 from slime_router_core import HTTPError
+from slime_router_core.proxy import parse_json
 
 MAX_STOP = 32  # SGLang's limit (OpenAI's is 4); documented in README.md
 MAX_TOP_LOGPROBS = 20
@@ -25,12 +24,12 @@ def bad(message: str, param: str | None, code: str | None = "invalid_value") -> 
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise bad("The request body is empty: send a JSON object.", None, "invalid_json")
+    """The request's JSON object, read by the router's one body parser (``parse_json``); refusals in OpenAI's
+    error shape with code ``invalid_json``. (The routes' documented bodies are the models in ``models.py``.)"""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise bad(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from None
+        body = parse_json(raw)
+    except HTTPError as e:
+        raise bad(e.message, None, "invalid_json") from None
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.", None, "invalid_json")
     return body
@@ -182,7 +181,7 @@ def validate_tools(body: dict) -> None:
                 raise bad(f"Missing required parameter: '{p}.function'.", f"{p}.function",
                           "missing_required_parameter")
             name = f.get("name")
-            if not isinstance(name, str) or not _FN_NAME.match(name):
+            if not isinstance(name, str) or not _FN_NAME.fullmatch(name):
                 raise bad(f"Invalid '{p}.function.name': a function name is 1-64 characters of a-z, A-Z, 0-9, "
                           f"'_', '-', '.', ':'.", f"{p}.function.name")
             if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
@@ -264,7 +263,7 @@ def validate_sampling(body: dict) -> None:
             raise bad("Invalid type for 'logit_bias': expected an object of token id → bias.", "logit_bias",
                       "invalid_type")
         for k, b in lb.items():
-            if not str(k).isdigit() or not _is_num(b) or not -100 <= b <= 100:
+            if not (str(k).isascii() and str(k).isdigit()) or not _is_num(b) or not -100 <= b <= 100:
                 raise bad(f"Invalid 'logit_bias': entry {k!r}: {b!r}; keys are token ids and biases lie within "
                           f"[-100, 100].", "logit_bias")
 
@@ -322,9 +321,26 @@ def validate_completion(body: dict) -> None:
     v = body.get("logprobs")
     if v is not None and (not _is_int(v) or not 0 <= v <= 5):
         raise bad(f"Invalid 'logprobs': {v!r}; it must be an integer between 0 and 5.", "logprobs")
-    if body.get("echo"):
+    echo = body.get("echo")
+    if echo is not None and echo is not False:  # only false (or absent) passes: not 0, not ""
         raise bad("'echo' is not supported.", "echo", "unsupported_parameter")
     if body.get("suffix") is not None:
         raise bad("'suffix' is not supported.", "suffix", "unsupported_parameter")
     integer(body, "best_of", 1, 1)
     validate_response_format(body)
+
+
+def validate_retrieve(body: dict) -> None:
+    """``POST /retrieve_from_messages``: the conversation as for a chat request, and the retrieval's flags."""
+    validate_messages(body.get("messages"))
+    validate_tools(body)
+    if body.get("chat_template_kwargs") is not None and not isinstance(body["chat_template_kwargs"], dict):
+        raise bad("Invalid type for 'chat_template_kwargs': expected an object.", "chat_template_kwargs",
+                  "invalid_type")
+    if body.get("history_mode") not in (None, "template", "raw"):
+        raise bad(f"Invalid 'history_mode': {body['history_mode']!r}; expected 'template' or 'raw'.",
+                  "history_mode")
+    if body.get("strict") is not None and not isinstance(body["strict"], bool):
+        raise bad("Invalid type for 'strict': expected a boolean.", "strict", "invalid_type")
+    boolean(body, "add_generation_prompt")
+    boolean(body, "return_text")

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jinja2 import TemplateError
 
-from slime_router_core import HTTPError, RequestContext, resolve
+from slime_router_core import HTTPError, RequestContext
+from slime_router_core.contracts import (
+    AFFINITY,
+    SESSION_KEY,
+    TOKENIZER,
+    TRAJECTORY_CACHE,
+    Affinity,
+    CacheUnavailable,
+    PreparedPrompt,
+    TrajectoryCache,
+)
+from slime_router_core.sse import DONE
+from slime_router_core.sse import encode_event as sse
 from slime_router_core.tokenizers import bytes_to_unicode
 
+from .config import OpenAIConfig, served_model_name
 from .parse import OutputParser, ParsedOutput, collect, parse_output
 from .render import (
     CAUSES,
@@ -29,7 +41,7 @@ from .render import (
     text_digest,
 )
 from .schema import bad
-from .stream import DONE, ChoiceAccumulator, IncrementalDecoder, sse
+from .stream import ChoiceAccumulator, IncrementalDecoder
 
 try:  # the lead's shared helper; a local equivalent is used until it exists
     from slime_router_core.sglang import merge_stream
@@ -45,14 +57,6 @@ def _now() -> int:
     return int(time.time())
 
 
-def served_model_name(settings: Any) -> str:
-    name = settings.get("served_model_name")
-    if name:
-        return str(name)
-    ckpt = settings.get("hf_checkpoint")
-    if ckpt:
-        return os.path.basename(str(ckpt).rstrip("/\\")) or str(ckpt)
-    return "default"
 
 
 class TokenText:
@@ -108,15 +112,14 @@ class OpenAIService:
     def __init__(self, router: Any) -> None:
         self.router = router
         self.settings = router.settings
-        self.tokenizer = router.registry.get("tokenizer")
+        self.tokenizer = router.registry.get(TOKENIZER)
         self.model_name = served_model_name(self.settings)
-        self.history_mode = self.settings.get("openai_history") or "template"
-        if self.history_mode not in ("template", "raw"):
-            raise ValueError(f"--openai-history must be 'template' or 'raw', got {self.history_mode!r}")
-        self.reasoning_parser = (self.settings.get("openai_reasoning_parser") or "qwen3") != "none"
-        self.tool_parser = (self.settings.get("openai_tool_parser") or "qwen") != "none"
-        self.default_max_tokens = self.settings.get("openai_default_max_tokens")
-        self.store = HistoryStore(int(self.settings.get("openai_history_size") or 100_000))
+        config = self.settings.config(OpenAIConfig)
+        self.history_mode = config.history
+        self.reasoning_parser = config.reasoning_parser != "none"
+        self.tool_parser = config.tool_parser != "none"
+        self.default_max_tokens = config.default_max_tokens
+        self.store = HistoryStore(config.history_size)
         self.renderer = Renderer(self.tokenizer, self.store, self.history_mode)
         self.token_text = TokenText(self.tokenizer)
         self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
@@ -134,18 +137,20 @@ class OpenAIService:
     # --- shared -------------------------------------------------------------------------------
 
     @property
-    def cache(self) -> Any:
-        reg = self.router.registry
-        return reg.get("radix_tree") if reg.has("radix_tree") else None
+    def cache(self) -> TrajectoryCache | None:
+        return self.router.registry.find(TRAJECTORY_CACHE)
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "history_entries": len(self.store), "history_mode": self.history_mode,
                 "model": self.model_name}
 
-    async def tokenize(self, text: str) -> tuple[list[int], Any]:
+    async def tokenize(self, text: str) -> tuple[list[int], PreparedPrompt | None]:
         cache = self.cache
         if cache is not None:
-            prepared = await cache.prepare(text)
+            try:
+                prepared = await cache.prepare(text)
+            except CacheUnavailable:  # the cache process is being restarted: serve, unrecorded
+                return self._encode(text), None
             return list(prepared.input_ids), prepared
         return self._encode(text), None
 
@@ -183,11 +188,9 @@ class OpenAIService:
     def _context(self, route: str, body: dict, gen: dict, prepared: Any, headers: dict) -> RequestContext:
         ctx = RequestContext(route, gen, headers=headers, upstream_path="/generate")
         if body.get("user"):
-            ctx.state["session_key"] = body["user"]
-        if prepared is not None and getattr(prepared, "worker_url", None):
-            ctx.state["affinity_worker"] = prepared.worker_url
-            ctx.state["affinity_tokens"] = prepared.cached_tokens
-        ctx.state["openai_compat"] = True
+            ctx.stash[SESSION_KEY] = str(body["user"])
+        if prepared is not None and prepared.worker_url:
+            ctx.stash[AFFINITY] = Affinity(prepared.worker_url, prepared.cached_tokens, len(prepared.input_ids))
         return ctx
 
     async def record(self, prepared: Any, reply: dict, worker_url: str | None) -> bool:
@@ -200,11 +203,9 @@ class OpenAIService:
             self.counters.inc("not_recorded_incomplete")
             return False
         try:
-            record_async = getattr(cache, "record_async", None)
-            if record_async is not None:  # large records are done off the event loop
-                done = await record_async(prepared, reply, worker_url)
-            else:
-                done = cache.record(prepared, reply, worker_url)
+            done = await cache.record(prepared, reply, worker_url)
+        except CacheUnavailable:
+            return False
         except Exception:
             self.counters.inc("record_errors")
             log.exception("recording a trajectory failed")
@@ -298,30 +299,39 @@ class OpenAIService:
         if stream:
             self.counters.inc("streams")
             return await self.open_stream(ctx, opts, self.chat_events)
+
+        def choice(i: int, r: dict, meta: dict, ids_i: list[int], lps: list) -> dict[str, Any]:
+            parsed = parse_output(r.get("text") or "", opts["reasoning"], opts["tools"], opts["in_reasoning"])
+            message = self.message_of(parsed)
+            finish, matched = finish_reason_of(meta, bool(parsed.tool_calls))
+            logprobs = {"content": self.logprob_entries(ids_i, lps, meta.get("output_top_logprobs"), top_n),
+                        "refusal": None} if opts["logprobs"] else None
+            self.remember(opts, message, r.get("text") or "", parsed.reasoning, finish, len(ids_i))
+            return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                    "matched_stop": matched}
+
+        return await self._complete(ctx, opts, "chat.completion", choice)
+
+    async def _complete(self, ctx: RequestContext, opts: dict[str, Any], kind: str,
+                        make_choice: Callable[[int, dict, dict, list[int], list], dict[str, Any]]) -> dict[str, Any]:
+        """A non-streaming chat or text completion: generate, record each sample, answer the OpenAI object
+        (``make_choice(index, reply, meta_info, output ids, logprobs)`` shapes each choice)."""
+        prepared = opts["prepared"]
         reply = await self._generate(ctx)
         worker_url = ctx.worker.url if ctx.worker is not None else None
         choices, completion_tokens, cached, version, recorded = [], 0, None, None, True
         for i, r in enumerate(self._replies(reply)):
             meta = r.get("meta_info") or {}
-            parsed = parse_output(r.get("text") or "", opts["reasoning"], opts["tools"], opts["in_reasoning"])
-            message = self.message_of(parsed)
-            finish, matched = finish_reason_of(meta, bool(parsed.tool_calls))
-            choice: dict[str, Any] = {"index": i, "message": message, "logprobs": None, "finish_reason": finish,
-                                      "matched_stop": matched}
             ids_i, lps = self._ids_lps(r)
-            if opts["logprobs"]:
-                choice["logprobs"] = {"content": self.logprob_entries(ids_i, lps, meta.get("output_top_logprobs"),
-                                                                      top_n), "refusal": None}
-            choices.append(choice)
+            choices.append(make_choice(i, r, meta, ids_i, lps))
             completion_tokens += int(meta.get("completion_tokens", len(ids_i)) or 0)
-            cached = meta.get("cached_tokens", cached) if cached is None else cached
+            cached = meta.get("cached_tokens") if cached is None else cached
             version = meta.get("weight_version", version)
             recorded = await self.record(prepared, r, worker_url) and recorded
-            self.remember(opts, message, r.get("text") or "", parsed.reasoning, finish, len(ids_i))
         self.router.finish(ctx, 200)
         return {
-            "id": rid, "object": "chat.completion", "created": opts["created"], "model": opts["model"],
-            "choices": choices, "usage": self.usage(len(ids), completion_tokens, cached, prepared),
+            "id": opts["id"], "object": kind, "created": opts["created"], "model": opts["model"],
+            "choices": choices, "usage": self.usage(opts["prompt_tokens"], completion_tokens, cached, prepared),
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "metadata": self.metadata(version), "trajectory": self.trajectory(prepared, recorded),
         }
@@ -480,8 +490,11 @@ class OpenAIService:
         else:  # token ids: sent as they are; recorded when the cache can line ids up with text
             ids, prepared = list(prompt), None
             cache = self.cache
-            if cache is not None and hasattr(cache, "prepare_ids"):
-                prepared = await resolve(cache.prepare_ids(ids))
+            if cache is not None:
+                try:
+                    prepared = await cache.prepare_ids(ids)
+                except CacheUnavailable:
+                    prepared = None
         rid = "cmpl-" + uuid.uuid4().hex
         gen: dict[str, Any] = {"input_ids": ids, "sampling_params": self.sampling_params(body),
                                "return_logprob": True, "rid": rid}
@@ -492,33 +505,22 @@ class OpenAIService:
         if stream:
             gen["stream"] = True
         ctx = self._context("/v1/completions", body, gen, prepared, headers)
-        opts = {"id": rid, "model": body.get("model") or self.model_name, "created": _now(),
+        opts: dict[str, Any] = {"id": rid, "model": body.get("model") or self.model_name, "created": _now(),
                 "logprobs": top_n is not None, "top_logprobs": int(top_n or 0), "prompt_tokens": len(ids),
                 "prepared": prepared, "n": int(body.get("n") or 1),
                 "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}
         if stream:
             self.counters.inc("streams")
             return await self.open_stream(ctx, opts, self.completion_events)
-        reply = await self._generate(ctx)
-        worker_url = ctx.worker.url if ctx.worker is not None else None
-        choices, completion_tokens, cached, version, recorded = [], 0, None, None, True
-        for i, r in enumerate(self._replies(reply)):
-            meta = r.get("meta_info") or {}
-            ids_i, lps = self._ids_lps(r)
+
+        def choice(i: int, r: dict, meta: dict, ids_i: list[int], lps: list) -> dict[str, Any]:
             finish, matched = finish_reason_of(meta, False)
-            choices.append({"index": i, "text": r.get("text") or "", "finish_reason": finish,
-                            "matched_stop": matched,
-                            "logprobs": self.legacy_logprobs(ids_i, lps, meta.get("output_top_logprobs"),
-                                                             opts["top_logprobs"]) if opts["logprobs"] else None})
-            completion_tokens += int(meta.get("completion_tokens", len(ids_i)) or 0)
-            cached = meta.get("cached_tokens") if cached is None else cached
-            version = meta.get("weight_version", version)
-            recorded = await self.record(prepared, r, worker_url) and recorded
-        self.router.finish(ctx, 200)
-        return {"id": rid, "object": "text_completion", "created": opts["created"], "model": opts["model"],
-                "choices": choices, "usage": self.usage(len(ids), completion_tokens, cached, prepared),
-                "system_fingerprint": SYSTEM_FINGERPRINT, "metadata": self.metadata(version),
-                "trajectory": self.trajectory(prepared, recorded)}
+            logprobs = self.legacy_logprobs(ids_i, lps, meta.get("output_top_logprobs"),
+                                            opts["top_logprobs"]) if opts["logprobs"] else None
+            return {"index": i, "text": r.get("text") or "", "finish_reason": finish, "matched_stop": matched,
+                    "logprobs": logprobs}
+
+        return await self._complete(ctx, opts, "text_completion", choice)
 
     def legacy_logprobs(self, ids: list[int], lps: list, tops: list | None, top_n: int) -> dict[str, Any]:
         tokens, offsets = [], []
@@ -608,7 +610,7 @@ class OpenAIService:
         # strict: every character up to the end of the final generated turn must come from records; the template's
         # closing text after it (Qwen: the "\n" after <|im_end|>) is never generated, so it may be fresh
         closing = strict and rendered.body_end < len(text)
-        result = dict(await resolve(cache.retrieve(text, strict=strict and not closing)))
+        result = dict(await cache.retrieve(text, strict=strict and not closing))
         if closing and result["recorded_chars"] < rendered.body_end:
             if result.get("evicted"):
                 raise HTTPError(410, f"{result['warning']} Refused because \"strict\" is set.", code="evicted")
@@ -641,7 +643,7 @@ class OpenAIService:
                 i = r["message_index"]
                 seg_text = self.renderer.render(messages[:i + 1], tools, kwargs, add_generation_prompt=False,
                                                 mode=mode, splice_last=True)
-                seg = dict(await resolve(cache.retrieve(seg_text, strict=False)))
+                seg = dict(await cache.retrieve(seg_text, strict=False))
                 seg["message_indices"] = list(range(i + 1))
                 segments.append(seg)
             result["segments"] = segments

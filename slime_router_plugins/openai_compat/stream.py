@@ -7,7 +7,8 @@
   A decoded tail ending in U+FFFD (an incomplete UTF-8 character) waits for the next token; the last
   ``holdback`` characters are held while stop strings may still be trimmed; the worker's final text
   (merged with ``merge_stream``) is the truth for the remainder.
-- ``sse``: ``data: <json>\\n\\n``.
+
+The SSE framing (``data: <json>\\n\\n``, ``[DONE]``) is the core's: ``slime_router_core.sse``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
-
 log = logging.getLogger("slime_router.openai_compat")
-
-DONE = b"data: [DONE]\n\n"
-
-
-def sse(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def _merge_list(prev: list, new: list | None, total: int | None) -> list:

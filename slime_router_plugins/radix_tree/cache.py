@@ -480,7 +480,10 @@ def reply_pairs(prepared: list, response: Any, n: int) -> list[tuple[Any, dict]]
 
 
 class TrajectoryCache:
-    """Component "radix_tree"."""
+    """The in-process implementation of the ``TRAJECTORY_CACHE`` contract (``slime_router_core.contracts``).
+
+    The contract's methods are async; the ``*_sync`` ones do the same work on the calling thread (the cache
+    process of ``--radix-tree-process``, tests, benchmarks)."""
 
     def __init__(self, tokenizer: Any, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
                  ) -> None:
@@ -552,7 +555,10 @@ class TrajectoryCache:
     def prepare_sync(self, text: str) -> PreparedPrompt:
         return self._prepare_sync(text)
 
-    def prepare_ids(self, ids: list[int]) -> PreparedPrompt:
+    async def prepare_ids(self, ids: list[int]) -> PreparedPrompt:
+        return self.prepare_ids_sync(ids)
+
+    def prepare_ids_sync(self, ids: list[int]) -> PreparedPrompt:
         """A prompt given as ids by the client: sent as is, recorded under its decoded text.
 
         Metadata of a recorded prefix with the very same ids (loss mask, logprobs, versions) is kept.
@@ -593,7 +599,7 @@ class TrajectoryCache:
 
     # --- record -------------------------------------------------------------------------------
 
-    def record(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> bool:
+    def record_sync(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> bool:
         """Record the prompt ids (fresh ones with mask 0) and the worker's output (mask 1, logprobs, versions).
 
         An unfinished or aborted generation records only its prompt. Returns False when the record would add more
@@ -689,8 +695,8 @@ class TrajectoryCache:
                     "%s tokens: raise --radix-tree-max-size above %s to record such requests.", n, f"{tokens:,}",
                     f"{self.max_record_tokens:,}", f"{t:,}", bound_mb(t), f"{largest:,}", f"{4 * largest:,}")
 
-    async def record_async(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> bool:
-        """``record``, in a worker thread only when the *new* work is large (tokens walked: the fresh prompt
+    async def record(self, prepared: PreparedPrompt, response: dict, worker_url: str | None) -> bool:
+        """``record_sync``, in a worker thread only when the *new* work is large (tokens walked: the fresh prompt
         tokens and the output, plus the recorded prefix when the chain cannot be continued at an anchor)."""
         meta = response.get("meta_info")
         out = (meta.get("output_token_logprobs") if isinstance(meta, dict) else None) or response.get("output_ids")
@@ -698,12 +704,26 @@ class TrajectoryCache:
         if prepared.match is None or prepared.match.anchor is None or prepared._ends is not None:
             work += prepared.cached_tokens
         if work > OFFLOAD_TOKENS:
-            return await asyncio.to_thread(self.record, prepared, response, worker_url)
-        return self.record(prepared, response, worker_url)
+            return await asyncio.to_thread(self.record_sync, prepared, response, worker_url)
+        return self.record_sync(prepared, response, worker_url)
+
+    async def record_replies(self, prepared: list[Any], replies: list[Any], n: int, worker_url: str | None,
+                             raw: bytes | None = None) -> list[tuple[dict, int]]:
+        refused = []
+        for p, reply in reply_pairs(prepared, replies, n):
+            if not await self.record(p, reply, worker_url):
+                refused.append((reply, record_tokens(p, reply)))
+        return refused
 
     # --- retrieve -----------------------------------------------------------------------------
 
-    def retrieve(self, text: str, strict: bool = False) -> dict:
+    async def retrieve(self, text: str, strict: bool = False) -> dict:
+        """``retrieve_sync``; a long text is looked up in a worker thread (the tokenizer releases the GIL)."""
+        if isinstance(text, str) and len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(self.retrieve_sync, text, strict)
+        return self.retrieve_sync(text, strict)
+
+    def retrieve_sync(self, text: str, strict: bool = False) -> dict:
         """Recorded tokens for ``text`` (+ fresh tokens of any unrecorded rest, counted as such).
 
         A rest that the router once recorded but has since removed (LRU eviction at the bound, or weight-version
@@ -776,7 +796,16 @@ class TrajectoryCache:
                    if reason == "evicted" else "raise --radix-tree-gc-k above the weight versions a rollout spans")
                 + ", or retrieve trajectories sooner.")
 
-    # --- stats --------------------------------------------------------------------------------
+    # --- stats and life cycle (nothing to start: it lives in the router's process) -------------------
+
+    async def refresh(self) -> None:
+        """Nothing to fetch: ``stats()`` is always current here."""
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     def stats(self) -> dict:
         t = self.tree

@@ -1,14 +1,15 @@
 """radix_tree plugin: the trajectory cache on /generate, and POST /retrieve_from_text.
 
-Per app, ``register_components`` builds one ``TrajectoryCache`` (component ``"radix_tree"``); the
-module's hooks find it through ``ctx.router`` (nothing is shared between two apps built in one process).
-With ``--radix-tree-process`` the component is a ``CacheProcessClient`` instead: the same calls, answered
-by a child process that owns the cache (``process.py``); started and stopped with the app.
+Per app, ``register_components`` registers one implementation of the ``TRAJECTORY_CACHE`` contract
+(``slime_router_core.contracts``): a ``TrajectoryCache``, or with ``--radix-tree-process`` a
+``CacheProcessClient`` (the same contract, answered by a child process that owns the cache, ``process.py``).
+Everything below uses the contract only; the module's hooks find the component through ``ctx.router``
+(nothing is shared between two apps built in one process).
 
 /generate (route "/generate" only; other routes, e.g. openai_compat's, prepare/record themselves):
 - pre_request: text prompts -> longest recorded prefix ids + tokens of the new text only; ``text`` is
   replaced by ``input_ids`` in the body that is sent; ``return_logprob`` is forced on (and what the
-  client did not ask for is stripped from the reply); ``ctx.state["affinity_worker"]`` is set.
+  client did not ask for is stripped from the reply); ``ctx.stash[AFFINITY]`` is set for the balancer.
   Prompts given as ``input_ids`` pass through unchanged and are recorded under their decoded text.
   Batches (list of texts / ids) and ``n > 1`` are handled per item.
 - post_response: records every finished sequence (streams: merged from the chunks when the stream
@@ -20,19 +21,30 @@ by a child process that owns the cache (``process.py``); started and stopped wit
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
-from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from slime_router_core import HTTPError, hookimpl, resolve
+from slime_router_core import HTTPError, hookimpl
+from slime_router_core.context import StashKey
+from slime_router_core.contracts import (
+    AFFINITY,
+    TOKENIZER,
+    TRAJECTORY_CACHE,
+    Affinity,
+    CacheUnavailable,
+    PreparedPrompt,
+)
+from slime_router_core.contracts import TrajectoryCache as TrajectoryCacheContract
+from slime_router_core.settings import PluginConfig, at_least, option
 
-from .cache import OFFLOAD_CHARS, TrajectoryCache, record_tokens, reply_pairs, too_large_message
-from .process import CacheProcessClient, CacheUnavailable
+from .cache import TrajectoryCache, record_tokens, too_large_message
+from .process import CacheProcessClient
 from .trie import BYTES_PER_TOKEN, DEFAULT_MAX_TOKENS, bound_mb
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,24 +57,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("slime_router.radix_tree")
 
-STATE_KEY = "radix_tree"
 LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs", "output_top_logprobs", "input_top_logprobs",
                 "output_token_ids_logprobs", "input_token_ids_logprobs")
 
 
+@dataclass(frozen=True)
+class RadixTreeConfig(PluginConfig):
+    flag_prefix = "--radix-tree-"
+    max_size: int = option(
+        DEFAULT_MAX_TOKENS, check=at_least(1),
+        help=f"Trajectory cache bound, in tokens (~{BYTES_PER_TOKEN} bytes each: the default {DEFAULT_MAX_TOKENS:,} "
+             f"is ~{bound_mb(DEFAULT_MAX_TOKENS)}); least-recently-used trajectories are evicted beyond it. Size it to "
+             f"tokens per trajectory x live trajectories. A request that would add more than a quarter of it is "
+             f"passed through unrecorded.")
+    gc_k: int = option(5, check=at_least(1),
+                       help="Keep trajectories of the newest K weight versions (ordered by first observation); "
+                            "older ones are garbage-collected when a new version appears.")
+    process: bool = option(False, help="Run the trajectory cache (tokenizer, tree, alignment) in its own process, "
+                                       "on another core than the router's HTTP work. Needs --hf-checkpoint.")
+
+
 @hookimpl
 def add_options(options: OptionRegistry) -> None:
-    options.add("--radix-tree-max-size", type=int, default=DEFAULT_MAX_TOKENS,
-                help=f"Trajectory cache bound, in tokens (~{BYTES_PER_TOKEN} bytes each: the default "
-                     f"{DEFAULT_MAX_TOKENS:,} is ~{bound_mb(DEFAULT_MAX_TOKENS)}); least-recently-used "
-                     f"trajectories are evicted beyond it. Size it to tokens per trajectory x live trajectories. "
-                     f"A request that would add more than a quarter of it is passed through unrecorded.")
-    options.add("--radix-tree-gc-k", type=int, default=5,
-                help="Keep trajectories of the newest K weight versions (ordered by first observation); "
-                     "older ones are garbage-collected when a new version appears.")
-    options.add("--radix-tree-process", is_flag=True, type=bool, default=False,
-                help="Run the trajectory cache (tokenizer, tree, alignment) in its own process, on another core "
-                     "than the router's HTTP work. Needs --hf-checkpoint.")
+    options.add_config(RadixTreeConfig)
 
 
 @hookimpl
@@ -72,98 +89,133 @@ def required_components() -> list[str]:
 
 @hookimpl
 def register_components(registry: ComponentRegistry, router: Router) -> None:
+    if registry.has(TRAJECTORY_CACHE):  # another plugin provides the cache (registered tryfirst): use it
+        log.info("radix_tree: using the trajectory cache registered by %r", registry.owner(TRAJECTORY_CACHE))
+        return
     if not registry.has("tokenizer"):
         return  # start-up then fails with required_components' clear message
     s = router.settings
-    max_size = int(s.get("radix_tree_max_size", DEFAULT_MAX_TOKENS) or DEFAULT_MAX_TOKENS)
-    gc_k, verbose = int(s.get("radix_tree_gc_k", 5) or 5), bool(s.get("verbose", False))
-    cache: TrajectoryCache | CacheProcessClient
-    if s.get("radix_tree_process", False):
+    config = s.config(RadixTreeConfig)
+    max_size, gc_k, verbose = config.max_size, config.gc_k, s.verbose
+    cache: TrajectoryCacheContract
+    if config.process:
         if not s.hf_checkpoint:
             raise ValueError("--radix-tree-process needs --hf-checkpoint (the cache process loads the tokenizer "
                              "itself)")
         cache = CacheProcessClient(str(s.hf_checkpoint), max_size=max_size, gc_k=gc_k, verbose=verbose)
     else:
-        cache = TrajectoryCache(registry.get("tokenizer"), max_size=max_size, gc_k=gc_k, verbose=verbose)
-    registry.register("radix_tree", cache, owner="radix_tree")
+        cache = TrajectoryCache(registry.get(TOKENIZER), max_size=max_size, gc_k=gc_k, verbose=verbose)
+    registry.register(TRAJECTORY_CACHE, cache, owner="radix_tree")
     log.info("radix_tree: trajectory cache bound %s tokens (~%s at ~%d bytes per token; "
              "--radix-tree-max-size); a request adding more than %s tokens is passed through unrecorded",
              f"{max_size:,}", bound_mb(max_size), BYTES_PER_TOKEN, f"{cache.max_record_tokens:,}")
 
 
-def _cache(router: Router) -> TrajectoryCache:
-    return router.registry.get("radix_tree")
-
-
 @hookimpl
 async def startup(router: Router) -> None:
-    cache = router.registry.find("radix_tree")
-    if isinstance(cache, CacheProcessClient):
+    cache = router.registry.find(TRAJECTORY_CACHE)
+    if cache is not None:
         await cache.start()
 
 
 @hookimpl
 async def shutdown(router: Router) -> None:
-    cache = router.registry.find("radix_tree")
-    if isinstance(cache, CacheProcessClient):
+    cache = router.registry.find(TRAJECTORY_CACHE)
+    if cache is not None:
         await cache.close()
+
+
+class RetrieveRequest(BaseModel):
+    """Body of ``POST /retrieve_from_text``."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr = Field(min_length=1, description="The trajectory text: prompt + generated text, as recorded")
+    strict: StrictBool = Field(False, description="Refuse (404 never recorded, 410 evicted) instead of "
+                                                  "tokenizing unrecorded text afresh with loss_mask 0")
+
+
+class RetrieveResponse(BaseModel):
+    """What the trainer needs for a trajectory text: one entry per token in each list."""
+
+    tokens: list[int]
+    response: str = Field(description="The text asked for")
+    loss_mask: list[int] = Field(description="1 for generated tokens, 0 for prompt and freshly tokenized ones")
+    rollout_logp: list[float] = Field(description="The engine's logprob of each generated token (0.0 elsewhere)")
+    token_length: int
+    loss_mask_length: int
+    weight_versions: list[str | None] = Field(description="The weight version that generated each token")
+    exact_tokens: int = Field(description="Tokens served as recorded")
+    fresh_tokens: int = Field(description="Tokens of unrecorded text, tokenized now (loss_mask 0)")
+    generated_tokens: int
+    recorded_chars: int
+    worker_url: str | None
+    evicted: bool = Field(description="Part of the text was recorded but evicted (or GC'd) before this retrieval")
+    evicted_at_char: int | None = None
+    evicted_generated_tokens: int | None = None
+    warning: str | None = None
+
+
+class CacheStats(BaseModel):
+    """The trajectory cache's counters (the in-process cache's keys; an implementation may add its own, e.g.
+    ``process`` for ``--radix-tree-process``)."""
+
+    model_config = ConfigDict(extra="allow")
+    total_entries: int = Field(description="Trie nodes")
+    records: int
+    cache_hits: int = Field(description="Prompts that started with a recorded prefix")
+    cache_misses: int
+    hit_rate: float
+    hit_tokens: int
+    lookup_tokens: int
+    token_hit_rate: float
+    cur_cache_size: int = Field(description="Tokens held")
+    max_cache_size: int = Field(description="The bound, in tokens (--radix-tree-max-size)")
+    cache_size_bytes: int
+    evictions: int
+    gc_runs: int
+    versions: list[str] = Field(description="Weight versions held, oldest first")
+    retrievals: int
+    audit: dict[str, int] = Field(description="Generated tokens recorded / refused / served exactly; fresh tokens "
+                                              "served, by cause")
+    max_record_tokens: int
+    records_too_large: int
+    evicted_unretrieved: int
+    evicted_unretrieved_generated_tokens: int
 
 
 @hookimpl
 def register_routes(app: FastAPI, router: Router) -> None:
-    if not router.registry.has("radix_tree"):
+    cache = router.registry.find(TRAJECTORY_CACHE)
+    if cache is None:
         return
 
-    @app.post("/retrieve_from_text")
-    async def retrieve_from_text(request: Request) -> Response:
+    # The answer is serialized with orjson (long trajectories); RetrieveResponse documents it (a test checks it).
+    @app.post("/retrieve_from_text", response_class=Response, responses={200: {"model": RetrieveResponse}})
+    async def retrieve_from_text(body: RetrieveRequest) -> Response:
         """Recorded tokens, loss mask, rollout logprobs and weight versions for a trajectory text.
 
-        Body ``{"text": str, "strict": bool = false}``. Text never produced through the router is tokenized
-        fresh with loss_mask 0 and counted in ``fresh_tokens``; with ``strict`` the answer is 404 instead. Text
-        that was recorded but has been evicted (or GC'd) since is also tokenized fresh, and the answer says so:
-        ``"evicted": true``, ``evicted_at_char``, ``evicted_generated_tokens``, ``warning``; with ``strict`` the
-        answer is 410 (code "evicted"). ``"evicted"`` is in every answer.
+        Text never produced through the router is tokenized fresh with loss_mask 0 and counted in
+        ``fresh_tokens``; with ``strict`` the answer is 404 instead. Text that was recorded but has been evicted
+        (or GC'd) since is also tokenized fresh, and the answer says so: ``"evicted": true``, ``evicted_at_char``,
+        ``evicted_generated_tokens``, ``warning``; with ``strict`` the answer is 410 (code "evicted").
         """
-        raw = await request.body()
         try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError as e:
-            raise HTTPError(400, f"Malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, 'Body must be a JSON object like {"text": "...", "strict": false}')
-        text = body.get("text")
-        if not isinstance(text, str):
-            raise HTTPError(400, f"'text' must be a non-empty string (got {type(text).__name__})", param="text")
-        if not text:
-            raise HTTPError(400, "'text' must be a non-empty string", param="text")
-        strict = body.get("strict", False)
-        if not isinstance(strict, bool):
-            raise HTTPError(400, "'strict' must be a boolean", param="strict")
-        cache = _cache(router)
-        if isinstance(cache, CacheProcessClient):
-            try:
-                result = await cache.retrieve(text, strict)
-            except CacheUnavailable as e:
-                raise HTTPError(503, f"The trajectory cache is unavailable ({e}); it is being restarted, and "
-                                     f"trajectories recorded before are lost.") from None
-        elif len(text) > OFFLOAD_CHARS:
-            result = await asyncio.to_thread(cache.retrieve, text, strict)
-        else:
-            result = cache.retrieve(text, strict)
+            result = await cache.retrieve(body.text, body.strict)
+        except CacheUnavailable as e:
+            raise HTTPError(503, f"The trajectory cache is unavailable ({e}); it is being restarted, and "
+                                 f"trajectories recorded before are lost.") from None
         return Response(orjson.dumps(result), media_type="application/json")
 
-    @app.get("/radix_tree/stats")
-    async def radix_tree_stats() -> dict:
+    @app.get("/radix_tree/stats", response_class=Response, responses={200: {"model": CacheStats}})
+    async def radix_tree_stats() -> Response:
         """Trajectory cache statistics (entries, hits/misses per lookup, size, evictions, GC, versions)."""
-        cache = _cache(router)
-        if isinstance(cache, CacheProcessClient):
-            await cache.refresh()
-        return cache.stats()
+        await cache.refresh()
+        return Response(orjson.dumps(cache.stats()), media_type="application/json")
 
 
 @dataclass
 class _ReqState:
-    prepared: list[Any]  # one PreparedPrompt per prompt
+    prepared: list[PreparedPrompt]  # one per prompt
     n: int  # samples per prompt
     batch: bool
     want_logprob: bool
@@ -186,10 +238,13 @@ def _is_int_list(v: Any) -> TypeGuard[list[int]]:
 # --- hooks: /generate only (other routes, e.g. openai_compat's, prepare and record themselves) ------------
 
 
-def _cache_for(ctx: RequestContext) -> TrajectoryCache | None:
+_REQUEST: StashKey[_ReqState] = StashKey("radix_tree.request")
+
+
+def _cache_for(ctx: RequestContext) -> TrajectoryCacheContract | None:
     if ctx.route != "/generate" or ctx.router is None:
         return None
-    return ctx.router.registry.find("radix_tree")
+    return ctx.router.registry.find(TRAJECTORY_CACHE)
 
 
 @hookimpl
@@ -215,9 +270,9 @@ async def pre_request(ctx: RequestContext) -> None:
             body.pop("text")
             body["input_ids"] = [list(p.input_ids) for p in prepared]
         elif _is_int_list(ids):
-            prepared, batch = [await resolve(cache.prepare_ids(ids))], False
+            prepared, batch = [await cache.prepare_ids(ids)], False
         elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
-            prepared, batch = [await resolve(cache.prepare_ids(x)) for x in ids], True
+            prepared, batch = [await cache.prepare_ids(x) for x in ids], True
         else:
             return  # input_embeds etc.: not ours
     except HTTPError:
@@ -232,20 +287,20 @@ async def pre_request(ctx: RequestContext) -> None:
     body["return_logprob"] = True
     if n > 1:
         batch = True
-    ctx.state[STATE_KEY] = _ReqState(prepared, n, batch, want)
-    if prepared[0].worker_url and "affinity_worker" not in ctx.state:
-        ctx.state["affinity_worker"] = prepared[0].worker_url
-        ctx.state["affinity_tokens"] = prepared[0].cached_tokens
+    ctx.stash[_REQUEST] = _ReqState(prepared, n, batch, want)
+    first = prepared[0]
+    if first.worker_url and AFFINITY not in ctx.stash:
+        ctx.stash[AFFINITY] = Affinity(first.worker_url, first.cached_tokens, len(first.input_ids))
     if ctx.stream:
         ctx.inspect_stream = True
 
 
 @hookimpl
-def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
-    st: _ReqState | None = ctx.state.get(STATE_KEY)
+def stream_chunk(ctx: RequestContext, chunk: dict) -> Awaitable[None] | None:
+    st = ctx.stash.get(_REQUEST)
     cache = _cache_for(ctx)
     if st is None or cache is None or not isinstance(chunk, dict):
-        return
+        return None
     meta = chunk.get("meta_info")
     saved = dict(chunk)
     if isinstance(meta, dict):
@@ -253,13 +308,15 @@ def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
     st.saved_chunks.append(saved)
     if not st.want_logprob:
         _strip_logprobs(chunk)
-    # Record as soon as a sequence finishes, *before* its last chunk reaches the client: a client
-    # that sends the next turn right after the stream ends must find this turn recorded.
+    # Record as soon as a sequence finishes, *before* its last chunk reaches the client (the core awaits what
+    # this hook returns before relaying the chunk): a client that sends the next turn right after the stream
+    # ends must find this turn recorded.
     if isinstance(meta, dict) and meta.get("finish_reason") is not None and "error" not in chunk:
         idx = int(chunk.get("index", 0) or 0) if st.batch else 0
         if idx not in st.recorded:
             st.recorded.add(idx)
-            _record_stream_group(cache, ctx, st, idx, chunk)
+            return _record_stream_group(cache, ctx, st, idx, chunk)
+    return None
 
 
 def _not_recorded(reply: dict, tokens: int, limit: int) -> None:
@@ -271,8 +328,8 @@ def _not_recorded(reply: dict, tokens: int, limit: int) -> None:
                           "message": f"This trajectory was {too_large_message(tokens, limit)}."}
 
 
-def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqState, idx: int, chunk: dict
-                         ) -> None:
+async def _record_stream_group(cache: TrajectoryCacheContract, ctx: RequestContext, st: _ReqState, idx: int,
+                              chunk: dict) -> None:
     from slime_router_core.sglang import merge_stream
 
     if st.batch and st.n == 0:
@@ -283,7 +340,7 @@ def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqSt
         return
     try:
         merged = merge_stream(group)
-        if not cache.record(st.prepared[k], merged, ctx.worker.url if ctx.worker else None):
+        if not await cache.record(st.prepared[k], merged, ctx.worker.url if ctx.worker else None):
             _not_recorded(chunk, record_tokens(st.prepared[k], merged), cache.max_record_tokens)
     except CacheUnavailable:
         pass
@@ -293,7 +350,7 @@ def _record_stream_group(cache: TrajectoryCache, ctx: RequestContext, st: _ReqSt
 
 @hookimpl
 async def post_response(ctx: RequestContext, response: Any) -> None:
-    st: _ReqState | None = ctx.state.get(STATE_KEY)
+    st = ctx.stash.get(_REQUEST)
     cache = _cache_for(ctx)
     if st is None or cache is None or ctx.stream:  # streams: recorded in stream_chunk as each sequence finished
         return
@@ -302,14 +359,8 @@ async def post_response(ctx: RequestContext, response: Any) -> None:
     try:
         if st.batch and st.n == 0:
             return  # per-prompt n differs: the reply order is ambiguous, do not guess
-        if isinstance(cache, CacheProcessClient):  # the worker's bytes go to the cache process as they came
-            refused = cache.record_replies(st.prepared, ctx.raw_response if ctx.raw_response is not None
-                                           else response, worker_url, st.n, items)
-        else:
-            refused = []
-            for prepared, reply in reply_pairs(st.prepared, items, st.n):
-                if not await cache.record_async(prepared, reply, worker_url):
-                    refused.append((reply, record_tokens(prepared, reply)))
+        # the worker's bytes as they came: a cache in another process takes them without re-serializing
+        refused = await cache.record_replies(st.prepared, items, st.n, worker_url, ctx.raw_response)
         for reply, tokens in refused:
             _not_recorded(reply, tokens, cache.max_record_tokens)
     except CacheUnavailable:

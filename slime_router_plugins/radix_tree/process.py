@@ -33,6 +33,7 @@ from typing import Any
 from orjson import loads as orjson_loads
 
 from slime_router_core import HTTPError
+from slime_router_core.contracts import CacheUnavailable
 
 from .cache import record_tokens, reply_pairs
 from .trie import DEFAULT_MAX_TOKENS, max_record_tokens
@@ -90,20 +91,13 @@ class RemotePrepared:
                 pass
 
 
-class CacheUnavailable(RuntimeError):
-    """The cache process is down (it is being restarted): the request passes through unrecorded."""
-
-
 class CacheProcessClient(asyncio.Protocol):
-    """Component "radix_tree" when the cache runs in its own process: the ``TrajectoryCache`` API, with
-    ``prepare_ids`` and ``retrieve`` awaited (``slime_router_core.resolve`` takes either) and ``stats()``
-    answering the snapshot of the last ``refresh()``.
+    """The ``TRAJECTORY_CACHE`` contract (``slime_router_core.contracts``) answered by a child process that owns
+    a ``TrajectoryCache``; ``stats()`` answers the snapshot of the last ``refresh()``.
 
-    If the child dies, it is started again (its records are lost, which is logged); meanwhile prepares raise
+    If the child dies, it is started again (its records are lost, which is logged); meanwhile calls raise
     ``CacheUnavailable`` and the plugin passes requests through unrecorded.
     """
-
-    remote = True
 
     def __init__(self, checkpoint: str, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
                  ) -> None:
@@ -252,26 +246,24 @@ class CacheProcessClient(asyncio.Protocol):
         cached, fresh, worker = await fut
         return RemotePrepared(self, rid, ids, cached, fresh, worker)
 
-    def record(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> bool:
-        """Sent, not awaited; False when the child will refuse it as too large (``max_record_tokens``): the rule is
+    async def record(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> bool:
+        """Queued on the socket, not waited for (the child handles it before any later call: the ordering the
+        contract asks for); False when the child will refuse it as too large (``max_record_tokens``): the rule is
         applied here on the same numbers, as the child applies it (and counts and logs it)."""
         self._send(("r", prepared.rid, response, worker_url))
         return record_tokens(prepared, response) <= self.max_record_tokens
 
-    async def record_async(self, prepared: RemotePrepared, response: dict, worker_url: str | None) -> bool:
-        return self.record(prepared, response, worker_url)
-
-    def record_replies(self, prepared: list[RemotePrepared], reply: bytes | Any, worker_url: str | None,
-                       n: int, replies: Any = None) -> list[tuple[dict, int]]:
-        """Record a whole /generate reply (``reply_pairs`` semantics) and let go of its prepares. ``replies``: the
-        reply objects, parsed; those the child will refuse as too large are returned with their sizes."""
-        self._send(("R", [p.rid for p in prepared], reply, worker_url, n))
+    async def record_replies(self, prepared: list[RemotePrepared], replies: list[Any], n: int,
+                             worker_url: str | None, raw: bytes | None = None) -> list[tuple[dict, int]]:
+        """Record a whole /generate reply and let go of its prepares; ``raw`` (the worker's bytes, as they came)
+        goes to the child instead of re-serialized ``replies`` when given."""
+        self._send(("R", [p.rid for p in prepared], raw if raw is not None else replies, worker_url, n))
         for p in prepared:
             p._open = False
         limit = self.max_record_tokens
-        if isinstance(reply, bytes) and len(reply) + sum(p.fresh_tokens for p in prepared) <= limit:
+        if raw is not None and len(raw) + sum(p.fresh_tokens for p in prepared) <= limit:
             return []  # each generated token takes at least one byte of the reply: none can be too large
-        return [(r, k) for p, r in reply_pairs(prepared, replies or [], n) if (k := record_tokens(p, r)) > limit]
+        return [(r, k) for p, r in reply_pairs(prepared, replies, n) if (k := record_tokens(p, r)) > limit]
 
     async def retrieve(self, text: str, strict: bool = False) -> dict:
         return await self._call("q", text, strict)[1]
@@ -300,7 +292,8 @@ def serve(sock: socket.socket, cache: Any) -> None:
     """Answer frames until the router closes the socket. Each answer goes out as soon as it is ready: the
     router works on the first requests of a burst while the later ones are still being prepared here."""
     prepared: dict[int, Any] = {}
-    prepare, prepare_ids, record, retrieve = cache.prepare_sync, cache.prepare_ids, cache.record, cache.retrieve
+    prepare, prepare_ids = cache.prepare_sync, cache.prepare_ids_sync
+    record, retrieve = cache.record_sync, cache.retrieve_sync
     buf = bytearray()
     recv, sendall = sock.recv_into, sock.sendall
     chunk = bytearray(1 << 20)

@@ -308,6 +308,23 @@ class Match:
         return self._get("ends", lambda: list(itertools.accumulate(self.raw_widths))[1:])
 
 
+def _take_tokens(m: Match, segs: list[tuple[Node, int, int]]) -> None:
+    """Append to ``m`` the tokens of a matched chain: the first ``cnt`` tokens of each ``(node, start, cnt)``
+    segment (ids, logprobs, and the node's mask/version and width slices). Both match walks end with it."""
+    ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
+    for nd, _s, cnt in segs:
+        if cnt == len(nd.ids):
+            ids.extend(nd.ids)
+            logp.extend(nd.logp)
+            mv_parts.append(nd.mv[:])
+            w_parts.append(nd.widths)  # never mutated in place (replaced by set_tokens)
+        else:
+            ids.extend(nd.ids[:cnt])
+            logp.extend(nd.logp[:cnt])
+            mv_parts.append(nd.mv[:cnt])
+            w_parts.append(nd.widths[:cnt])
+
+
 class StringRadixTrie:
     """Text -> exact token chain (ids, logprobs, loss mask, weight versions). Thread-safe."""
 
@@ -905,7 +922,7 @@ class StringRadixTrie:
         m.query_pos = m.chain_end = b
         m.vtable = self.vtable
         stamp = next(self._clock) if touch else 0
-        ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
+        _take_tokens(m, segs)
         parts: list[str] = []
         markers = m.markers
         anchor_nodes: list[tuple[Node, int]] = []
@@ -918,25 +935,14 @@ class StringRadixTrie:
             text = nd.text
             e = s + len(text)
             if si < nseg and segs[si][0] is nd:
-                cnt = segs[si][2]
-                si += 1
-                whole = cnt == len(nd.ids)
-                if whole:
-                    ids.extend(nd.ids)
-                    logp.extend(nd.logp)
-                    mv_parts.append(nd.mv[:])
-                    w_parts.append(nd.widths)  # never mutated in place (replaced by set_tokens)
-                else:
-                    ids.extend(nd.ids[:cnt])
-                    logp.extend(nd.logp[:cnt])
-                    mv_parts.append(nd.mv[:cnt])
-                    w_parts.append(nd.widths[:cnt])
-                if anchoring:
-                    if whole and text and e <= b:
+                if anchoring:  # the chain tokens so far are all whole nodes: carry counts them
+                    cnt = segs[si][2]
+                    if cnt == len(nd.ids) and text and e <= b:
                         anchor_nodes.append((nd, nd.gen))
-                        carry, chain_end, apos = len(ids), s + nd.last, e
+                        carry, chain_end, apos = carry + cnt, s + nd.last, e
                     else:
                         anchoring = False
+                si += 1
             elif s >= b and si >= nseg:
                 break
             elif anchoring:
@@ -1020,29 +1026,18 @@ class StringRadixTrie:
         m.vtable = self.vtable
         stamp = next(self._clock) if touch else 0
         parts: list[str] = []
-        ids, logp, mv_parts, w_parts = m.raw_ids, m.raw_logp, m._mv_parts, m._w_parts
-        heap, seq, push = self._heap, self._seq, heapq.heappush
-        for nd, _s, cnt in segs:
-            if cnt == len(nd.ids):
-                ids.extend(nd.ids)
-                logp.extend(nd.logp)
-                mv_parts.append(nd.mv[:])
-                w_parts.append(nd.widths)  # never mutated in place (replaced by set_tokens)
-            else:
-                ids.extend(nd.ids[:cnt])
-                logp.extend(nd.logp[:cnt])
-                mv_parts.append(nd.mv[:cnt])
-                w_parts.append(nd.widths[:cnt])
-            if touch:  # _touch, inlined
-                nd.stamp = stamp
-                if not nd.children:
-                    push(heap, (stamp, next(seq), nd))
+        _take_tokens(m, segs)
         m.chain_end = b
         m.anchor = self._anchor(path, segs, b)
         if segs:
-            m.worker = segs[-1][0].worker
-            if touch:  # ancestors are at least as recent as their descendants (token-less ones too)
-                p = segs[-1][0].parent
+            last = segs[-1][0]
+            m.worker = last.worker
+            if touch:  # _touch, inlined (the path is one chain: only its last node can be a leaf)
+                last.stamp = stamp
+                if not last.children:
+                    heapq.heappush(self._heap, (stamp, next(self._seq), last))
+                # ancestors are at least as recent as their descendants (token-less ones too)
+                p = last.parent
                 while p is not None:
                     if p.stamp < stamp:
                         p.stamp = stamp

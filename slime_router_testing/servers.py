@@ -50,7 +50,7 @@ class ServerThread:
     def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1") -> None:
         import uvicorn
 
-        from .server import http_protocol
+        from slime_router_core.server import http_protocol
 
         self.host = host
         self.port = port or free_port()
@@ -131,9 +131,9 @@ class WorkerProcess:
 
 def start_mock_worker_process(port: int | None = None, hf_checkpoint: str | None = None, wait: bool = True,
                               **knobs: Any) -> WorkerProcess:
-    """Start ``python -m slime_router_core.mock_worker`` on a free port; knobs become ``--flags``."""
+    """Start ``python -m slime_router_testing.mock_worker`` on a free port; knobs become ``--flags``."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "slime_router_core.mock_worker", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "slime_router_testing.mock_worker", "--host", "127.0.0.1", "--port", str(port)]
     if hf_checkpoint:
         cmd += ["--hf-checkpoint", hf_checkpoint]
     for key, value in knobs.items():
@@ -153,9 +153,9 @@ def start_router(settings: Any = None, plugins: list[str] | None = None, block: 
                  extra: list[tuple[str, Any]] | None = None, port: int | None = None,
                  **settings_kw: Any) -> ServerThread:
     """Build and serve a router. ``plugins=None`` loads every installed plugin, ``[]`` none."""
-    from .app import build_app
-    from .plugins import load_plugins
-    from .settings import Settings
+    from slime_router_core.app import build_app
+    from slime_router_core.plugins import load_plugins
+    from slime_router_core.settings import Settings
 
     settings = settings or Settings(**settings_kw)
     pm = load_plugins(plugins, block, extra=extra)

@@ -1,6 +1,6 @@
 """Command-line entry points for the mock worker.
 
-* ``main(argv)``: argparse, used by ``python -m slime_router_core.mock_worker``.
+* ``main(argv)``: argparse, used by ``python -m slime_router_testing.mock_worker``.
 * ``mock_worker_command(...)``: a typer-friendly function (``app.command("mock-worker")(mock_worker_command)``).
 """
 
@@ -11,7 +11,8 @@ import json
 
 import typer
 
-from ..tokenizers import BUILTIN_CHECKPOINT
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+
 from .app import MODES, STREAM_MODES, MockWorkerConfig, serve_mock_worker
 
 __all__ = ["build_parser", "main", "mock_worker_command"]
@@ -23,7 +24,7 @@ _RATES = ("leading_whitespace_rate", "trailing_whitespace_rate", "split_rate", "
 
 def build_parser() -> argparse.ArgumentParser:
     d = MockWorkerConfig()
-    p = argparse.ArgumentParser(prog="python -m slime_router_core.mock_worker", description="Mock SGLang worker")
+    p = argparse.ArgumentParser(prog="python -m slime_router_testing.mock_worker", description="Mock SGLang worker")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--hf-checkpoint", default=d.hf_checkpoint, help=f"tokenizer dir, or {BUILTIN_CHECKPOINT}")

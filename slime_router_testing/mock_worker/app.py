@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ..tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
 
 __all__ = [
     "EOS_TOKEN_ID",

@@ -1,4 +1,4 @@
-"""``python -m slime_router_core.mock_worker --port P ...``"""
+"""``python -m slime_router_testing.mock_worker --port P ...``"""
 
 from .cli import main
 

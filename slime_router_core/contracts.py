@@ -1,0 +1,214 @@
+"""The contracts between plugins: what a shared component must offer, and under which typed key it is found.
+
+Plugins reach each other only through the component registry and the per-request stash; this module is the
+list of what crosses those seams. Each shared component has a ``typing.Protocol`` (checked statically by mypy
+and at start-up by ``ComponentRegistry.register``) and a ``ComponentKey`` that carries its type, so
+``registry.get(TRAJECTORY_CACHE)`` is a ``TrajectoryCache`` to the type checker, whichever plugin provides it:
+
+==================  ===========================  ===========================================================
+key                 protocol                     provided by (first-party) / used by
+==================  ===========================  ===========================================================
+``TOKENIZER``       ``Tokenizer``                the core (``--hf-checkpoint``) / radix_tree, openai_compat
+``TRAJECTORY_CACHE`` ``TrajectoryCache``         radix_tree (in process, or ``--radix-tree-process``) /
+                                                 openai_compat, metrics
+``BALANCER``        ``Balancer``                 balancing / metrics
+``METRICS``         ``MetricsSink``              metrics / its hooks and routes
+``OPENAI_COMPAT``   ``StatsSource``              openai_compat / metrics
+==================  ===========================  ===========================================================
+
+Everything that may cross a process boundary is ``async`` (the trajectory cache runs in its own process with
+``--radix-tree-process``), so the in-process and out-of-process implementations are interchangeable.
+``slime_router_testing.contracts`` holds the test kit a third-party implementation runs against itself.
+
+Per-request values that one plugin writes and another reads are the ``StashKey``s at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from .context import StashKey
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import RequestContext
+    from .workers import Worker
+
+T = TypeVar("T")
+
+
+class ComponentKey(Generic[T]):
+    """A registry name that carries the component's type (``registry.get(KEY)`` is typed) and the protocol
+    the registered object must satisfy (checked when it is registered)."""
+
+    __slots__ = ("name", "protocol")
+
+    def __init__(self, name: str, protocol: type) -> None:  # ``type``: mypy refuses a Protocol as ``type[T]``
+        self.name = name
+        self.protocol = protocol
+
+    def __repr__(self) -> str:
+        return f"ComponentKey({self.name!r}, {self.protocol.__name__})"
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The HuggingFace ``PreTrainedTokenizer`` subset the plugins use (a ``transformers`` tokenizer satisfies it).
+
+    An optional ``backend_tokenizer`` (a ``tokenizers.Tokenizer``) is used for faster paths when present.
+    """
+
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+
+    def apply_chat_template(self, conversation: Any, tools: Any = ..., tokenize: bool = ...,
+                            add_generation_prompt: bool = ..., **kwargs: Any) -> Any: ...
+
+
+# --- the trajectory cache --------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class PreparedPrompt(Protocol):
+    """A prompt ready to send: ``input_ids`` = the recorded ids of its longest recorded prefix
+    (``cached_tokens`` of them) + fresh ids of the rest (``fresh_tokens``). ``worker_url``: the worker that
+    produced that prefix (for affinity), if any. Pass it back unchanged to ``record``."""
+
+    input_ids: list[int]
+    cached_tokens: int
+    fresh_tokens: int
+    worker_url: str | None
+
+
+@runtime_checkable
+class TrajectoryCache(Protocol):
+    """Records the exact tokens of every trajectory and serves them back (component ``TRAJECTORY_CACHE``).
+
+    - ``prepare(text)`` / ``prepare_ids(ids)``: the ids to send for a prompt (raise ``HTTPError`` 400 for a
+      malformed one). An implementation that cannot serve right now raises ``CacheUnavailable``: the caller
+      then passes the request through unrecorded.
+    - ``record(prepared, reply, worker_url)``: record the prompt and the worker's SGLang-shaped reply (output
+      ids, logprobs, weight versions); ``False`` when refused as larger than ``max_record_tokens``. When it
+      returns, a ``prepare`` of the same conversation's next turn sees the record.
+    - ``record_replies(prepared, replies, n, worker_url, raw)``: record a whole /generate reply (a batch of
+      ``len(prepared)`` prompts x ``n`` samples, prompt-major); ``raw`` is the worker's reply bytes when the
+      implementation can use them. Returns the refused replies with their sizes.
+    - ``retrieve(text, strict)``: the ``/retrieve_from_text`` answer (tokens, loss_mask, rollout_logp,
+      weight_versions, ...); with ``strict``, ``HTTPError`` 404/410 for text not (or no longer) recorded.
+    - ``stats()``: a cheap snapshot (``refresh()`` brings it up to date where it lives elsewhere).
+    - ``start()`` / ``close()``: called by the owning plugin's startup / shutdown.
+    """
+
+    max_record_tokens: int
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def prepare(self, text: str) -> PreparedPrompt: ...
+
+    async def prepare_ids(self, ids: list[int]) -> PreparedPrompt: ...
+
+    async def record(self, prepared: Any, response: dict, worker_url: str | None) -> bool: ...
+
+    async def record_replies(self, prepared: list[Any], replies: list[Any], n: int, worker_url: str | None,
+                             raw: bytes | None = None) -> list[tuple[dict, int]]: ...
+
+    async def retrieve(self, text: str, strict: bool = False) -> dict[str, Any]: ...
+
+    async def refresh(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class CacheUnavailable(RuntimeError):
+    """The trajectory cache cannot serve right now (e.g. its process is being restarted): pass through."""
+
+
+# --- the balancer ----------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Balancer(Protocol):
+    """The balancing component: the policy in force and what it knows of each worker (read by metrics)."""
+
+    policy: str
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """One entry per worker: ``url`` and the balancer's view (in flight, failures, health, circuit...)."""
+        ...
+
+    def state(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class BalancingPolicy(Protocol):
+    """One ``--policy``: ``select`` is synchronous (no ``await`` between choice and in-flight accounting) and
+    gets a non-empty list of available workers this request has not tried."""
+
+    name: str
+
+    def select(self, ctx: RequestContext, workers: list[Worker]) -> Worker: ...
+
+    def worker_added(self, worker: Worker) -> None: ...
+
+    def worker_removed(self, worker: Worker) -> None: ...
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class StatsSource(Protocol):
+    """A component whose counters the metrics sink exports (the trajectory cache, openai_compat):
+    ``stats()`` answers a snapshot, cheaply."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """Where the router's numbers go (component ``METRICS``): each finished request is counted, and
+    ``snapshot()`` answers everything as JSON (``GET /metrics``; the Prometheus view is built from the same)."""
+
+    def on_finished(self, ctx: RequestContext) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+TOKENIZER: ComponentKey[Tokenizer] = ComponentKey("tokenizer", Tokenizer)
+TRAJECTORY_CACHE: ComponentKey[TrajectoryCache] = ComponentKey("radix_tree", TrajectoryCache)
+BALANCER: ComponentKey[Balancer] = ComponentKey("balancing", Balancer)
+METRICS: ComponentKey[MetricsSink] = ComponentKey("metrics", MetricsSink)
+OPENAI_COMPAT: ComponentKey[StatsSource] = ComponentKey("openai_compat", StatsSource)
+# By name: a component registered under one of these names with a plain string is checked all the same.
+KEYS: dict[str, ComponentKey[Any]] = {k.name: k for k in (TOKENIZER, TRAJECTORY_CACHE, BALANCER, METRICS,
+                                                          OPENAI_COMPAT)}
+
+
+# --- per-request values shared between plugins -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """The worker that produced the longest recorded prefix of this request's prompt (its KV cache holds it),
+    how many tokens that prefix is, and the prompt's length: written by whoever prepared the prompt
+    (radix_tree on /generate, openai_compat), read by the cache_aware policy."""
+
+    worker_url: str
+    cached_tokens: int
+    prompt_tokens: int
+
+
+AFFINITY: StashKey[Affinity] = StashKey("affinity")
+# An explicit session (the OpenAI ``user`` field): requests with the same key go to the same worker.
+SESSION_KEY: StashKey[str] = StashKey("session_key")
