@@ -108,9 +108,6 @@ class JSONObjectBody(BaseModel):
         return data
 
 
-_JSONObjectBody = JSONObjectBody  # the name it first had (slime_router_plugins.balancing.models imports it)
-
-
 class WorkerURL(JSONObjectBody):
     """A worker's address: the JSON form of ``/add_worker`` and ``/remove_worker`` (``?url=`` is the other)."""
 

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import REQUEST_ERROR, ErrorResponse
+from .contracts import TOKENIZER
 from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
 from .proxy import GenerateHandler, method_not_allowed_error, unknown_route_error
@@ -65,7 +66,7 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     hook = plugins.hook
 
     if settings.hf_checkpoint:
-        router.registry.register("tokenizer", load_tokenizer(settings.hf_checkpoint), owner="core")
+        router.registry.register(TOKENIZER, load_tokenizer(settings.hf_checkpoint), owner="core")
     for impl in reversed(hook.register_components.get_hookimpls()):  # pluggy's call order (tryfirst first)
         try:
             impl.function(**_kwargs(impl, registry=router.registry, router=router))

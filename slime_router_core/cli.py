@@ -135,7 +135,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     import uvicorn
 
     from .app import build_app
-    from .errors import HTTPError
+    from .errors import HTTPError, MissingDependency, require
     from .server import http_protocol
     from .tokenizers import BUILTIN_CHECKPOINT
     from .workers import normalize_worker_url
@@ -151,6 +151,11 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     demo = not urls and not hf_checkpoint
     needs_tokenizer = any("tokenizer" in (impl.function() or [])
                           for impl in plugins.pm.hook.required_components.get_hookimpls())
+    if demo or hf_checkpoint is not None:
+        try:  # the tokenizer stack (the "trajectory" extra): said before anything starts
+            require("A tokenizer (--hf-checkpoint, the demo)" if not demo else "The embedded demo", "trajectory")
+        except MissingDependency as e:
+            _fail(f"{e}. A pass-through router needs none of it: give --worker-url.")
     if demo:
         hf_checkpoint = BUILTIN_CHECKPOINT
     elif hf_checkpoint is None:
@@ -273,6 +278,8 @@ def plugins_command(
         _fail(str(e))
     for info in pm.infos.values():
         typer.echo(f"{info.name}\n  source: {info.source}\n  hooks:  {', '.join(info.hooks) or '-'}")
+    for name, why in pm.skipped.items():
+        typer.echo(f"{name}\n  skipped: {why}")
 
 
 def _serve_command(plugins: Any, options: Any) -> Any:

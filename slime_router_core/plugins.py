@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -23,7 +24,9 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginLoadError
+from .errors import MissingDependency, PluginLoadError
+
+log = logging.getLogger("slime_router")
 
 ENTRY_POINT_GROUP = "slime_router"
 CORE = "core"  # the built-in plugin: slime_router_core.admin
@@ -77,6 +80,7 @@ class PluginManager:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
+        self.skipped: dict[str, str] = {}  # installed plugins not loaded because an extra is missing: why
 
     @property
     def hook(self) -> Any:
@@ -168,6 +172,12 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
             obj = ep.load()
             if inspect.isclass(obj):
                 obj = obj()
+        except MissingDependency as e:
+            if select is None:  # "every installed plugin": one whose extra is not installed is left out, said so
+                manager.skipped[name] = str(e)
+                log.warning("plugin %r skipped: %s", name, e)
+                continue
+            raise PluginLoadError(f"Plugin {name!r} ({source}) cannot load: {e}") from e
         except Exception as e:
             raise PluginLoadError(f"Plugin {name!r} ({source}) failed to import: {type(e).__name__}: {e}") from e
         manager.register(obj, name, source)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import require
+
 # Only tokenizers are used: transformers' advice that PyTorch is missing is noise here.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -77,6 +79,7 @@ def resolve_checkpoint(path_or_builtin: str | Path) -> Path | str:
 
 @functools.lru_cache(maxsize=16)
 def _load_tokenizer_cached(key: str):
+    require("A tokenizer (--hf-checkpoint, the demo)", "trajectory")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -130,8 +130,11 @@ SLOW_TESTS = {
     "test_contracts.py::test_the_cache_process_keeps_the_same_contract",
     # builds the 151k-token tokenizer from scratch into a fresh directory, then loads it with transformers
     "test_tokenizer.py::test_build_into_fresh_cache_dir",
-    # property tests with 1500 examples
+    # property tests with hundreds of examples (1500; 400 for each of 9 parametrizations)
     "test_openapi_core.py::test_generate_request_accepts_exactly_what_validate_generate_accepts",
+    "test_openapi_plugins.py::test_chat_body_model_accepts_what_the_parser_accepts",
+    "test_openapi_plugins.py::test_completion_body_model_accepts_what_the_parser_accepts",
+    "test_openapi_plugins.py::test_retrieve_body_model_accepts_what_the_parser_accepts",
 }
 
 

@@ -14,8 +14,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slime_router_core.admin import WorkerAnswer, WorkerCommand
-from slime_router_core.admin import _JSONObjectBody as JSONObjectBody
+from slime_router_core.admin import JSONObjectBody, WorkerAnswer, WorkerCommand
 
 # --- request bodies ---------------------------------------------------------------------------------
 
