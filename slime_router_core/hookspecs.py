@@ -74,7 +74,9 @@ def register_routes(app: FastAPI, router: Router) -> None:
     """Add HTTP routes to the FastAPI app (``@app.post("/retrieve_from_text")``...).
 
     Called once while the app is built. Routes added here go through FastAPI (validation,
-    OpenAPI docs); the ``/generate`` hot path stays a lean raw-ASGI route.
+    OpenAPI docs: declare request and response models); the ``/generate`` hot path stays a lean raw-ASGI route.
+    The core's own routes come from the built-in ``core`` plugin (``slime_router_core/admin.py``) through this
+    hook: the admin API first, then, after every other plugin, the worker endpoints no plugin serves itself.
     """
 
 

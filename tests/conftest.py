@@ -26,6 +26,33 @@ def tokenizer_dir() -> str:
     return str(builtin_tokenizer_dir())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_default_ssl_context_for_httpx() -> Iterator[None]:
+    """Every httpx client builds an SSL context, parsing a whole CA bundle: ~18 ms of CPU, 20 times what a
+    loopback request costs, and the tests make ~1000 one-off clients (``httpx.get``/``post``, OpenAI clients).
+    The default one (verify=True, no client cert) is built once per SSL_CERT_FILE/SSL_CERT_DIR setting and shared
+    for the session; any other ``verify``/``cert`` is served as httpx does."""
+    try:
+        import httpx._transports.default as transports  # where the transports look the function up
+        original = transports.create_ssl_context
+    except (ImportError, AttributeError):  # another httpx layout: every client builds its own, as before
+        yield
+        return
+    shared: dict[tuple, Any] = {}
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is not True or cert is not None:
+            return original(verify=verify, cert=cert, trust_env=trust_env)
+        key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")) if trust_env else (None, None)
+        if key not in shared:
+            shared[key] = original(verify=verify, cert=cert, trust_env=trust_env)
+        return shared[key]
+
+    transports.create_ssl_context = create_ssl_context
+    yield
+    transports.create_ssl_context = original
+
+
 # In-thread servers told to exit and not joined yet. A uvicorn shutdown is ~0.2 s of sleeping (up to a 0.1 s
 # tick before it notices, then a fixed 0.1 s grace sleep), which most tests would spend waiting for their
 # router and workers to go. They go while the next tests run instead: a test's servers stop accepting at once

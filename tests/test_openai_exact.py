@@ -37,7 +37,7 @@ def worker() -> Iterator[str]:
 
 
 @pytest.fixture(params=["in_process", "own_process"])
-def env(worker, request) -> Iterator[dict[str, Any]]:
+def env(worker, request, servers_to_stop) -> Iterator[dict[str, Any]]:
     """A fresh router (empty cache) per test, the cache in the router's process or in its own; the worker reset."""
     httpx.post(worker + "/mock/configure", json={"mode": "random", "reply_text": None, "think_text": None,
                                                  "stream_mode": "cumulative", "token_latency": 0.0,
@@ -46,7 +46,7 @@ def env(worker, request) -> Iterator[dict[str, Any]]:
     router = _router(worker, own_process=request.param == "own_process")
     yield {"worker": worker, "url": router.url, "router": router.app.router,
            "client": OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)}
-    router.stop()
+    servers_to_stop.append(router)
 
 
 def configure(worker: str, **kw: Any) -> None:

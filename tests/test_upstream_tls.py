@@ -139,10 +139,10 @@ def echo_app(stream_ended: threading.Event | None = None) -> Starlette:
 
 
 @pytest.fixture
-def tls_echo(certs: Certs) -> Iterator[ServerThread]:
+def tls_echo(certs: Certs, servers_to_stop: list) -> Iterator[ServerThread]:
     server = TLSServerThread(echo_app(), certs).start()
+    servers_to_stop.append(server)  # stopped after the test
     yield server
-    server.stop()
 
 
 def test_post_and_stream_over_tls_on_one_kept_alive_connection(certs, tls_echo):
