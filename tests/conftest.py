@@ -155,8 +155,6 @@ SLOW_TESTS = {
     "test_core_proxy.py::test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_and_leaks_nothing",
     "test_balancing.py::test_killed_worker_mid_run_fails_no_request",
     "test_contracts.py::test_the_cache_process_keeps_the_same_contract",
-    # builds the 151k-token tokenizer from scratch into a fresh directory, then loads it with transformers
-    "test_tokenizer.py::test_build_into_fresh_cache_dir",
     # property tests with hundreds of examples (1500; 400 for each of 9 parametrizations)
     "test_openapi_core.py::test_generate_request_accepts_exactly_what_validate_generate_accepts",
     "test_openapi_plugins.py::test_chat_body_model_accepts_what_the_parser_accepts",
