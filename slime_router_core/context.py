@@ -28,47 +28,38 @@ class StashKey(Generic[T]):
         return f"StashKey({self.name!r})"
 
 
-class Stash:
-    """Per-request values keyed by ``StashKey``: ``stash[KEY] = v``, ``stash[KEY]``, ``stash.get(KEY)``,
-    ``KEY in stash``, ``stash.pop(KEY, default)``."""
+if TYPE_CHECKING:
+    class Stash:
+        """Per-request values keyed by ``StashKey``: ``stash[KEY] = v``, ``stash[KEY]``, ``stash.get(KEY)``,
+        ``KEY in stash``, ``stash.pop(KEY, default)`` -- each typed by its key."""
 
-    __slots__ = ("_values",)
+        def __setitem__(self, key: StashKey[T], value: T) -> None: ...
 
-    def __init__(self) -> None:
-        self._values: dict[StashKey[Any], Any] = {}
+        def __getitem__(self, key: StashKey[T]) -> T: ...
 
-    def __setitem__(self, key: StashKey[T], value: T) -> None:
-        self._values[key] = value
+        @overload
+        def get(self, key: StashKey[T]) -> T | None: ...
 
-    def __getitem__(self, key: StashKey[T]) -> T:
-        try:
-            return self._values[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not set for this request") from None
+        @overload
+        def get(self, key: StashKey[T], default: D) -> T | D: ...
 
-    @overload
-    def get(self, key: StashKey[T]) -> T | None: ...
+        def get(self, key: StashKey[Any], default: Any = None) -> Any: ...
 
-    @overload
-    def get(self, key: StashKey[T], default: D) -> T | D: ...
+        @overload
+        def pop(self, key: StashKey[T]) -> T | None: ...
 
-    def get(self, key: StashKey[T], default: Any = None) -> Any:
-        return self._values.get(key, default)
+        @overload
+        def pop(self, key: StashKey[T], default: D) -> T | D: ...
 
-    @overload
-    def pop(self, key: StashKey[T]) -> T | None: ...
+        def pop(self, key: StashKey[Any], default: Any = None) -> Any: ...
 
-    @overload
-    def pop(self, key: StashKey[T], default: D) -> T | D: ...
+        def __contains__(self, key: StashKey[Any]) -> bool: ...
+else:
+    class Stash(dict):
+        """At run time a plain dict keyed by ``StashKey`` objects (its methods are C code: several plugins touch
+        the stash on every request); the typed view above is what mypy checks."""
 
-    def pop(self, key: StashKey[T], default: Any = None) -> Any:
-        return self._values.pop(key, default)
-
-    def __contains__(self, key: StashKey[Any]) -> bool:
-        return key in self._values
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"Stash({ {k.name: v for k, v in self._values.items()} })"
+        __slots__ = ()
 
 
 class RequestContext:

@@ -26,8 +26,7 @@ Per-request values that one plugin writes and another reads are the ``StashKey``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from .context import StashKey
 
@@ -198,11 +197,10 @@ KEYS: dict[str, ComponentKey[Any]] = {k.name: k for k in (TOKENIZER, TRAJECTORY_
 # --- per-request values shared between plugins -------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Affinity:
+class Affinity(NamedTuple):
     """The worker that produced the longest recorded prefix of this request's prompt (its KV cache holds it),
     how many tokens that prefix is, and the prompt's length: written by whoever prepared the prompt
-    (radix_tree on /generate, openai_compat), read by the cache_aware policy."""
+    (radix_tree on /generate, openai_compat), read by the cache_aware policy. (A NamedTuple: made per request.)"""
 
     worker_url: str
     cached_tokens: int
