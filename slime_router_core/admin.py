@@ -26,6 +26,7 @@ validation handler, with the message of ``request_error`` when a validator here 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -105,7 +106,33 @@ class JSONObjectBody(BaseModel):
                 raise request_error(f"Malformed JSON body: {e}") from None
         if not isinstance(data, (dict, BaseModel)):
             raise request_error(cls.not_an_object)
+        if isinstance(data, dict):
+            problem = unsendable(data)
+            if problem:
+                raise request_error(problem)
         return data
+
+
+def unsendable(value: Any, path: str = "body") -> str | None:
+    """Why ``value`` (parsed by FastAPI's ``json``, which takes any integer, NaN and Infinity) cannot be sent on
+    as JSON to a worker, or None: orjson -- and the workers' parsers -- take 64-bit integers and finite numbers."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**64 else f"{path}: the integer {value} does not fit in 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path}: {value} is not a JSON number (NaN and Infinity are not)"
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        problem = unsendable(v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]")
+        if problem:
+            return problem
+    return None
 
 
 class WorkerURL(JSONObjectBody):

@@ -63,6 +63,10 @@ class Tokenizer(Protocol):
 
     eos_token_id: int | None
 
+    def __len__(self) -> int:
+        """The vocabulary size with the added tokens: token ids lie in ``range(len(tokenizer))``."""
+        ...
+
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...

@@ -123,6 +123,9 @@ def test_option_needs_a_checkpoint():
             self.inner = load_tokenizer(BUILTIN_CHECKPOINT)
             self.eos_token_id = self.inner.eos_token_id
 
+        def __len__(self):
+            return len(self.inner)
+
         def encode(self, text, add_special_tokens=False):
             return self.inner.encode(text, add_special_tokens=add_special_tokens)
 

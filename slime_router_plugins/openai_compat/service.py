@@ -122,6 +122,7 @@ class OpenAIService:
         self.store = HistoryStore(config.history_size)
         self.renderer = Renderer(self.tokenizer, self.store, self.history_mode)
         self.token_text = TokenText(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)  # with the added (special) tokens
         self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
                                  recorded=0, not_recorded_incomplete=0, not_recorded_too_large=0, record_errors=0,
                                  retrievals=0,
@@ -489,6 +490,10 @@ class OpenAIService:
             ids, prepared = await self.tokenize(prompt)
         else:  # token ids: sent as they are; recorded when the cache can line ids up with text
             ids, prepared = list(prompt), None
+            bad_id = next((k for k, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+            if bad_id is not None:
+                raise bad(f"Invalid 'prompt': prompt[{bad_id}] = {ids[bad_id]} is not a token id of this model "
+                          f"(0 to {self.vocab_size - 1}).", "prompt")
             cache = self.cache
             if cache is not None:
                 try:
