@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .access import AccessControl, deny
 from .admin import REQUEST_ERROR, ErrorResponse
 from .contracts import TOKENIZER
 from .errors import HTTPError, PluginLoadError
@@ -28,6 +29,7 @@ from .proxy import GenerateHandler, method_not_allowed_error, unknown_route_erro
 from .router import Router, maybe_await
 from .settings import OptionRegistry, Settings
 from .tokenizers import load_tokenizer
+from .workers import WorkerAllowlist
 
 log = logging.getLogger("slime_router")
 
@@ -59,9 +61,38 @@ class SlimeRouterApp:
             await self.fastapi(scope, receive, send)
 
 
+class GuardedSlimeRouterApp(SlimeRouterApp):
+    """The app when an API key is configured: the key is checked on the scope before dispatch (``access.py``),
+    so a refused request reaches neither the hot path nor FastAPI. Without a key ``SlimeRouterApp`` serves, and
+    its dispatch is exactly what it was before access control existed."""
+
+    def __init__(self, router: Router, fastapi: FastAPI, access: AccessControl) -> None:
+        super().__init__(router, fastapi)
+        self.access = access
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            denied = self.access.check(scope)
+            if denied is not None:
+                await deny(send, denied)
+                return
+            if scope["path"] == "/generate" and scope["method"] == "POST":
+                await self.generate(scope, receive, send)
+                return
+        elif kind == "websocket" and self.access.check(scope) is not None:  # no route uses one; closed unheard
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.fastapi(scope, receive, send)
+
+
 def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     """Create the router, let plugins register components and routes, check requirements."""
     settings.with_defaults(collect_options(plugins))
+    access = AccessControl.from_settings(settings)  # a bad key: ValueError naming the flag (never the key)
+    allowlist = WorkerAllowlist.parse(settings.worker_allowlist)  # a bad entry: ValueError naming it
+    for url in settings.worker_urls:
+        allowlist.check_startup(url)
     router = Router(settings, plugins)
     hook = plugins.hook
 
@@ -100,12 +131,13 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
 
     api = FastAPI(title="slime-router", version=_version(), lifespan=lifespan,
                   description="Rollout gateway for RL post-training in front of SGLang workers.")
-    app = SlimeRouterApp(router, api)
+    app = SlimeRouterApp(router, api) if access is None else GuardedSlimeRouterApp(router, api, access)
     api.state.router = router
 
     @api.exception_handler(HTTPError)
     async def _http_error(_: Request, e: HTTPError) -> Response:
-        return Response(orjson.dumps(e.to_dict()), status_code=e.status, media_type="application/json")
+        return Response(orjson.dumps(e.to_dict()), status_code=e.status, headers=e.headers or None,
+                        media_type="application/json")
 
     @api.exception_handler(StarletteHTTPException)
     async def _routing_error(request: Request, e: StarletteHTTPException) -> Response:

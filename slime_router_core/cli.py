@@ -95,12 +95,36 @@ def serve(
                                       help="Largest request body accepted, in bytes (larger: 413)."),
     max_attempts: int = typer.Option(3, "--max-attempts", envvar=ENV + "MAX_ATTEMPTS",
                                      help="Upper bound on upstream attempts per request (retries on other workers)."),
+    max_concurrent_requests: int = typer.Option(
+        0, "--max-concurrent-requests", envvar=ENV + "MAX_CONCURRENT_REQUESTS", min=0,
+        help="Generations in flight through the router (/generate, streams, OpenAI routes); more wait in a queue. "
+             "0: unlimited."),
+    max_queued_requests: int = typer.Option(
+        1024, "--max-queued-requests", envvar=ENV + "MAX_QUEUED_REQUESTS", min=0,
+        help="With --max-concurrent-requests reached, how many requests wait for a slot; beyond: 429 with "
+             "Retry-After."),
+    queue_timeout: float = typer.Option(
+        30.0, "--queue-timeout", envvar=ENV + "QUEUE_TIMEOUT", min=0,
+        help="Seconds a request may wait in that queue before it is answered 429 with Retry-After."),
     demo_workers: int = typer.Option(2, "--demo-workers", envvar=ENV + "DEMO_WORKERS",
                                      help="How many mock workers the embedded demo starts."),
     shutdown_grace_seconds: float = typer.Option(
         DEFAULT_SHUTDOWN_GRACE_SECONDS, "--shutdown-grace-seconds", envvar=ENV + "SHUTDOWN_GRACE_SECONDS", min=0,
         help="On SIGTERM/SIGINT, how long running requests may finish; then open streams are closed and the "
              "router exits. A second signal exits at once."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar=ENV + "API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer <key>' on every route but /health (data plane). Unset: open."),
+    admin_api_key: str | None = typer.Option(
+        None, "--admin-api-key", envvar=ENV + "ADMIN_API_KEY", show_default=False,
+        help="Require this key (Bearer) on the state-changing routes (/add_worker, /remove_worker, weight updates, "
+             "/pause, /resume, /abort_request, /flush_cache ...); the data key there is refused (403). It also "
+             "works on data routes. Unset: those routes take --api-key, or are open without one."),
+    worker_allowlist: list[str] = typer.Option(
+        [], "--worker-allowlist", envvar=ENV + "WORKER_ALLOWLIST",
+        help="Only workers at these hosts, host:port or CIDRs (repeatable or comma-separated; e.g. "
+             "10.0.0.0/8,gpu-node-1) may be added (--worker-url, /add_worker; others: 403). Hostnames match "
+             "literally, CIDRs match IP addresses; nothing is resolved. Unset: any worker."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar=ENV + "VERBOSE",
                                  help="Log every request with its timing breakdown."),
 ) -> None:
@@ -129,6 +153,9 @@ def _bind_error(host: str, port: int, e: Exception) -> str:
     return f"cannot listen on {host}:{port}: {why}"
 
 
+ADMISSION_FLAGS = ("max_concurrent_requests", "max_queued_requests", "queue_timeout")  # Settings fields
+
+
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
                hf_checkpoint: str | None, verbose: bool, max_body_size: int, max_attempts: int,
                demo_workers: int, shutdown_grace_seconds: float, **_: Any) -> None:
@@ -148,6 +175,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
         urls = [normalize_worker_url(u) for u in urls]
     except HTTPError as e:
         _fail(e.message)
+    access = _access_settings(_, urls)  # a bad key or allowlist entry, a worker outside it: said before start-up
     demo = not urls and not hf_checkpoint
     needs_tokenizer = any("tokenizer" in (impl.function() or [])
                           for impl in plugins.pm.hook.required_components.get_hookimpls())
@@ -171,7 +199,10 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     sock = _listen_socket(host, port)  # first: a busy port is reported at once, not after the start-up work
     port = sock.getsockname()[1]  # --port 0: the port the system chose
     settings = Settings(host=host, port=port, worker_urls=urls, hf_checkpoint=hf_checkpoint, verbose=verbose,
-                        max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts))
+                        max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts),
+                        **{k: v for k, v in _.items() if k in ADMISSION_FLAGS})
+    for name, value in access.items():  # --api-key, --admin-api-key, --worker-allowlist
+        setattr(settings, name, value)
     procs = []
     if demo:
         from slime_router_testing import start_mock_worker_process, wait_http
@@ -196,6 +227,11 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
         base = f"http://{shown}:{port}"
         typer.echo(f"slime-router serving on {base}  plugins: {', '.join(plugins.names()) or 'none'}")
         typer.echo(f"workers: {', '.join(settings.worker_urls) or 'none yet (POST /add_worker?url=...)'}")
+        guard = getattr(application, "access", None)  # never the keys themselves
+        if guard is not None or settings.worker_allowlist:
+            typer.echo(" ".join(filter(None, [guard.describe() if guard is not None else "",
+                                              f"worker allowlist: {', '.join(settings.worker_allowlist)}"
+                                              if settings.worker_allowlist else ""])))
         if demo:
             typer.echo("embedded demo: mock SGLang workers (realistic: they reason and call tools) + built-in "
                        "Qwen3 tokenizer. Try:")
@@ -219,6 +255,26 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
             p.stop()
     if not server.started:  # start-up failed (uvicorn logged why); never reported as serving
         _fail("start-up failed (see the log above); not serving", code=3)
+
+
+def _access_settings(given: dict[str, Any], urls: list[str]) -> dict[str, Any]:
+    """The access-control Settings fields from the parsed flags, checked: a key no client could send, a bad
+    --worker-allowlist entry or a --worker-url outside it stops start-up (the keys never appear in a message)."""
+    from .access import AccessControl
+    from .workers import WorkerAllowlist
+
+    api_key: str | None = given.get("api_key")
+    admin_api_key: str | None = given.get("admin_api_key")
+    entries = _split(given.get("worker_allowlist"))
+    try:
+        if api_key is not None or admin_api_key is not None:
+            AccessControl(api_key, admin_api_key)
+        allowlist = WorkerAllowlist.parse(entries)
+        for url in urls:
+            allowlist.check_startup(url)
+    except ValueError as e:
+        _fail(str(e))
+    return {"api_key": api_key, "admin_api_key": admin_api_key, "worker_allowlist": entries}
 
 
 DEMO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -7,17 +7,19 @@ class HTTPError(Exception):
     """Raise from a hook or route to answer the client with ``status`` and a JSON error.
 
     The body is ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``: the
-    OpenAI error shape, which SGLang clients also understand (they read ``error.message``).
+    OpenAI error shape, which SGLang clients also understand (they read ``error.message``). ``headers`` are
+    added to the answer (e.g. ``Retry-After`` on a 429).
     """
 
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | int | None = None) -> None:
+                 code: str | int | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type or _default_type(status)
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = dict(headers) if headers else {}  # extra response headers (Retry-After)
 
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -226,6 +226,8 @@ class GenerateHandler:
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         router = self.router
+        admission = router.admission
+        admitted = False
         ctx: RequestContext | None = None
         status = 500
         error: str | None = None
@@ -235,6 +237,11 @@ class GenerateHandler:
             validate_generate(body)
             ctx = RequestContext("/generate", body, raw, router=router)
             ctx._raw_headers = scope["headers"]
+            # --max-concurrent-requests: a slot from here to the response's end (no await when one is free)
+            admitted = admission.try_acquire()
+            if not admitted:
+                await self._queue(ctx, receive)
+                admitted = True
             if router.hooks.pre_request:
                 await router.run_pre_request(ctx)
                 payload = orjson.dumps(ctx.body)  # what the hooks made of it is what is sent
@@ -251,7 +258,10 @@ class GenerateHandler:
         except HTTPError as e:
             status, error = e.status, e.message
             if not (ctx and ctx.sent_to_client):
-                await send_bytes(send, e.status, error_body(e))
+                if getattr(e, "headers", None):  # e.g. a 429's Retry-After
+                    await self._send_error_with_headers(send, e)
+                else:
+                    await send_bytes(send, e.status, error_body(e))
         except ConnectionAbortedError as e:
             status, error = 499, str(e)
         except asyncio.CancelledError:
@@ -267,8 +277,31 @@ class GenerateHandler:
                 await send_bytes(send, 500, error_body(HTTPError(500, f"Internal error: {error}",
                                                                  type="internal_error")))
         finally:
+            if admitted:
+                admission.release()
             if ctx is not None:
                 router.finish(ctx, status, error)
+
+    async def _queue(self, ctx: RequestContext, receive: Receive) -> None:
+        """Wait for a slot (``Admission.wait``: 429 when refused); a client that leaves meanwhile cancels it."""
+        admission = self.router.admission
+        if admission.queued >= admission.max_queued:
+            await admission.wait()  # the queue is full: refused at once, no need to watch the client
+        t = time.perf_counter()
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, asyncio.current_task()))
+        try:
+            await admission.wait()
+        finally:
+            watcher.cancel()
+            ctx.timings["queued"] = time.perf_counter() - t
+
+    @staticmethod
+    async def _send_error_with_headers(send: Send, e: HTTPError) -> None:
+        body = error_body(e)
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers.items()]
+        await send({"type": "http.response.start", "status": e.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _plain(self, ctx: RequestContext, payload: bytes, send: Send) -> int:
         router = self.router

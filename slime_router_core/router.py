@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from .admission import Admission
 from .context import RequestContext
 from .errors import HTTPError
 from .plugins import PluginManager
@@ -28,7 +29,7 @@ from .registry import ComponentRegistry
 from .settings import Settings
 from .sse import END, OPAQUE, EventSplitter, parse_event
 from .upstream import StreamReply, UpstreamPool
-from .workers import Worker, WorkerPool
+from .workers import Worker, WorkerAllowlist, WorkerPool, normalize_worker_url
 
 log = logging.getLogger("slime_router")
 
@@ -172,6 +173,9 @@ class Router:
         self.on_close: list[Any] = []  # sync callables run at shutdown (e.g. stop the demo's workers)
         self.hooks = RequestHooks(plugins)
         self.started_at = time.time()
+        # --max-concurrent-requests: every generation (/generate, generate, generate_stream) holds a slot
+        self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests,
+                                   settings.queue_timeout)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -201,6 +205,11 @@ class Router:
     # --- worker pool -------------------------------------------------------------------------
 
     def add_worker(self, url: str) -> tuple[Worker, bool]:
+        """Add a worker (idempotent). With ``--worker-allowlist``, a URL outside it is refused (HTTPError 403) and
+        the pool is left unchanged: every request the router makes goes to a pool worker."""
+        if self.settings.worker_allowlist:
+            url = normalize_worker_url(url)  # what the pool would store, and connect to, is what is checked
+            WorkerAllowlist.parse(self.settings.worker_allowlist).check(url)
         worker, created = self.pool.add(url)
         if created:
             log.info("worker added: %s", worker.url)
@@ -406,11 +415,21 @@ class Router:
     # --- the API plugins use -------------------------------------------------------------------
 
     async def generate(self, ctx: RequestContext) -> Any:
-        """Send ``ctx.body`` (non-streaming) through hooks, selection and retries; returns the reply."""
-        await self.run_pre_request(ctx)
-        _, data, _ = await self.send_json(ctx, orjson.dumps(ctx.body))
-        ctx.raw_response = data
-        return await self.run_post_response(ctx, orjson.loads(data))
+        """Send ``ctx.body`` (non-streaming) through hooks, selection and retries; returns the reply.
+
+        Holds a ``--max-concurrent-requests`` slot throughout; refused, it raises ``HTTPError(429)`` (with
+        ``Retry-After`` in its ``headers``).
+        """
+        admission = self.admission
+        if not admission.try_acquire():
+            await admission.wait()
+        try:
+            await self.run_pre_request(ctx)
+            _, data, _ = await self.send_json(ctx, orjson.dumps(ctx.body))
+            ctx.raw_response = data
+            return await self.run_post_response(ctx, orjson.loads(data))
+        finally:
+            admission.release()
 
     async def generate_stream(self, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """Stream ``ctx.body`` upstream; yields each parsed SSE object (after ``stream_chunk``).
@@ -418,34 +437,43 @@ class Router:
         ``ctx.inspect_stream`` is forced on so that hooks and the caller see every chunk. A worker
         error after the stream began is yielded as ``{"error": {...}}``. Closing the generator early
         (client gone) closes the upstream connection, which aborts the request in the worker.
+
+        Holds a ``--max-concurrent-requests`` slot from the first ``__anext__`` until the generator ends or is
+        closed; refused, the first ``__anext__`` raises ``HTTPError(429)`` (``Retry-After`` in its ``headers``).
         """
-        await self.run_pre_request(ctx)
-        ctx.inspect_stream = True
-        resp, worker = await self.open_stream(ctx, orjson.dumps(ctx.body))
-        completed = False
-        chunks: list[dict[str, Any]] = []
+        admission = self.admission
+        if not admission.try_acquire():
+            await admission.wait()
         try:
-            async for obj in iter_sse(resp):
-                if obj is None:
-                    break
-                if self.hooks.stream_chunk:
-                    pending = self.hooks.stream_chunk(ctx=ctx, chunk=obj)
-                    if pending:
-                        await maybe_await(pending)
-                chunks.append(obj)
-                if not ctx.sent_to_client:
-                    ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
-                ctx.sent_to_client = True
-                yield obj
-            completed = True
-        except CONNECTION_ERRORS as e:
-            self.stream_failed(ctx, worker, e)
-            yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
-                             "type": "upstream_error"}}
+            await self.run_pre_request(ctx)
+            ctx.inspect_stream = True
+            resp, worker = await self.open_stream(ctx, orjson.dumps(ctx.body))
+            completed = False
+            chunks: list[dict[str, Any]] = []
+            try:
+                async for obj in iter_sse(resp):
+                    if obj is None:
+                        break
+                    if self.hooks.stream_chunk:
+                        pending = self.hooks.stream_chunk(ctx=ctx, chunk=obj)
+                        if pending:
+                            await maybe_await(pending)
+                    chunks.append(obj)
+                    if not ctx.sent_to_client:
+                        ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
+                    ctx.sent_to_client = True
+                    yield obj
+                completed = True
+            except CONNECTION_ERRORS as e:
+                self.stream_failed(ctx, worker, e)
+                yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
+                                 "type": "upstream_error"}}
+            finally:
+                self.release_stream(resp, worker)
+            if completed:
+                await self.run_post_response(ctx, chunks)
         finally:
-            self.release_stream(resp, worker)
-        if completed:
-            await self.run_post_response(ctx, chunks)
+            admission.release()
 
     async def broadcast(self, method: str, path: str, body: Any = None,
                         urls: list[str] | None = None) -> dict[str, tuple[int, Any]]:

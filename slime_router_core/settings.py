@@ -203,8 +203,15 @@ class Settings:
     verbose: bool = False
     max_body_size: int = 64 * 1024 * 1024
     max_attempts: int = 3
+    max_concurrent_requests: int = 0  # generations in flight through the router; 0: unlimited
+    max_queued_requests: int = 1024  # beyond the limit, how many wait for a slot (then 429)
+    queue_timeout: float = 30.0  # seconds a request may wait in that queue (then 429)
     connect_timeout: float = 5.0
     request_timeout: float | None = None  # None: generations may take as long as they take
+    # access control (slime_router_core/access.py); the keys are never shown (repr, logs, errors)
+    api_key: str | None = field(default=None, repr=False)  # data plane: Authorization: Bearer <key>
+    admin_api_key: str | None = field(default=None, repr=False)  # state-changing routes
+    worker_allowlist: list[str] = field(default_factory=list)  # hosts, host:port, CIDRs a worker may be at
     extra: dict[str, Any] = field(default_factory=dict)
     _configs: dict[type, Any] = field(default_factory=dict, repr=False, compare=False)
 

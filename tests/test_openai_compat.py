@@ -322,7 +322,7 @@ def test_served_model_name_and_default_model(w):
 
 def test_upstream_errors_are_openai_errors(env, w, client):
     configure(w, fail_first_n=0)
-    with pytest.raises(openai.BadRequestError) as e:  # the worker rejects an out-of-vocabulary id
+    with pytest.raises(openai.BadRequestError) as e:  # an out-of-vocabulary id (refused before the worker sees it)
         client.completions.create(model="m", prompt=[10 ** 7], max_tokens=2)
     assert e.value.status_code == 400 and "vocabulary" in e.value.message
 

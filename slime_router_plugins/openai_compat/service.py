@@ -492,8 +492,8 @@ class OpenAIService:
             ids, prepared = list(prompt), None
             bad_id = next((k for k, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
             if bad_id is not None:
-                raise bad(f"Invalid 'prompt': prompt[{bad_id}] = {ids[bad_id]} is not a token id of this model "
-                          f"(0 to {self.vocab_size - 1}).", "prompt")
+                raise bad(f"Invalid 'prompt': prompt[{bad_id}] = {ids[bad_id]} is outside the model's vocabulary "
+                          f"(token ids 0 to {self.vocab_size - 1}).", "prompt")
             cache = self.cache
             if cache is not None:
                 try:
