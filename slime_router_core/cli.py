@@ -95,6 +95,10 @@ def serve(
                                       help="Largest request body accepted, in bytes (larger: 413)."),
     max_attempts: int = typer.Option(3, "--max-attempts", envvar=ENV + "MAX_ATTEMPTS",
                                      help="Upper bound on upstream attempts per request (retries on other workers)."),
+    request_timeout: float | None = typer.Option(
+        None, "--request-timeout", envvar=ENV + "REQUEST_TIMEOUT", min=0, show_default=False,
+        help="Seconds a worker may take to answer a generation (a stream: until its headers); beyond, 504 and the "
+             "generation is aborted on the worker. Default: no limit (generations take as long as they take)."),
     max_concurrent_requests: int = typer.Option(
         0, "--max-concurrent-requests", envvar=ENV + "MAX_CONCURRENT_REQUESTS", min=0,
         help="Generations in flight through the router (/generate, streams, OpenAI routes); more wait in a queue. "
@@ -153,7 +157,8 @@ def _bind_error(host: str, port: int, e: Exception) -> str:
     return f"cannot listen on {host}:{port}: {why}"
 
 
-ADMISSION_FLAGS = ("max_concurrent_requests", "max_queued_requests", "queue_timeout")  # Settings fields
+PASSED_TO_SETTINGS = ("max_concurrent_requests", "max_queued_requests", "queue_timeout",  # Settings fields
+                   "request_timeout")
 
 
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
@@ -200,7 +205,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     port = sock.getsockname()[1]  # --port 0: the port the system chose
     settings = Settings(host=host, port=port, worker_urls=urls, hf_checkpoint=hf_checkpoint, verbose=verbose,
                         max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts),
-                        **{k: v for k, v in _.items() if k in ADMISSION_FLAGS})
+                        **{k: v for k, v in _.items() if k in PASSED_TO_SETTINGS})
     for name, value in access.items():  # --api-key, --admin-api-key, --worker-allowlist
         setattr(settings, name, value)
     procs = []

@@ -305,10 +305,10 @@ class GenerateHandler:
 
     async def _plain(self, ctx: RequestContext, payload: bytes, send: Send) -> int:
         router = self.router
-        status, data, _ = await router.send_json(ctx, payload)
-        if router.hooks.post_response:
+        status, data, worker = await router.send_json(ctx, payload)
+        if router.hooks.post_response:  # a plugin reads the reply: it is checked first (bytes pass through unread)
             ctx.raw_response = data
-            response = await router.run_post_response(ctx, orjson.loads(data))
+            response = await router.run_post_response(ctx, router.read_reply(ctx, worker, data))
             data = orjson.dumps(response)
         ctx.sent_to_client = True
         await send_bytes(send, status, data)
@@ -327,15 +327,20 @@ class GenerateHandler:
             ctx.sent_to_client = True
             try:
                 if not ctx.inspect_stream:
+                    tail = b""
                     async for data in resp.iter_chunks():
                         if "first_chunk" not in ctx.timings:
                             ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
+                        tail = (tail + data)[-32:] if len(data) < 32 else data[-32:]
                         await send({"type": "http.response.body", "body": data, "more_body": True})
+                    done = tail.rstrip().endswith(b"data: [DONE]")
                 else:
-                    await self._relay_inspected(ctx, resp, send, chunks)
+                    done = await self._relay_inspected(ctx, resp, send, chunks)
+                if not done:  # the worker closed the stream without its final event: not a complete reply
+                    raise ConnectionError("the stream ended without its final data: [DONE] event")
                 completed = True
             except CONNECTION_ERRORS as e:
-                router.stream_failed(ctx, worker, e)
+                router.worker_failed(ctx, worker, e)
                 ctx.error = f"worker {worker.url} failed mid-stream: {type(e).__name__}: {e}"
                 err = {"error": {"message": ctx.error, "type": "upstream_error"}}
                 await send({"type": "http.response.body", "body": encode_event(err) + DONE, "more_body": True})
@@ -347,11 +352,13 @@ class GenerateHandler:
             await router.run_post_response(ctx, chunks)
         return resp.status
 
-    async def _relay_inspected(self, ctx: RequestContext, resp: Any, send: Send, chunks: list[dict]) -> None:
-        """Parse each SSE event, let ``stream_chunk`` hooks see (and edit) it, re-serialize it."""
+    async def _relay_inspected(self, ctx: RequestContext, resp: Any, send: Send, chunks: list[dict]) -> bool:
+        """Parse each SSE event, let ``stream_chunk`` hooks see (and edit) it, re-serialize it. True when the
+        stream ended with its ``[DONE]``."""
         router = self.router
         stream_chunk = router.hooks.stream_chunk
         splitter = EventSplitter()
+        done = False
         async for data in resp.iter_chunks():
             out: list[bytes] = []
             for event in splitter.feed(data):
@@ -361,6 +368,7 @@ class GenerateHandler:
                     continue
                 if obj is END:
                     out.append(DONE)
+                    done = True
                     continue
                 if stream_chunk:
                     pending = stream_chunk(ctx=ctx, chunk=obj)
@@ -374,6 +382,7 @@ class GenerateHandler:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         if splitter.rest.strip():
             await send({"type": "http.response.body", "body": splitter.rest, "more_body": True})
+        return done
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task | None) -> None:

@@ -23,10 +23,12 @@ import orjson
 
 from .admission import Admission
 from .context import RequestContext
+from .contracts import TOKENIZER
 from .errors import HTTPError
 from .plugins import PluginManager
 from .registry import ComponentRegistry
 from .settings import Settings
+from .sglang import reply_problem
 from .sse import END, OPAQUE, EventSplitter, parse_event
 from .upstream import StreamReply, UpstreamPool
 from .workers import Worker, WorkerAllowlist, WorkerPool, normalize_worker_url
@@ -173,6 +175,7 @@ class Router:
         self.on_close: list[Any] = []  # sync callables run at shutdown (e.g. stop the demo's workers)
         self.hooks = RequestHooks(plugins)
         self.started_at = time.time()
+        self._vocab_size: int | None | bool = False  # False: not looked up yet
         # --max-concurrent-requests: every generation (/generate, generate, generate_stream) holds a slot
         self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests,
                                    settings.queue_timeout)
@@ -184,10 +187,10 @@ class Router:
             self.upstream = UpstreamPool(connect_timeout=self.settings.connect_timeout)
         if self.session is None:
             # The control plane's long-lived pool (health checks, broadcasts, plugin calls). No total
-            # timeout by default: weight updates take as long as they take; dead workers fail on connect.
+            # timeout (--request-timeout bounds generations only): weight updates take as long as they take;
+            # dead workers fail on connect.
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-            timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout,
-                                            sock_connect=self.settings.connect_timeout)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout)
             self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                                  skip_auto_headers=("User-Agent",),
                                                  json_serialize=lambda o: orjson.dumps(o).decode())
@@ -325,6 +328,7 @@ class Router:
         """
         assert self.upstream is not None, "router not started"
         content_type = JSON_CT
+        timeout = self.settings.request_timeout
         while True:
             worker = self.select(ctx)
             t = time.perf_counter()
@@ -334,15 +338,28 @@ class Router:
                     status, data, content_type = await self._control(method, worker.url + ctx.upstream_path,
                                                                      payload)
                 elif stream:
-                    reply = await self.upstream.stream(worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
+                    opening = self.upstream.stream(worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
+                    reply = await (asyncio.wait_for(opening, timeout) if timeout else opening)
                     status = reply.status
                     if status < 400:
                         ctx.timings["upstream_headers"] = time.perf_counter() - t
                         return status, b"", reply, worker, content_type
                     data = await reply.read()
                 else:
-                    status, data = await self.upstream.post(
-                        worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
+                    posting = self.upstream.post(worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
+                    status, data = await (asyncio.wait_for(posting, timeout) if timeout else posting)
+            except asyncio.TimeoutError as e:
+                if method is not None:  # the control plane's own (aiohttp) timeouts: as unreachable
+                    worker.release()
+                    await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
+                    continue
+                # a generation that outlived --request-timeout: its connection is closed (the worker aborts it);
+                # not retried (a second worker would be given the same long generation)
+                worker.release()
+                self.worker_failed(ctx, worker, e)
+                raise HTTPError(504, f"Worker {worker.url} did not answer within {timeout:g} s (--request-timeout); "
+                                     f"the generation was aborted on the worker.", type="upstream_error",
+                                code="upstream_timeout") from None
             except CONNECTION_ERRORS as e:
                 worker.release()
                 await self._retry_or_raise(ctx, worker, None, e, self._unreachable(worker, e))
@@ -401,8 +418,33 @@ class Router:
         status, data, _, worker, content_type = await self._send(ctx, payload, False, method)
         return status, data, content_type, worker
 
-    def stream_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
-        """A worker broke a stream after it began: too late to retry, but it counts as a failure."""
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary size (with added tokens) when one is registered: replies are checked
+        against it."""
+        if self._vocab_size is False:
+            tok = self.registry.find(TOKENIZER)
+            self._vocab_size = len(tok) if tok is not None else None
+        return self._vocab_size
+
+    def read_reply(self, ctx: RequestContext, worker: Worker, data: bytes) -> Any:
+        """A worker's 200 /generate reply, parsed and checked (``sglang.reply_problem``): an unusable one --
+        not JSON, an error, ids that disagree with their logprobs or lie outside the vocabulary -- counts as the
+        worker's failure and is answered 502, before any plugin (the trajectory cache) sees it."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            problem: str | None = f"the reply is not valid JSON ({e})"
+        else:
+            problem = reply_problem(obj, self.vocab_size())
+            if problem is None:
+                return obj
+        self.worker_failed(ctx, worker, ValueError(problem))
+        raise HTTPError(502, f"Worker {worker.url} answered with an unusable reply: {problem}. Nothing was "
+                             f"recorded.", type="upstream_error", code="bad_worker_reply")
+
+    def worker_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
+        """A worker failed after it answered (a broken or truncated stream, an unusable reply, a timeout): not
+        retried, but it counts as a failure (``upstream_failed`` hooks: the circuit breaker, metrics)."""
         worker.failures += 1
         if self.hooks.upstream_failed:
             self.hooks.upstream_failed(ctx=ctx, worker=worker, status=None, error=error)
@@ -425,9 +467,9 @@ class Router:
             await admission.wait()
         try:
             await self.run_pre_request(ctx)
-            _, data, _ = await self.send_json(ctx, orjson.dumps(ctx.body))
+            _, data, worker = await self.send_json(ctx, orjson.dumps(ctx.body))
             ctx.raw_response = data
-            return await self.run_post_response(ctx, orjson.loads(data))
+            return await self.run_post_response(ctx, self.read_reply(ctx, worker, data))
         finally:
             admission.release()
 
@@ -453,6 +495,7 @@ class Router:
             try:
                 async for obj in iter_sse(resp):
                     if obj is None:
+                        completed = True
                         break
                     if self.hooks.stream_chunk:
                         pending = self.hooks.stream_chunk(ctx=ctx, chunk=obj)
@@ -463,9 +506,13 @@ class Router:
                         ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                     ctx.sent_to_client = True
                     yield obj
-                completed = True
+                if not completed:  # the worker closed the stream without its [DONE]
+                    truncated = ConnectionError("the stream ended without its final data: [DONE] event")
+                    self.worker_failed(ctx, worker, truncated)
+                    yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {truncated}",
+                                     "type": "upstream_error"}}
             except CONNECTION_ERRORS as e:
-                self.stream_failed(ctx, worker, e)
+                self.worker_failed(ctx, worker, e)
                 yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
                                  "type": "upstream_error"}}
             finally:

@@ -207,7 +207,7 @@ class Settings:
     max_queued_requests: int = 1024  # beyond the limit, how many wait for a slot (then 429)
     queue_timeout: float = 30.0  # seconds a request may wait in that queue (then 429)
     connect_timeout: float = 5.0
-    request_timeout: float | None = None  # None: generations may take as long as they take
+    request_timeout: float | None = None  # --request-timeout; None: generations may take as long as they take
     # access control (slime_router_core/access.py); the keys are never shown (repr, logs, errors)
     api_key: str | None = field(default=None, repr=False)  # data plane: Authorization: Bearer <key>
     admin_api_key: str | None = field(default=None, repr=False)  # state-changing routes

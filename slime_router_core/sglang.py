@@ -1,4 +1,4 @@
-"""Reading SGLang /generate replies the same way everywhere (see shared/sglang-worker-api.md).
+"""Reading SGLang /generate replies the same way everywhere.
 
 SGLang has three streaming behaviours (text / ids / logprobs each cumulative or delta depending on
 the version and a server flag) and a few reply quirks; these helpers hide them.
@@ -109,3 +109,41 @@ def merge_stream(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     if "index" in last:
         out["index"] = last["index"]
     return out
+
+
+def reply_problem(obj: Any, vocab_size: int | None = None) -> str | None:
+    """What makes a /generate reply (one object, or a batch list) unusable, or None: not a JSON object, an
+    ``error`` instead of a generation, output ids that disagree with their logprobs, ids outside the vocabulary.
+
+    ``output_ids`` may carry prompt tokens before the generated ones (SGLang 0.5.1-0.5.4, #10896): it must *end*
+    with the ids of ``output_token_logprobs``.
+    """
+    for k, one in enumerate(obj if isinstance(obj, list) and obj else [obj]):
+        where = f"reply[{k}]" if isinstance(obj, list) else "the reply"
+        if not isinstance(one, dict):
+            return f"{where} is not a JSON object"
+        if "error" in one and "text" not in one and "output_ids" not in one:
+            err = one["error"]
+            return f"{where} is an error: {err.get('message', err) if isinstance(err, dict) else err}"
+        meta = one.get("meta_info")
+        if meta is not None and not isinstance(meta, dict):
+            return f"{where}: meta_info is not an object"
+        ids = one.get("output_ids")
+        if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+            return f"{where}: output_ids is not a list of integers"
+        triples = (meta or {}).get("output_token_logprobs")
+        lp_ids: list[int] = []
+        if triples is not None:
+            if not isinstance(triples, list) or not all(isinstance(t, list) and len(t) >= 2 and type(t[1]) is int
+                                                        for t in triples):
+                return f"{where}: output_token_logprobs is not a list of [logprob, token id, ...] entries"
+            lp_ids = [t[1] for t in triples]
+            if ids is not None and (len(lp_ids) > len(ids) or (lp_ids and ids[len(ids) - len(lp_ids):] != lp_ids)):
+                return (f"{where}: output_ids ({len(ids)} tokens) and output_token_logprobs ({len(lp_ids)} "
+                        f"entries) disagree")
+        if vocab_size is not None:
+            for seq in (ids, lp_ids):
+                if seq and (min(seq) < 0 or max(seq) >= vocab_size):  # min/max: C loops, on every reply
+                    bad = next(t for t in seq if not 0 <= t < vocab_size)
+                    return f"{where}: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})"
+    return None

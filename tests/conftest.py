@@ -160,6 +160,14 @@ SLOW_TESTS = {
     "test_openapi_plugins.py::test_chat_body_model_accepts_what_the_parser_accepts",
     "test_openapi_plugins.py::test_completion_body_model_accepts_what_the_parser_accepts",
     "test_openapi_plugins.py::test_retrieve_body_model_accepts_what_the_parser_accepts",
+    # the fuzz over every route (its hand-written cases stay fast), the full key x route matrix
+    "test_fuzz.py::test_no_route_answers_5xx_or_changes_state_on_fuzzed_input",
+    "test_access.py::test_every_route_times_every_key",
+    # held by design: workers with 1 s latency, queue timeouts, a worker that hangs until --request-timeout
+    "test_overload.py::test_a_client_leaving_the_queue_frees_its_place",
+    "test_overload.py::test_bounded_limit_and_queue_serve_24_of_40_and_refuse_16_with_retry_after",
+    "test_overload.py::test_openai_routes_take_slots_through_router_generate",
+    "test_overload.py::test_a_stream_holds_its_slot_until_it_ends",
 }
 
 

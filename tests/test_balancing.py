@@ -226,7 +226,9 @@ async def test_cache_aware_keeps_conversations_sticky_and_balanced(router, mock_
     assert len(by_conv) == 50
     assert all(len(urls) == 1 for urls in by_conv.values()), {k: v for k, v in by_conv.items() if len(v) > 1}
     per_worker = [sum(1 for urls in by_conv.values() if w.url in urls) for w in workers]
-    assert sorted(per_worker) == [12, 12, 13, 13], per_worker  # first turns spread by least-in-flight
+    # first turns spread by least-in-flight: exactly even when all 50 are chosen before any answer comes back,
+    # within a few when a loaded machine lets early answers (and sticky next turns) interleave
+    assert sum(per_worker) == 50 and max(per_worker) - min(per_worker) <= 4, per_worker
     ps = state(r)["policy_stats"]
     assert ps["affinity_routed"] == 200 and ps["overload_fallbacks"] == 0
 

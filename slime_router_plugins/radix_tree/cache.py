@@ -27,6 +27,7 @@ from typing import Any
 from slime_router_core import HTTPError
 from slime_router_core.tokenizers import bytes_to_unicode
 
+from .persist import Persistence, tokenizer_fingerprint
 from .trie import DEFAULT_MAX_TOKENS, Match, RateLimit, StringRadixTrie, bound_mb, max_record_tokens
 
 log = logging.getLogger("slime_router.radix_tree")
@@ -485,7 +486,8 @@ class TrajectoryCache:
     The contract's methods are async; the ``*_sync`` ones do the same work on the calling thread (the cache
     process of ``--radix-tree-process``, tests, benchmarks)."""
 
-    def __init__(self, tokenizer: Any, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
+    def __init__(self, tokenizer: Any, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False,
+                 snapshot: str | None = None, snapshot_interval: float = 300.0, journal_interval: float = 1.0
                  ) -> None:
         self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)
@@ -509,6 +511,11 @@ class TrajectoryCache:
         self.retrievals_after_eviction = 0  # retrievals that went on into removed text, and its generated tokens
         self.retrievals_after_eviction_generated_tokens = 0
         self._lock = threading.Lock()
+        self.persist: Persistence | None = None  # --cache-snapshot: snapshot + write-ahead journal (persist.py)
+        if snapshot:
+            self.persist = Persistence(self.tree, snapshot, tokenizer_fingerprint(tokenizer),
+                                       snapshot_interval=snapshot_interval, journal_interval=journal_interval)
+        self._started = False
 
     # --- prepare ------------------------------------------------------------------------------
 
@@ -802,10 +809,24 @@ class TrajectoryCache:
         """Nothing to fetch: ``stats()`` is always current here."""
 
     async def start(self) -> None:
-        pass
+        """With a snapshot path: restore the snapshot and replay its journal, then start journaling."""
+        if self.persist is not None and not self._started:
+            await asyncio.to_thread(self.start_sync)
 
     async def close(self) -> None:
-        pass
+        """With a snapshot path: commit the journal and write the snapshot."""
+        if self.persist is not None:
+            await asyncio.to_thread(self.close_sync)
+
+    def start_sync(self) -> None:
+        if self.persist is not None and not self._started:
+            self._started = True
+            self.persist.restore()
+            self.persist.start()
+
+    def close_sync(self) -> None:
+        if self.persist is not None and self._started:
+            self.persist.close()
 
     def stats(self) -> dict:
         t = self.tree
@@ -845,4 +866,5 @@ class TrajectoryCache:
             "gc_removed_unretrieved_generated_tokens": gc_lost_gen,
             "retrievals_after_eviction": self.retrievals_after_eviction,
             "retrievals_after_eviction_generated_tokens": self.retrievals_after_eviction_generated_tokens,
+            **({"persistence": self.persist.stats()} if self.persist is not None else {}),
         }

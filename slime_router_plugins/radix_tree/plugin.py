@@ -61,6 +61,10 @@ LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs", "output_top_log
                 "output_token_ids_logprobs", "input_token_ids_logprobs")
 
 
+def _commit_interval(v: float) -> str | None:
+    return None if 0.001 <= v <= 1.0 else "must be between 0.001 and 1 (seconds a crash may lose)"
+
+
 @dataclass(frozen=True)
 class RadixTreeConfig(PluginConfig):
     flag_prefix = "--radix-tree-"
@@ -75,6 +79,20 @@ class RadixTreeConfig(PluginConfig):
                             "older ones are garbage-collected when a new version appears.")
     process: bool = option(False, help="Run the trajectory cache (tokenizer, tree, alignment) in its own process, "
                                        "on another core than the router's HTTP work. Needs --hf-checkpoint.")
+    snapshot: str | None = option(
+        None, flag="--cache-snapshot", aliases=("--radix-tree-snapshot",),
+        help="Keep the trajectory cache across restarts and crashes: restore this snapshot file and replay its "
+             "write-ahead journal (PATH.journal) at start; write the snapshot atomically on shutdown and every "
+             "--cache-snapshot-interval seconds. A crash (kill -9) loses at most the last --cache-journal-interval. "
+             "An unusable snapshot (corrupt, truncated, another format or tokenizer) is moved to PATH.bad-<time> "
+             "and the cache starts empty.")
+    snapshot_interval: float = option(
+        300.0, flag="--cache-snapshot-interval", check=at_least(1),
+        help="Seconds between snapshots with --cache-snapshot (each one also restarts the journal).")
+    journal_interval: float = option(
+        1.0, flag="--cache-journal-interval", check=_commit_interval,
+        help="Seconds between journal commits (one write + fsync for all records since the last; at most 1) with "
+             "--cache-snapshot: what a crash can lose.")
 
 
 @hookimpl
@@ -98,13 +116,17 @@ def register_components(registry: ComponentRegistry, router: Router) -> None:
     config = s.config(RadixTreeConfig)
     max_size, gc_k, verbose = config.max_size, config.gc_k, s.verbose
     cache: TrajectoryCacheContract
+    persist: dict[str, Any] = {}
+    if config.snapshot:
+        persist = {"snapshot": config.snapshot, "snapshot_interval": config.snapshot_interval,
+                   "journal_interval": config.journal_interval}
     if config.process:
         if not s.hf_checkpoint:
             raise ValueError("--radix-tree-process needs --hf-checkpoint (the cache process loads the tokenizer "
                              "itself)")
-        cache = CacheProcessClient(str(s.hf_checkpoint), max_size=max_size, gc_k=gc_k, verbose=verbose)
+        cache = CacheProcessClient(str(s.hf_checkpoint), max_size=max_size, gc_k=gc_k, verbose=verbose, **persist)
     else:
-        cache = TrajectoryCache(registry.get(TOKENIZER), max_size=max_size, gc_k=gc_k, verbose=verbose)
+        cache = TrajectoryCache(registry.get(TOKENIZER), max_size=max_size, gc_k=gc_k, verbose=verbose, **persist)
     registry.register(TRAJECTORY_CACHE, cache, owner="radix_tree")
     log.info("radix_tree: trajectory cache bound %s tokens (~%s at ~%d bytes per token; "
              "--radix-tree-max-size); a request adding more than %s tokens is passed through unrecorded",

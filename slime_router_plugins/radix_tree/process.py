@@ -99,13 +99,19 @@ class CacheProcessClient(asyncio.Protocol):
     ``CacheUnavailable`` and the plugin passes requests through unrecorded.
     """
 
-    def __init__(self, checkpoint: str, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False
+    def __init__(self, checkpoint: str, max_size: int = DEFAULT_MAX_TOKENS, gc_k: int = 5, verbose: bool = False,
+                 snapshot: str | None = None, snapshot_interval: float = 300.0, journal_interval: float = 1.0
                  ) -> None:
         self.max_record_tokens = max_record_tokens(max_size)
         self.args = [sys.executable, "-m", "slime_router_plugins.radix_tree.process",
                      "--checkpoint", str(checkpoint), "--max-size", str(max_size), "--gc-k", str(gc_k)]
         if verbose:
             self.args.append("--verbose")
+        # --cache-snapshot: the child restores, journals and snapshots the cache it owns
+        self.snapshot = os.path.abspath(snapshot) if snapshot else None
+        if self.snapshot:
+            self.args += ["--snapshot", self.snapshot, "--snapshot-interval", str(snapshot_interval),
+                          "--journal-interval", str(journal_interval)]
         self.proc: subprocess.Popen | None = None
         self.transport: asyncio.Transport | None = None
         self._ids = itertools.count(1)
@@ -134,8 +140,8 @@ class CacheProcessClient(asyncio.Protocol):
         await loop.create_unix_connection(lambda: self, sock=parent)
         ready = loop.create_future()
         self._waiting[0] = ready
-        try:
-            self._stats = await asyncio.wait_for(ready, 120)
+        try:  # restoring a large snapshot takes longer than loading the tokenizer
+            self._stats = await asyncio.wait_for(ready, 600 if self.snapshot else 120)
         except BaseException:
             await self._stop_child()
             raise
@@ -153,9 +159,10 @@ class CacheProcessClient(asyncio.Protocol):
             self.transport = None
         proc, self.proc = self.proc, None
         if proc is not None:
-            try:
-                await asyncio.to_thread(proc.wait, 10)
+            try:  # with --cache-snapshot the child writes its snapshot before it exits: give it the time
+                await asyncio.to_thread(proc.wait, 600 if self.snapshot else 10)
             except subprocess.TimeoutExpired:
+                log.error("radix_tree: the trajectory cache process %d did not exit in time; killed", proc.pid)
                 proc.kill()
 
     async def _restart(self) -> None:
@@ -190,8 +197,9 @@ class CacheProcessClient(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(CacheUnavailable(self._failure))
         if 0 not in waiting:  # died while serving (not during start-up, whose caller sees the error)
-            log.error("radix_tree: %s; its records are lost. Restarting it; requests pass through unrecorded "
-                      "meanwhile.", self._failure)
+            log.error("radix_tree: %s; %s. Restarting it; requests pass through unrecorded meanwhile.",
+                      self._failure, "it restores its snapshot and journal (the records of its last journal commit "
+                      "interval are lost)" if self.snapshot else "its records are lost")
             if self._restart_task is None or self._restart_task.done():
                 self._restart_task = asyncio.get_running_loop().create_task(self._restart())
 
@@ -359,26 +367,47 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-size", type=int, required=True)
     ap.add_argument("--gc-k", type=int, required=True)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--snapshot", default=None)
+    ap.add_argument("--snapshot-interval", type=float, default=300.0)
+    ap.add_argument("--journal-interval", type=float, default=1.0)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s [cache process]: %(message)s")
+    logging.getLogger("slime_router.radix_tree.persist").setLevel(logging.INFO)
+    if a.snapshot:  # the router ends this process by closing the socket (after which the snapshot is written)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from slime_router_core.tokenizers import load_tokenizer
 
     from .cache import TrajectoryCache
 
     sock = socket.socket(fileno=a.fd)
-    cache = TrajectoryCache(load_tokenizer(a.checkpoint), max_size=a.max_size, gc_k=a.gc_k, verbose=a.verbose)
-    import gc
-
-    gc.collect()
-    gc.freeze()
+    cache = TrajectoryCache(load_tokenizer(a.checkpoint), max_size=a.max_size, gc_k=a.gc_k, verbose=a.verbose,
+                            snapshot=a.snapshot, snapshot_interval=a.snapshot_interval,
+                            journal_interval=a.journal_interval)
+    code = 0
     try:
+        cache.start_sync()  # restore the snapshot and the journal (before answering "ready")
+        import gc
+
+        gc.collect()
+        gc.freeze()
         serve(sock, cache)
     except (BrokenPipeError, ConnectionResetError):
         pass
+    except Exception:
+        log.exception("radix_tree process: failed")
+        code = 1
     finally:
         sock.close()
-        os._exit(0)
+        try:
+            cache.close_sync()  # the final snapshot
+        except Exception:
+            log.exception("radix_tree process: writing the trajectory cache snapshot failed")
+            code = 1
+        os._exit(code)
 
 
 if __name__ == "__main__":

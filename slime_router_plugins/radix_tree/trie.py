@@ -65,7 +65,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from operator import sub as _sub
 from typing import Any
 
@@ -351,6 +351,8 @@ class StringRadixTrie:
         self._loss_warning = RateLimit()
         self.removed_index: dict[int, tuple[str, int, int, str]] = {}  # see REMOVED_INDEX_SIZE
         self.inserts = 0
+        # called under the lock with the redo record of every insert that is applied (persist.py's journal)
+        self.journal: Callable[[tuple], None] | None = None
 
     # --- versions -----------------------------------------------------------------------------
 
@@ -599,6 +601,12 @@ class StringRadixTrie:
         with self.lock:
             if anchor is not None and not anchor.valid():
                 return False
+            journal = self.journal
+            if journal is not None:  # the redo record (``redo``): the anchor as (tokens, chain end, position).
+                # The lists are kept by reference (the insert never changes them; pickled by the journal writer)
+                markers = list(markers)
+                journal((text, anchor.carry if anchor is not None else 0, cs0, anchor.pos if anchor is not None else 0,
+                         ids, widths, lps, list(mv_prefix), list(runs), markers, worker))
             before = len(self.vtable)
             mv_all = list(mv_prefix)
             rec_version = max(mv_all) >> 1 if mv_all else -1
@@ -1298,6 +1306,83 @@ class StringRadixTrie:
                     e = idx.get(hash((q[:b], q[b:b + 1]))) if e[1] else None
                 return m.query_pos + at - c, gen, reason
         return None
+
+    # --- persistence (persist.py) ------------------------------------------------------------
+
+    _NODE_FIELDS = ("text", "ids", "widths", "first", "last", "logp", "mv", "stamp", "version", "worker", "tails",
+                    "terminal", "stops", "retrieved")
+    _TREE_FIELDS = ("size", "node_count", "vtable", "evictions", "evicted_tokens", "gc_runs", "gc_removed_tokens",
+                    "evicted_unretrieved", "gc_removed_unretrieved", "removed_index", "inserts")
+
+    def export_state(self) -> dict:
+        """A copy of the whole tree as plain data (nodes in pre-order with their parent's index; arrays copied).
+        Call under the lock for a consistent cut; the copy is cheap (array copies), pickling it is not."""
+        with self.lock:
+            nodes: list[tuple] = []
+            stack: list[tuple[Node, int]] = [(ch, 0) for ch in (self.root.children or {}).values()]
+            while stack:
+                n, parent = stack.pop()
+                nodes.append((parent, n.text, n.ids[:], n.widths[:], n.first, n.last, n.logp[:], n.mv[:], n.stamp,
+                              n.version, n.worker, dict(n.tails) if n.tails else None, n.terminal,
+                              set(n.stops) if n.stops else None, n.retrieved))
+                if n.children:
+                    me = len(nodes)  # the root is index 0, this node len(nodes)
+                    stack.extend((ch, me) for ch in n.children.values())
+            state = {f: getattr(self, f) for f in self._TREE_FIELDS}
+            state["vtable"] = list(self.vtable)
+            state["evicted_unretrieved"] = list(self.evicted_unretrieved)
+            state["gc_removed_unretrieved"] = list(self.gc_removed_unretrieved)
+            state["removed_index"] = dict(self.removed_index)
+            state["root"] = (self.root.stamp, self.root.version, self.root.worker)
+            state["clock"] = max([self.root.stamp, *(x[8] for x in nodes)]) + 1
+            state["nodes"] = nodes
+            return state
+
+    def import_state(self, state: dict) -> None:
+        """Replace the tree's contents with ``export_state``'s data (bounds and gc_k stay this tree's)."""
+        with self.lock:
+            self.root = root = Node("", None)
+            root.stamp, root.version, root.worker = state["root"]
+            made = [root]
+            for rec in state["nodes"]:
+                parent = made[rec[0]]
+                n = Node(rec[1], parent)
+                (n.ids, n.widths, n.first, n.last, n.logp, n.mv, n.stamp, n.version, n.worker, n.tails, n.terminal,
+                 n.stops, n.retrieved) = rec[2:]
+                if parent.children is None:
+                    parent.children = {}
+                parent.children[n.text[:1]] = n
+                made.append(n)
+            for f in self._TREE_FIELDS:
+                setattr(self, f, state[f])
+            self.vindex = {v: i for i, v in enumerate(self.vtable)}
+            self._clock = itertools.count(state["clock"])
+            self._rebuild_heap()
+
+    def redo(self, rec: tuple) -> bool:
+        """Apply a journal record (what ``journal`` was given by ``insert_raw``) to this tree. An insert that
+        continued an anchored chain is applied after the same anchor when the tree holds it (it does when the
+        records are replayed in order onto the state they were made on), else as the whole chain; False when the
+        chain it continued is not here (nothing done)."""
+        text, carry, chain_end, pos, ids, widths, lps, mv_prefix, runs, markers, worker = rec
+        ids, widths, lps, mv_prefix = list(ids), list(widths), list(lps), list(mv_prefix)
+        if not carry:
+            return self.insert_raw(None, text, ids, widths, lps, mv_prefix, runs, markers, worker)
+        with self.lock:
+            m = self.match(text, touch=False)
+            a = m.anchor
+            if a is not None and (a.carry, a.chain_end, a.pos) == (carry, chain_end, pos):
+                if self.insert_raw(a, text, ids, widths, lps, mv_prefix, runs, markers, worker):
+                    return True
+            if len(m.raw_ids) < carry or m.skipped:
+                return False
+            pw = m.raw_widths[1:carry + 1]
+            if sum(pw) != chain_end or m.canonical[:chain_end] != text[:chain_end]:
+                return False
+            pre_mv = m.raw_mv[:carry]
+            return self.insert_raw(None, text, m.raw_ids[:carry].tolist() + list(ids), pw + list(widths),
+                                   m.raw_logp[:carry].tolist() + list(lps), pre_mv + list(mv_prefix), runs,
+                                   markers, worker)
 
     # --- introspection ------------------------------------------------------------------------
 
