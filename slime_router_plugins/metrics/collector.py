@@ -406,6 +406,7 @@ class MetricsState:
             out["openai_compat"] = openai  # incl. history_rewritten / rewritten_turns (templates rewriting history)
         out["workers"] = self.worker_details()
         out["requests"] = self.request_summary()
+        out["admission"] = self.router.admission.stats()
         out["weight_versions"] = dict(self.weight_versions.items())
         out["uptime_s"] = round(time.time() - self.started_at, 3)
         return out
@@ -478,10 +479,26 @@ class RouterCollector:
                               f"recent {s.weight_versions.max_values} versions; older ones as 'other').",
                               "version", s.weight_versions.items())
         yield from self.collect_workers()
+        yield from self.collect_admission()
         yield from self.collect_cache()
         yield from self.collect_audit()
         yield from self.collect_openai()
         yield GaugeMetricFamily(P + "start_time_seconds", "Unix time the router started.", value=s.started_at)
+
+    def collect_admission(self) -> Iterator[Metric]:
+        """--max-concurrent-requests: generations held and queued, and the 429s by reason."""
+        P = PREFIX
+        a = self.state.router.admission.stats()
+        yield GaugeMetricFamily(P + "admission_in_flight", "Generations holding a --max-concurrent-requests slot.",
+                                value=a["in_flight"])
+        yield GaugeMetricFamily(P + "admission_queued", "Generations waiting for a slot.", value=a["queued"])
+        yield GaugeMetricFamily(P + "admission_limit", "--max-concurrent-requests (0: unlimited).",
+                                value=a["max_concurrent_requests"])
+        rejected = CounterMetricFamily(P + "admission_rejected", "Generations answered 429 (queue full, or waited "
+                                       "longer than --queue-timeout).", labels=["reason"])
+        rejected.add_metric(["queue_full"], a["rejected_queue_full"])
+        rejected.add_metric(["queue_timeout"], a["rejected_queue_timeout"])
+        yield rejected
 
     def collect_workers(self) -> Iterator[Metric]:
         P = PREFIX

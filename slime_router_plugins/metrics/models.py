@@ -57,6 +57,8 @@ class MetricsSnapshot(BaseModel):
     workers: dict[str, dict[str, Any]] = Field(description="Per worker URL: the balancing plugin's stats when it "
                                                            "is loaded (GET /workers/state), else the pool's")
     requests: RequestSummary
+    admission: dict[str, float] = Field(description="Generations in flight and queued, refused (429) by reason, "
+                                                    "and the --max-concurrent-requests limits (0: unlimited)")
     weight_versions: dict[str, int] = Field(description="Reply objects per weight version (bounded: the oldest "
                                                         "are counted as 'other')")
     uptime_s: float
