@@ -205,9 +205,7 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     port = sock.getsockname()[1]  # --port 0: the port the system chose
     settings = Settings(host=host, port=port, worker_urls=urls, hf_checkpoint=hf_checkpoint, verbose=verbose,
                         max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts),
-                        **{k: v for k, v in _.items() if k in PASSED_TO_SETTINGS})
-    for name, value in access.items():  # --api-key, --admin-api-key, --worker-allowlist
-        setattr(settings, name, value)
+                        **{k: v for k, v in _.items() if k in PASSED_TO_SETTINGS}, **access)
     procs = []
     if demo:
         from slime_router_testing import start_mock_worker_process, wait_http

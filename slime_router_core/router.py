@@ -12,6 +12,7 @@ There is one select-and-retry loop (``Router._send``); the core's forwarded work
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -175,7 +176,6 @@ class Router:
         self.on_close: list[Any] = []  # sync callables run at shutdown (e.g. stop the demo's workers)
         self.hooks = RequestHooks(plugins)
         self.started_at = time.time()
-        self._vocab_size: int | None | bool = False  # False: not looked up yet
         # --max-concurrent-requests: every generation (/generate, generate, generate_stream) holds a slot
         self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests,
                                    settings.queue_timeout)
@@ -418,13 +418,12 @@ class Router:
         status, data, _, worker, content_type = await self._send(ctx, payload, False, method)
         return status, data, content_type, worker
 
+    @functools.cached_property
     def vocab_size(self) -> int | None:
-        """The tokenizer's vocabulary size (with added tokens) when one is registered: replies are checked
-        against it."""
-        if self._vocab_size is False:
-            tok = self.registry.find(TOKENIZER)
-            self._vocab_size = len(tok) if tok is not None else None
-        return self._vocab_size
+        """The tokenizer's vocabulary size (with added tokens) when one is registered: token ids are checked
+        against it (read on first use, after start-up registered the components)."""
+        tok = self.registry.find(TOKENIZER)
+        return len(tok) if tok is not None else None
 
     def read_reply(self, ctx: RequestContext, worker: Worker, data: bytes) -> Any:
         """A worker's 200 /generate reply, parsed and checked (``sglang.reply_problem``): an unusable one --
@@ -435,7 +434,7 @@ class Router:
         except orjson.JSONDecodeError as e:
             problem: str | None = f"the reply is not valid JSON ({e})"
         else:
-            problem = reply_problem(obj, self.vocab_size())
+            problem = reply_problem(obj, self.vocab_size)
             if problem is None:
                 return obj
         self.worker_failed(ctx, worker, ValueError(problem))

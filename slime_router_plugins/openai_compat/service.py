@@ -122,7 +122,6 @@ class OpenAIService:
         self.store = HistoryStore(config.history_size)
         self.renderer = Renderer(self.tokenizer, self.store, self.history_mode)
         self.token_text = TokenText(self.tokenizer)
-        self.vocab_size = len(self.tokenizer)  # with the added (special) tokens
         self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
                                  recorded=0, not_recorded_incomplete=0, not_recorded_too_large=0, record_errors=0,
                                  retrievals=0,
@@ -490,10 +489,11 @@ class OpenAIService:
             ids, prepared = await self.tokenize(prompt)
         else:  # token ids: sent as they are; recorded when the cache can line ids up with text
             ids, prepared = list(prompt), None
-            bad_id = next((k for k, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+            vocab = self.router.vocab_size  # the tokenizer is a required component: never None here
+            bad_id = next((k for k, t in enumerate(ids) if not 0 <= t < vocab), None)
             if bad_id is not None:
                 raise bad(f"Invalid 'prompt': prompt[{bad_id}] = {ids[bad_id]} is outside the model's vocabulary "
-                          f"(token ids 0 to {self.vocab_size - 1}).", "prompt")
+                          f"(token ids 0 to {vocab - 1}).", "prompt")
             cache = self.cache
             if cache is not None:
                 try:
