@@ -1,6 +1,7 @@
 """Paired A/B under load: this checkout against an earlier commit.
 
     python -m bench.ab --baseline HEAD~3 --rounds 6
+    python -m bench.ab --baseline HEAD --modes in-process --this-flags "--cache-snapshot {tmp}/{mode}.snap"
 
 Exports the baseline commit (``git archive``) to a temporary directory, starts the router from both source trees
 side by side in front of one fake worker (nginx when installed) in each mode -- pass-through (no plugins; one
@@ -54,10 +55,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     ap.add_argument("--max-size", type=int, default=DEFAULT_MAX_TOKENS, help="--radix-tree-max-size for both")
+    ap.add_argument("--this-flags", default="", help="extra router flags for this checkout only, e.g. "
+                    "'--cache-snapshot {tmp}/c.snap' ({tmp}: a fresh temporary directory) to measure a flag's cost")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     a = ap.parse_args()
     modes = {m: MODES[m] for m in a.modes.split(",")}
 
+    this_flags = a.this_flags.replace("{tmp}", tempfile.mkdtemp(prefix="ab-this-")).split()
     base = export(a.baseline)
     trees = {"this": (ROOT, {}), "baseline": (base, {"PYTHONPATH": str(base)})}  # PYTHONPATH beats the install
     logdir = Path(tempfile.mkdtemp(prefix="ab-logs-"))
@@ -74,6 +78,8 @@ def main() -> None:
                        "--worker-url", fw.urls[1], *flags]
                 if "--hf-checkpoint" in flags:
                     cmd += ["--radix-tree-max-size", str(a.max_size)]
+                if tree == "this" and this_flags:
+                    cmd += [f.replace("{mode}", mode.replace(" ", "-")) for f in this_flags]
                 log = open(logdir / f"{tree}-{mode.replace(' ', '-')}.log", "wb")
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(root),
                                         env=dict(os.environ, PYTHONUNBUFFERED="1", **env_extra))

@@ -149,10 +149,12 @@ def bench_rates(rng: random.Random, sizes: list[int]) -> None:
               f"{insert:7.0f} inserts/s (with LRU eviction at the bound)")
 
 
-def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
+def bench_per_request(tok, trajectories: int, rng: random.Random, snapshot: str | None = None) -> None:
     enc = tok.backend_tokenizer.encode
-    cache = TrajectoryCache(tok, max_size=10_000_000)
-    print("\n4) per-request cache cost: prepare() + record() per turn, 10-turn chat trajectories, shared cache")
+    cache = TrajectoryCache(tok, max_size=10_000_000, snapshot=snapshot)
+    cache.start_sync()  # with a snapshot path: the journal is on (its writer thread runs meanwhile)
+    print("\n4) per-request cache cost: prepare() + record() per turn, 10-turn chat trajectories, shared cache"
+          + (f", journal on ({snapshot}.journal)" if snapshot else ""))
     print(f"   encoder: {getattr(cache.detok, 'encoder_name', 'hf tokenizers')}")
     user_msgs = ["Tell me about " + words(rng, 30) + " 你好世界 🤖 ok?" for _ in range(50)]
     replies = [words(rng, rng.randint(100, 250)) for _ in range(50)]
@@ -195,6 +197,13 @@ def bench_per_request(tok, trajectories: int, rng: random.Random) -> None:
           f"{statistics.mean(tot_r) * 1e6:.1f} us, "
           f"sum {(statistics.mean(tot_p) + statistics.mean(tot_r)) * 1e6:.1f} us")
     assert cache.retrieve_sync(prompt[:len(prompt) - 40])["exact_tokens"] > 0
+    if cache.persist is not None:
+        cache.persist.flush()
+        st = cache.persist.stats()
+        n = max(1, st["journal_records"])
+        print(f"   journal: {st['journal_records']:,} records, {st['journal_bytes'] / n:,.0f} bytes per record, "
+              f"{st['journal_text_chars'] / n:,.0f} characters of text per record")
+        cache.close_sync()
 
 
 def main() -> None:
@@ -202,6 +211,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only-per-request", action="store_true", help="run only section 4")
     ap.add_argument("--only-memory", action="store_true", help="run only section 2 (and 2b)")
+    ap.add_argument("--journal", action="store_true", help="section 4 once more with --cache-snapshot's journal on")
     args = ap.parse_args()
     rng = random.Random(0)
     if args.only_memory:
@@ -210,13 +220,23 @@ def main() -> None:
         return
     tok = load_tokenizer(BUILTIN_CHECKPOINT)
     if args.only_per_request:
-        bench_per_request(tok, 30 if args.quick else 100, rng)
+        per_request(tok, 30 if args.quick else 100, rng, args.journal)
         return
     bench_turns(tok, 3 if args.quick else 10, rng)
     bench_memory(rng, 100_000 if args.quick else 1_000_000)
     bench_memory_branches(rng, 100_000 if args.quick else 1_000_000)
     bench_rates(rng, [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
-    bench_per_request(tok, 30 if args.quick else 100, rng)
+    per_request(tok, 30 if args.quick else 100, rng, args.journal)
+
+
+def per_request(tok, trajectories: int, rng: random.Random, journal: bool) -> None:
+    seed = rng.random()
+    bench_per_request(tok, trajectories, random.Random(seed))
+    if journal:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            bench_per_request(tok, trajectories, random.Random(seed), snapshot=f"{d}/cache.snap")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,51 @@ def test_journal_replay_after_a_crash_is_exact(tok, tmp_path, caplog):
     asyncio.run(again.close())
 
 
+async def along_conversations(tok, cache, tag: str, turns: int, snapshot_at: int | None = None) -> list[str]:
+    """Interleaved conversations of ~600 characters per turn (long enough for the journal's text references)."""
+    texts, convs = [], [f"<|im_start|>system\nYou are agent {tag}{c}.<|im_end|>\n<|im_start|>user\n"
+                        f"{'Tell me a long story about rivers. ' * 8}<|im_end|>\n<|im_start|>assistant\n"
+                        for c in range(3)]
+    for turn in range(turns):
+        if turn == snapshot_at:
+            await asyncio.to_thread(cache.persist.snapshot)  # a new journal: references start again
+        for c in range(3):
+            p = await cache.prepare(convs[c])
+            out = f" Turn {turn} of {tag}{c}: " + "the river runs on and on, " * 20
+            assert await cache.record(p, reply(tok, out, "v1", 100 * c + turn), "w")
+            convs[c] += out
+            texts.append(convs[c])
+            convs[c] += f"<|im_end|>\n<|im_start|>user\nGo on ({turn}).<|im_end|>\n<|im_start|>assistant\n"
+    return texts
+
+
+@pytest.mark.parametrize("budget", [None, 1000])
+def test_journal_writes_a_turn_as_its_new_text_and_replays_exactly(tok, tmp_path, monkeypatch, budget):
+    """A turn that continues a conversation is journaled as a reference to the previous turn's record plus its new
+    text; replay rebuilds the whole text. With a reference budget too small to keep any text, every record is
+    written out whole, and replay is exact too."""
+    from slime_router_plugins.radix_tree import persist
+
+    if budget is not None:
+        monkeypatch.setattr(persist, "REF_BUDGET_CHARS", budget)
+    path = tmp_path / "cache.snap"
+    cache = new_cache(tok, path)
+    texts = asyncio.run(along_conversations(tok, cache, "a", 6, snapshot_at=3))
+    before = retrieve_all(cache, texts)
+    cache.persist.flush()
+    written, total = cache.persist.journal_text_chars, sum(len(t) for t in texts)
+    if budget is None:
+        assert written < total / 2, (written, total)  # each turn once, not the whole conversation again
+    else:
+        assert written >= total  # nothing referenced: every text whole
+    cache.persist.crash()
+    again = new_cache(tok, path)
+    assert again.persist.restored_records > 0
+    again.tree.check()
+    assert_exact(before, retrieve_all(again, texts))
+    asyncio.run(again.close())
+
+
 def test_journal_is_committed_by_the_writer_thread_within_the_interval(tok, tmp_path):
     path = tmp_path / "cache.snap"
     cache = new_cache(tok, path, journal_interval=0.05)

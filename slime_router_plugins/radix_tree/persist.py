@@ -12,8 +12,11 @@ Files (all beside PATH, on one file system):
   format, gen, fingerprint, time) | frames ``<u32 length><u32 CRC-32><records>``, one per commit, each record
   ``<u32 length><pickle of the redo record>``. A redo record is what ``StringRadixTrie.insert_raw`` was given, with
   the anchor as (tokens, chain end, position): the record's text and only its *new* tokens (ids, widths,
-  logprobs, mask/version runs, optional spans, worker). While a snapshot is being written the journal that
-  continues it is ``PATH.journal.<gen>``.
+  logprobs, mask/version runs, optional spans, worker). The text is written out only when it does not continue
+  the text of an earlier record of the same journal: a multi-turn record whose anchor position is where an
+  earlier record's text ends is written as ``(that record's number in the journal, the text after it)`` (format
+  2; a turn of a long conversation then costs its new text, not the whole conversation again). While a snapshot is
+  being written the journal that continues it is ``PATH.journal.<gen>``.
 
 Generations: a snapshot of generation g holds every record of the journals of generations < g; restoring loads
 the snapshot and replays the journals of generation >= g in order (so a crash at any point of a rotation neither
@@ -42,13 +45,15 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from .trie import StringRadixTrie
 
 log = logging.getLogger("slime_router.radix_tree.persist")
 
-FORMAT = 1
+SNAPSHOT_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2: records may reference an earlier record's text
 SNAP_MAGIC = b"SLRSNAP\n"
 JOURNAL_MAGIC = b"SLRJRNL\n"
 _U32 = struct.Struct("<I")
@@ -56,6 +61,13 @@ _FRAME = struct.Struct("<II")  # length, crc32
 PROTO = 5
 DEFAULT_SNAPSHOT_INTERVAL = 300.0
 DEFAULT_JOURNAL_INTERVAL = 1.0
+# A record's text is written as a reference to an earlier record's when its anchor is at least REF_MIN_CHARS in.
+# The writer keeps the texts it may reference (the last text of each live conversation: a referenced text is let go
+# of, the next turn references the new one) up to REF_BUDGET_CHARS characters, oldest dropped first (their next
+# turn is then written out whole).
+REF_MIN_CHARS = 256
+REF_TAIL = 32
+REF_BUDGET_CHARS = 32 << 20
 
 
 class Unusable(Exception):
@@ -96,20 +108,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _header(magic: bytes, header: dict) -> bytes:
+def _header(magic: bytes, fmt: int, header: dict) -> bytes:
     h = pickle.dumps(header, PROTO)
-    return magic + _U32.pack(FORMAT) + _U32.pack(len(h)) + h
+    return magic + _U32.pack(fmt) + _U32.pack(len(h)) + h
 
 
-def _read_header(f: Any, magic: bytes, fingerprint: str, what: str) -> dict:
+def _read_header(f: Any, magic: bytes, formats: tuple[int, ...], fingerprint: str, what: str) -> dict:
     head = f.read(len(magic) + 8)
     if len(head) < len(magic) + 8:
         raise Unusable(f"truncated: {len(head)} bytes, not even a header")
     if head[:len(magic)] != magic:
         raise Unusable(f"not a slime-router trajectory {what} (unknown magic bytes {head[:len(magic)]!r})")
     (fmt,) = _U32.unpack_from(head, len(magic))
-    if fmt != FORMAT:
-        raise Unusable(f"format version {fmt}; this router reads version {FORMAT}")
+    if fmt not in formats:
+        raise Unusable(f"format version {fmt}; this router reads version {' or '.join(map(str, formats))}")
     (hlen,) = _U32.unpack_from(head, len(magic) + 4)
     raw = f.read(hlen)
     if len(raw) < hlen:
@@ -136,7 +148,7 @@ def write_snapshot(path: str, state: dict, fingerprint: str, gen: int) -> int:
     an end frame with the node count: the router's threads run between chunks, and a cut file is seen as such."""
     nodes = state["nodes"]
     meta = {k: v for k, v in state.items() if k != "nodes"}
-    header = {"format": FORMAT, "gen": gen, "fingerprint": fingerprint, "time": time.time(),
+    header = {"format": SNAPSHOT_FORMAT, "gen": gen, "fingerprint": fingerprint, "time": time.time(),
               "tokens": state.get("size", 0), "nodes": len(nodes)}
     tmp = f"{path}.tmp-{os.getpid()}"
 
@@ -145,7 +157,7 @@ def write_snapshot(path: str, state: dict, fingerprint: str, gen: int) -> int:
         return _FRAME.pack(len(data), zlib.crc32(data)) + data
 
     with open(tmp, "wb") as f:
-        f.write(_header(SNAP_MAGIC, header))
+        f.write(_header(SNAP_MAGIC, SNAPSHOT_FORMAT, header))
         f.write(frame(meta))
         i, n = 0, len(nodes)
         while i < n:
@@ -167,7 +179,7 @@ def write_snapshot(path: str, state: dict, fingerprint: str, gen: int) -> int:
 def read_snapshot(path: str, fingerprint: str) -> tuple[int, dict]:
     """(generation, tree state); raises ``Unusable`` with the reason."""
     with open(path, "rb") as f:
-        header = _read_header(f, SNAP_MAGIC, fingerprint, "snapshot")
+        header = _read_header(f, SNAP_MAGIC, (SNAPSHOT_FORMAT,), fingerprint, "snapshot")
         objs: list[Any] = []
         while True:
             head = f.read(_FRAME.size)
@@ -203,7 +215,7 @@ def read_journal(path: str, fingerprint: str) -> tuple[int, list[list[tuple]], s
     """(generation, frames of redo records, why reading stopped before the end or None); raises ``Unusable``
     when the header cannot be used."""
     with open(path, "rb") as f:
-        header = _read_header(f, JOURNAL_MAGIC, fingerprint, "journal")
+        header = _read_header(f, JOURNAL_MAGIC, (JOURNAL_FORMAT,), fingerprint, "journal")
         data = f.read()
     frames: list[list[tuple]] = []
     pos, n = 0, len(data)
@@ -241,6 +253,30 @@ def _records(body: bytes) -> list[tuple]:
     return out
 
 
+def resolve_texts(frames: list[list[tuple]]) -> Iterator[tuple | None]:
+    """The redo records of one journal, in order, with every text reference replaced by the whole text (None for
+    a reference to a record this journal does not have). Keeps only the texts a later record references, each
+    until its reference (the writer references each at most once)."""
+    wanted = {rec[0][0] for frame in frames for rec in frame if type(rec[0]) is tuple}
+    kept: dict[int, str] = {}
+    seq = 0
+    for frame in frames:
+        for rec in frame:
+            text = rec[0]
+            if type(text) is tuple:
+                base = kept.pop(text[0], None)
+                if base is None:
+                    seq += 1
+                    yield None
+                    continue
+                text = base[:rec[3]] + text[1]
+                rec = (text, *rec[1:])
+            if seq in wanted:
+                kept[seq] = text
+            seq += 1
+            yield rec
+
+
 def set_aside(path: str, reason: str, what: str) -> str:
     """Rename an unusable file to ``<path>.bad-<UTC time>`` (never deleted); log why; returns the new name."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -271,6 +307,13 @@ class Persistence:
         self.journal_interval = min(1.0, max(0.001, float(journal_interval)))
         self.gen = 0
         self._buf: list[bytes] = []  # pickled redo records not committed yet
+        # the texts a record may reference: {number in the journal: text}, oldest first, and their numbers by
+        # (length, last REF_TAIL characters) (templated conversations share these: every candidate is compared)
+        self._texts: dict[int, str] = {}
+        self._by_end: dict[tuple[int, str], list[int]] = {}
+        self._text_chars = 0
+        self._seq = 0  # the number of the next record in the current journal
+        self.journal_text_chars = 0  # characters of text written out (referenced prefixes excluded)
         self.journal_errors = 0
         self._file: Any = None
         self._file_lock = threading.Lock()  # taken before the tree's lock, never after
@@ -368,12 +411,14 @@ class Persistence:
         try:
             for gen, j, frames, stop in journals:
                 done = skipped = 0
-                for frame in frames:
-                    for rec in frame:
-                        if tree.redo(rec):
-                            done += 1
-                        else:
-                            skipped += 1
+                for rec in resolve_texts(frames):
+                    if rec is None:
+                        skipped += 1  # it continued a text the journal does not have (cannot happen when written
+                        continue  # by _append; a hand-edited file)
+                    if tree.redo(rec):
+                        done += 1
+                    else:
+                        skipped += 1
                 self.restored_records += done
                 top = max(top, gen)
                 if stop is None:
@@ -410,8 +455,18 @@ class Persistence:
 
     def _append(self, rec: tuple) -> None:
         """The tree's journal hook (request path, under the tree lock): pickle, append; never raises."""
+        text, pos = rec[0], rec[3]
+        out, written = rec, len(text)
+        texts, by_end = self._texts, self._by_end
+        if pos >= REF_MIN_CHARS:  # the previous turn's text, when this record continues it where it ended
+            key = (pos, text[pos - REF_TAIL:pos])
+            for seq in by_end.get(key, ()):
+                if text.startswith(texts[seq]):
+                    self._forget(seq, key)
+                    out, written = ((seq, text[pos:]), *rec[1:]), len(text) - pos
+                    break
         try:
-            data = pickle.dumps(rec, PROTO)
+            data = pickle.dumps(out, PROTO)
         except Exception:
             self.journal_errors += 1
             if self.journal_errors == 1:
@@ -419,6 +474,30 @@ class Persistence:
                               "the next snapshot)")
             return
         self._buf.append(_U32.pack(len(data)) + data)
+        self.journal_text_chars += written
+        seq = self._seq
+        self._seq += 1
+        texts[seq] = text
+        by_end.setdefault((len(text), text[-REF_TAIL:]), []).append(seq)
+        self._text_chars += len(text)
+        while self._text_chars > REF_BUDGET_CHARS:
+            old = next(iter(texts))
+            self._forget(old, (len(texts[old]), texts[old][-REF_TAIL:]))
+
+    def _forget(self, seq: int, key: tuple[int, str]) -> None:
+        self._text_chars -= len(self._texts.pop(seq))
+        seqs = self._by_end[key]
+        seqs.remove(seq)
+        if not seqs:
+            del self._by_end[key]
+
+    def _new_journal(self) -> None:
+        """Records appended from now on go to a new journal (under the tree lock): numbered from 0, referencing
+        only each other."""
+        self._texts = {}
+        self._by_end = {}
+        self._text_chars = 0
+        self._seq = 0
 
     def _take(self) -> list[bytes]:
         """The records appended since the last call (under the tree lock: none is lost or taken twice)."""
@@ -463,14 +542,15 @@ class Persistence:
             with tree.lock:
                 t_lock = time.perf_counter()
                 pending = self._take() if not initial else []
+                self._new_journal()
                 state = tree.export_state()
                 t_export = time.perf_counter() - t_lock
             self._write(pending)  # the old journal holds them, in case the snapshot below does not get written
             gen = self.gen if initial else self.gen + 1
             nxt = f"{self.journal_path}.{gen}"
             f = open(nxt, "wb")
-            f.write(_header(JOURNAL_MAGIC, {"format": FORMAT, "gen": gen, "fingerprint": self.fingerprint,
-                                            "time": time.time()}))
+            f.write(_header(JOURNAL_MAGIC, JOURNAL_FORMAT, {"format": JOURNAL_FORMAT, "gen": gen,
+                                                            "fingerprint": self.fingerprint, "time": time.time()}))
             f.flush()
             os.fsync(f.fileno())
             _fsync_dir(nxt)
@@ -530,4 +610,5 @@ class Persistence:
         return {"path": self.path, "gen": self.gen, "journal_records": self.journal_records,
                 "journal_frames": self.journal_frames, "journal_bytes": self.journal_bytes,
                 "snapshots": self.snapshots, "last_snapshot": dict(self.last_snapshot),
-                "restored_records": self.restored_records, "journal_errors": self.journal_errors}
+                "restored_records": self.restored_records, "journal_errors": self.journal_errors,
+                "journal_text_chars": self.journal_text_chars, "referenceable_text_chars": self._text_chars}
