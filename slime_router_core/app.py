@@ -27,6 +27,8 @@ from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
 from .proxy import GenerateHandler, method_not_allowed_error, unknown_route_error
 from .router import Router, maybe_await
+from .scoped import PREFIX as SCOPED_PREFIX
+from .scoped import unscope
 from .settings import OptionRegistry, Settings
 from .tokenizers import load_tokenizer
 from .workers import WorkerAllowlist
@@ -55,10 +57,17 @@ class SlimeRouterApp:
         self.generate = GenerateHandler(router)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/generate" and scope["method"] == "POST":
-            await self.generate(scope, receive, send)
-        else:
-            await self.fastapi(scope, receive, send)
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == "/generate" and scope["method"] == "POST":
+                await self.generate(scope, receive, send)
+                return
+            if path.startswith(SCOPED_PREFIX):
+                scope = unscope(scope)
+                if scope["path"] == "/generate" and scope["method"] == "POST":
+                    await self.generate(scope, receive, send)
+                    return
+        await self.fastapi(scope, receive, send)
 
 
 class GuardedSlimeRouterApp(SlimeRouterApp):
@@ -73,6 +82,8 @@ class GuardedSlimeRouterApp(SlimeRouterApp):
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
+            if scope["path"].startswith(SCOPED_PREFIX):
+                scope = unscope(scope)
             denied = self.access.check(scope)
             if denied is not None:
                 await deny(send, denied)

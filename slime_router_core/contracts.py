@@ -13,7 +13,8 @@ key                 protocol                     provided by (first-party) / use
                                                  openai_compat, metrics
 ``BALANCER``        ``Balancer``                 balancing / metrics
 ``METRICS``         ``MetricsSink``              metrics / its hooks and routes
-``OPENAI_COMPAT``   ``StatsSource``              openai_compat / metrics
+``OPENAI_COMPAT``   ``OpenAICompat``             openai_compat / metrics, sessions (batch retrieval)
+``SESSIONS``        ``Sessions``                 sessions / its routes (and a trajectory viewer)
 ==================  ===========================  ===========================================================
 
 Everything that may cross a process boundary is ``async`` (the trajectory cache runs in its own process with
@@ -179,6 +180,23 @@ class StatsSource(Protocol):
 
 
 @runtime_checkable
+class OpenAICompat(StatsSource, Protocol):
+    """The OpenAI layer: its counters, and retrieval of a message list (the body of ``/retrieve_from_messages``)."""
+
+    async def retrieve_messages(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Sessions(StatsSource, Protocol):
+    """The session store (``slime_router_plugins.sessions.store.SessionStore``): a live session by id or None
+    (raising for a finished or expired one), and finishing one (hand over and free)."""
+
+    def get(self, sid: str) -> Any: ...
+
+    def finish(self, sid: str) -> Any: ...
+
+
+@runtime_checkable
 class MetricsSink(Protocol):
     """Where the router's numbers go (component ``METRICS``): each finished request is counted, and
     ``snapshot()`` answers everything as JSON (``GET /metrics``; the Prometheus view is built from the same)."""
@@ -192,10 +210,11 @@ TOKENIZER: ComponentKey[Tokenizer] = ComponentKey("tokenizer", Tokenizer)
 TRAJECTORY_CACHE: ComponentKey[TrajectoryCache] = ComponentKey("radix_tree", TrajectoryCache)
 BALANCER: ComponentKey[Balancer] = ComponentKey("balancing", Balancer)
 METRICS: ComponentKey[MetricsSink] = ComponentKey("metrics", MetricsSink)
-OPENAI_COMPAT: ComponentKey[StatsSource] = ComponentKey("openai_compat", StatsSource)
+OPENAI_COMPAT: ComponentKey[OpenAICompat] = ComponentKey("openai_compat", OpenAICompat)
+SESSIONS: ComponentKey[Sessions] = ComponentKey("sessions", Sessions)
 # By name: a component registered under one of these names with a plain string is checked all the same.
 KEYS: dict[str, ComponentKey[Any]] = {k.name: k for k in (TOKENIZER, TRAJECTORY_CACHE, BALANCER, METRICS,
-                                                          OPENAI_COMPAT)}
+                                                          OPENAI_COMPAT, SESSIONS)}
 
 
 # --- per-request values shared between plugins -------------------------------------------------------------

@@ -1,0 +1,462 @@
+"""sessions plugin: trajectories keyed by a session id, retrieved whole by the trainer.
+
+A request belongs to session ``sid`` when it carries ``X-Session-ID: sid`` or is sent under the session's base URL
+``/sessions/{sid}/...`` (e.g. ``/sessions/{sid}/v1/chat/completions``, ``/sessions/{sid}/generate``: the core
+rewrites the path and sets the header, ``slime_router_core.scoped``). Requests without one behave as before.
+
+Hooks (routes ``/generate``, ``/v1/chat/completions``, ``/v1/completions``):
+- pre_request (trylast: after the trajectory cache turned a text prompt into the ``input_ids`` sent): refuses a
+  finished (409) or expired (404) session, opens the session, keeps the prompt ids; ``X-Session-Metadata`` (a JSON
+  object) is merged into the session's metadata.
+- stream_chunk (tryfirst: before logprobs the client did not ask for are stripped): keeps each chunk.
+- post_response (tryfirst, same reason): folds each finished sequence into the session (``store.py``); what
+  cannot be stored exactly (an aborted generation, a prompt that was not tokenized by the router) is listed in
+  the session's ``gaps``.
+
+Routes: ``POST /sessions`` (open, with metadata), ``GET /sessions`` (summaries and counters), ``GET``/``PATCH``/
+``DELETE /sessions/{sid}`` (trajectories / merge metadata / finish: hand over and free), ``POST /retrieve_batch``
+(many sessions, texts or message lists at once, as JSON lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from fastapi import Body
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from slime_router_core import HTTPError, hookimpl
+from slime_router_core.context import StashKey
+from slime_router_core.contracts import OPENAI_COMPAT, SESSIONS, TRAJECTORY_CACHE, CacheUnavailable
+from slime_router_core.settings import PluginConfig, at_least, option
+from slime_router_core.sglang import merge_stream, output_ids_and_logprobs, weight_version_spans
+
+from . import columnar
+from .store import Session, SessionGone, SessionStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+    from slime_router_core.context import RequestContext
+    from slime_router_core.registry import ComponentRegistry
+    from slime_router_core.router import Router
+    from slime_router_core.settings import OptionRegistry
+
+log = logging.getLogger("slime_router.sessions")
+
+SESSION_HEADER = "x-session-id"
+METADATA_HEADER = "x-session-metadata"
+ROUTES = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
+SESSION_ID = re.compile(r"[A-Za-z0-9._:@=+-]{1,128}")
+FINISHED = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class SessionsConfig(PluginConfig):
+    flag_prefix = "--session-"
+    ttl: float = option(3600.0, check=at_least(0),
+                        help="Seconds after its last request an abandoned session is dropped (its memory freed; "
+                             "later requests for it get 404). 0: never.")
+    max: int = option(100_000, check=at_least(0),
+                      help="Open sessions at most (a new one beyond it gets 429). 0: no limit.")
+
+
+@dataclass
+class _Turn:
+    session: Session
+    prompts: list[list[int]] | None  # the ids sent, one list per prompt (None: not token ids, cannot be stored)
+    n: int
+    request_id: str
+    chunks: list[dict] = field(default_factory=list)
+
+
+_TURN: StashKey[_Turn] = StashKey("sessions.turn")
+
+
+def check_session_id(sid: str) -> str:
+    if not SESSION_ID.fullmatch(sid):
+        raise HTTPError(400, f"Session id {sid[:200]!r} is not valid: use 1-128 characters of letters, digits and "
+                             f". _ : @ = + - (e.g. a UUID).", param="X-Session-ID")
+    return sid
+
+
+def _metadata(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise HTTPError(400, f"X-Session-Metadata must be a JSON object: {e}", param="X-Session-Metadata") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, f"X-Session-Metadata must be a JSON object, got {type(value).__name__}",
+                        param="X-Session-Metadata")
+    return value
+
+
+def _gone(e: SessionGone) -> HTTPError:
+    return HTTPError(e.status, e.message, code="session_finished" if e.status == 409 else "session_gone")
+
+
+def _store(router: Router | None) -> SessionStore | None:
+    store = router.registry.find(SESSIONS) if router is not None else None
+    return store if isinstance(store, SessionStore) else None
+
+
+@hookimpl
+def add_options(options: OptionRegistry) -> None:
+    options.add_config(SessionsConfig)
+
+
+@hookimpl(trylast=True)  # after the plugin that registers the trajectory cache
+def register_components(registry: ComponentRegistry, router: Router) -> None:
+    if not registry.has(TRAJECTORY_CACHE):  # e.g. the tokenizer extra is not installed: no exact tokens to keep
+        log.info("sessions: off (no trajectory cache is registered; load the radix_tree plugin and pass "
+                 "--hf-checkpoint to key trajectories by session)")
+        return
+    cfg = router.settings.config(SessionsConfig)
+    registry.register(SESSIONS, SessionStore(cfg.ttl, cfg.max), owner="sessions")
+
+
+_sweepers: dict[int, asyncio.Task] = {}
+
+
+@hookimpl
+async def startup(router: Router) -> None:
+    store = _store(router)
+    if store is None or not store.ttl:
+        return
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(min(30.0, max(0.05, store.ttl / 4)))
+            n = store.expire()
+            if n:
+                log.info("sessions: %d session(s) unused for %g s expired (--session-ttl)", n, store.ttl)
+
+    _sweepers[id(router)] = asyncio.create_task(sweep())
+
+
+@hookimpl
+async def shutdown(router: Router) -> None:
+    task = _sweepers.pop(id(router), None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# --- recording ---------------------------------------------------------------------------------------
+
+
+@hookimpl(trylast=True)
+async def pre_request(ctx: RequestContext) -> None:
+    # async on purpose: pre_request coroutines are awaited in call order, so this body runs after the trajectory
+    # cache's (which replaces a text prompt with the input_ids sent)
+    if ctx.route not in ROUTES:
+        return
+    sid = ctx.headers.get(SESSION_HEADER)
+    if not sid:
+        return
+    store = _store(ctx.router)
+    if store is None:
+        return
+    check_session_id(sid)
+    try:
+        session, _ = store.open(sid, _metadata(ctx.headers.get(METADATA_HEADER)))
+    except SessionGone as e:
+        raise _gone(e) from None
+    session.requests += 1
+    body = ctx.body
+    ids = body.get("input_ids") if isinstance(body, dict) else None
+    prompts: list[list[int]] | None
+    if isinstance(ids, list) and ids and all(type(x) is int for x in ids):
+        prompts = [ids]
+    elif isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
+        prompts = ids
+    else:
+        prompts = None
+    sp = body.get("sampling_params") if isinstance(body, dict) else None
+    if isinstance(sp, list):
+        ns = {int(x.get("n", 1) or 1) if isinstance(x, dict) else 1 for x in sp}
+        n = ns.pop() if len(ns) == 1 else 0
+    else:
+        n = int(sp.get("n", 1) or 1) if isinstance(sp, dict) else 1
+    rid = body.get("rid") if isinstance(body, dict) else None
+    ctx.stash[_TURN] = _Turn(session, prompts, n, rid if isinstance(rid, str) else uuid.uuid4().hex)
+    if ctx.stream:
+        ctx.inspect_stream = True
+
+
+@hookimpl(tryfirst=True)
+def stream_chunk(ctx: RequestContext, chunk: dict) -> None:
+    turn = ctx.stash.get(_TURN)
+    if turn is not None and isinstance(chunk, dict):
+        meta = chunk.get("meta_info")
+        saved = dict(chunk)
+        if isinstance(meta, dict):
+            saved["meta_info"] = dict(meta)
+        turn.chunks.append(saved)
+
+
+@hookimpl(tryfirst=True)
+def post_response(ctx: RequestContext, response: Any) -> None:
+    turn = ctx.stash.get(_TURN)
+    if turn is None:
+        return
+    if ctx.stream:
+        groups: dict[int, list[dict]] = {}
+        for c in turn.chunks:
+            groups.setdefault(int(c.get("index", 0) or 0), []).append(c)
+        replies = [merge_stream(groups[k]) for k in sorted(groups)]
+    else:
+        replies = response if isinstance(response, list) else [response]
+    _fold(turn, replies)
+
+
+def _fold(turn: _Turn, replies: list[Any]) -> None:
+    session, prompts, n, rid = turn.session, turn.prompts, max(1, turn.n), turn.request_id
+    group = rid if (len(replies) > 1) else None
+    for i, reply in enumerate(replies):
+        if not isinstance(reply, dict):
+            continue
+        m = reply.get("meta_info")
+        meta: dict[str, Any] = m if isinstance(m, dict) else {}
+        fr = meta.get("finish_reason")
+        kind = fr.get("type") if isinstance(fr, dict) else fr
+        if prompts is None or turn.n == 0 or i // n >= len(prompts):
+            session.gaps.append({"request_id": rid, "index": i, "reason": "prompt_not_token_ids",
+                                 "message": "The prompt reached the worker as text (the trajectory cache did not "
+                                            "tokenize it), so its exact tokens are unknown."})
+            continue
+        if kind not in FINISHED:
+            session.gaps.append({"request_id": rid, "index": i, "reason": "not_finished", "finish_reason": fr,
+                                 "message": "The generation did not finish (aborted or failed): not part of any "
+                                            "trajectory."})
+            continue
+        try:
+            out_ids, out_lp = output_ids_and_logprobs(reply)
+            per = weight_version_spans(reply, len(out_ids))
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            session.gaps.append({"request_id": rid, "index": i, "reason": "unreadable_reply",
+                                 "message": f"{type(e).__name__}: {e}"})
+            continue
+        default = str(meta.get("weight_version", "default"))
+        prompt_version = per[0] if meta.get("weight_versions") and per else default
+        session.add_turn(prompts[i // n], out_ids, out_lp, per, prompt_version, rid, fr, group)
+
+
+# --- routes --------------------------------------------------------------------------------------------
+
+
+class OpenSession(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    session_id: StrictStr | None = Field(None, description="Your id (1-128 of letters, digits, . _ : @ = + -); "
+                                                           "omitted: a new UUID")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Any JSON: episode id, group id, ...")
+
+
+class SessionMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metadata: dict[str, Any] = Field(description="Merged into the session's metadata (e.g. the reward)")
+
+
+class SessionOpened(BaseModel):
+    session_id: str
+    created: bool = Field(description="False: it was already open (its metadata merged)")
+    base_url: str = Field(description="Path prefix for an OpenAI SDK / agent that only knows a base URL")
+    metadata: dict[str, Any]
+
+
+class Trajectory(BaseModel):
+    index: int
+    reason: str = Field(description="new | branch (a sibling sample of a prompt already sampled) | rewrite "
+                                    "(departs from the parent inside its tokens: history changed)")
+    parent: int | None = Field(description="The segment it shares its first diverges_at tokens with")
+    diverges_at: int | None
+    token_length: int
+    generated_tokens: int
+    turns: list[dict[str, Any]]
+    tokens: list[int] | None = None
+    loss_mask: list[int] | None = None
+    rollout_logp: list[float] | None = None
+    weight_versions: list[str] | None = None
+
+
+class SessionData(BaseModel):
+    session_id: str
+    metadata: dict[str, Any]
+    created: float
+    requests: int
+    segments: int
+    tokens: int
+    gaps: list[dict[str, Any]] = Field(description="Turns that are not in any trajectory, each with why")
+    trajectories: list[Trajectory]
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sessions: list[StrictStr] | None = Field(None, description="Session ids")
+    texts: list[StrictStr] | None = Field(None, description="Trajectory texts (as /retrieve_from_text)")
+    messages: list[list[dict[str, Any]]] | None = Field(None, description="Message lists (as "
+                                                                            "/retrieve_from_messages)")
+    finish: bool = Field(False, description="Sessions: finish each after reading it (hand over and free)")
+    format: Literal["jsonl", "columnar"] = Field(
+        "jsonl", description="jsonl: one JSON line per item; columnar (sessions only): flat int32/float32/uint8 "
+                             "arrays after one JSON header (sessions/columnar.py), for large steps")
+
+
+def _session_json(session: Session, arrays: bool = True) -> bytes:
+    return orjson.dumps(session.as_dict(arrays))
+
+
+@hookimpl
+def register_routes(app: FastAPI, router: Router) -> None:
+    store = _store(router)
+    if store is None:
+        return
+
+    def live(sid: str) -> Session:
+        check_session_id(sid)
+        try:
+            s = store.get(sid)
+        except SessionGone as e:
+            raise _gone(e) from None
+        if s is None:
+            raise HTTPError(404, f"No session {sid!r}: none was opened (POST /sessions) and no request carried it.",
+                            code="session_not_found")
+        return s
+
+    @app.post("/sessions", status_code=201)
+    async def open_session(body: OpenSession | None = None) -> SessionOpened:
+        """Open a session (optional: the first request with a new id opens it too) with its metadata."""
+        body = body or OpenSession(session_id=None)
+        sid = check_session_id(body.session_id) if body.session_id else uuid.uuid4().hex
+        try:
+            s, created = store.open(sid, body.metadata)
+        except SessionGone as e:
+            raise _gone(e) from None
+        return SessionOpened(session_id=sid, created=created, base_url=f"/sessions/{sid}", metadata=s.metadata)
+
+    @app.get("/sessions")
+    async def list_sessions() -> dict[str, Any]:
+        """Open sessions (id, metadata, counts) and the store's counters (memory held, created/finished/expired)."""
+        with store.lock:
+            items = [s.summary() for s in store.sessions.values()]
+        return {"sessions": items, "stats": store.stats()}
+
+    @app.get("/sessions/{sid}", response_class=Response, responses={200: {"model": SessionData}, 404: {},
+                                                                      409: {}})
+    async def get_session(sid: str, tokens: bool = True) -> Response:
+        """Every trajectory of the session: exact tokens, loss mask, logprobs and weight versions from token 0,
+        one per continuous chain (branches and rewrites separate, each saying why), its metadata and gaps.
+        ``tokens=false``: the structure without the token lists."""
+        return Response(_session_json(live(sid), tokens), media_type="application/json")
+
+    @app.patch("/sessions/{sid}")
+    async def patch_session(sid: str, body: SessionMetadata) -> dict[str, Any]:
+        """Merge metadata into a session (e.g. its reward once the episode is scored)."""
+        s = live(sid)
+        s.metadata.update(body.metadata)
+        return {"session_id": sid, "metadata": s.metadata}
+
+    @app.delete("/sessions/{sid}", response_class=Response, responses={200: {"model": SessionData}, 404: {},
+                                                                         409: {}})
+    async def finish_session(sid: str, tokens: bool = True) -> Response:
+        """Finish a session: its trajectories are returned one last time and freed; later requests with this id
+        get 409."""
+        check_session_id(sid)
+        try:
+            s = store.finish(sid)
+        except SessionGone as e:
+            raise _gone(e) from None
+        except KeyError:
+            raise HTTPError(404, f"No session {sid!r}.", code="session_not_found") from None
+        return Response(_session_json(s, tokens), media_type="application/json")
+
+    @app.post("/retrieve_batch", response_class=StreamingResponse,
+              responses={200: {"content": {"application/x-ndjson": {}}}})
+    async def retrieve_batch(body: BatchRequest = Body(...)) -> StreamingResponse:  # noqa: B008
+        """Many trajectories in one call, streamed as JSON lines in the order asked: ``sessions`` (each line a
+        ``GET /sessions/{sid}`` answer, or ``{"session_id", "error"}``), ``texts`` (each a
+        ``/retrieve_from_text`` answer with ``"index"``), or ``messages`` (each a ``/retrieve_from_messages``
+        answer with ``"index"``). An item that fails is an ``error`` line; the others are still sent."""
+        given = [k for k in ("sessions", "texts", "messages") if getattr(body, k) is not None]
+        if len(given) != 1:
+            raise HTTPError(400, "Give exactly one of 'sessions', 'texts' or 'messages' (a list).",
+                            param="sessions")
+        if body.format == "columnar":
+            if given[0] != "sessions":
+                raise HTTPError(400, "\"format\": \"columnar\" is for 'sessions'; texts and message lists are "
+                                     "answered as JSON lines.", param="format")
+            return StreamingResponse(columnar.encode(_sessions(store, body)), media_type=columnar.MEDIA_TYPE)
+        return StreamingResponse(_batch(router, store, body, given[0]), media_type="application/x-ndjson")
+
+
+def _error(key: str, value: Any, status: int, message: str) -> dict[str, Any]:
+    return {key: value, "error": {"status": status, "message": message}}
+
+
+def _sessions(store: SessionStore, body: BatchRequest) -> list[Session | dict[str, Any]]:
+    """The sessions asked for, in order (finished if asked), or an error item for each one that is not there."""
+    out: list[Session | dict[str, Any]] = []
+    for sid in body.sessions or []:
+        try:
+            check_session_id(sid)
+            s = store.finish(sid) if body.finish else store.get(sid)
+            if s is None:
+                raise KeyError(sid)
+        except (HTTPError, SessionGone) as e:
+            out.append(_error("session_id", sid, e.status, e.message))
+        except KeyError:
+            out.append(_error("session_id", sid, 404, f"No session {sid!r}."))
+        else:
+            out.append(s)
+    return out
+
+
+async def _batch(router: Router, store: SessionStore, body: BatchRequest, kind: str) -> AsyncIterator[bytes]:
+    def error(key: str, value: Any, status: int, message: str) -> bytes:
+        return orjson.dumps(_error(key, value, status, message)) + b"\n"
+
+    if kind == "sessions":
+        for k, item in enumerate(_sessions(store, body)):
+            yield orjson.dumps(item) + b"\n" if isinstance(item, dict) else _session_json(item) + b"\n"
+            if k % 64 == 63:
+                await asyncio.sleep(0)  # let other requests run between chunks of a large batch
+        return
+    if kind == "texts":
+        cache = router.registry.find(TRAJECTORY_CACHE)
+        for i, text in enumerate(body.texts or []):
+            try:
+                if cache is None:
+                    raise HTTPError(503, "No trajectory cache is registered.")
+                r = await cache.retrieve(text)
+            except HTTPError as e:
+                yield error("index", i, e.status, e.message)
+            except CacheUnavailable as e:
+                yield error("index", i, 503, f"The trajectory cache is unavailable ({e}).")
+            else:
+                r["index"] = i
+                yield orjson.dumps(r) + b"\n"
+        return
+    svc = router.registry.find(OPENAI_COMPAT)
+    for i, messages in enumerate(body.messages or []):
+        try:
+            if svc is None:
+                raise HTTPError(503, "The openai_compat plugin is not loaded: message lists cannot be rendered.")
+            r = await svc.retrieve_messages({"messages": messages})
+        except HTTPError as e:
+            yield error("index", i, e.status, e.message)
+        else:
+            r = dict(r) if isinstance(r, dict) else {"result": r}
+            r["index"] = i
+            yield orjson.dumps(r) + b"\n"

@@ -1,0 +1,274 @@
+"""Sessions end to end: router + mock SGLang worker on real sockets, the real tokenizer, the OpenAI SDK.
+
+Every session's trajectories are checked against the mock worker's record of the exact ids it received and
+produced, and against retrieval by text / by messages of the same conversation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from openai import OpenAI
+
+from slime_router_core import Settings
+from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
+from slime_router_testing import ServerThread, start_router
+from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
+
+KEYS = ("tokens", "loss_mask", "rollout_logp", "weight_versions")
+TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[str]:
+    w = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT,
+                                                             max_random_tokens=12))).start()
+    yield w.url
+    w.stop()
+
+
+def _router(worker: str, **extra: Any) -> ServerThread:
+    return start_router(plugins=["radix_tree", "openai_compat", "sessions"], settings=Settings(
+        hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker], extra=extra))
+
+
+@pytest.fixture
+def env(worker, servers_to_stop) -> Iterator[dict[str, Any]]:
+    httpx.delete(worker + "/mock/records")
+    router = _router(worker)
+    with httpx.Client(base_url=router.url, timeout=30) as c:
+        yield {"worker": worker, "url": router.url, "c": c}
+    servers_to_stop.append(router)
+
+
+def records(worker: str) -> list[dict]:
+    return httpx.get(worker + "/mock/records").json()
+
+
+def session(c: httpx.Client, sid: str) -> dict:
+    r = c.get(f"/sessions/{sid}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def by_text(c: httpx.Client, text: str) -> dict:
+    r = c.post("/retrieve_from_text", json={"text": text})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def same(a: dict, b: dict) -> None:
+    for k in KEYS:
+        assert a[k] == b[k], k
+
+
+def conversation(c: httpx.Client, path: str, turns: int, tag: str, headers: dict | None = None,
+                 stream: bool = False) -> str:
+    text = TEMPLATE.format(f"Session {tag}: hello")
+    for t in range(turns):
+        if t:
+            text += "<|im_end|>\n" + TEMPLATE.format(f"and turn {t} of {tag}")
+        body = {"text": text, "sampling_params": {"max_new_tokens": 16}, "stream": stream}
+        if stream:
+            out = ""
+            with c.stream("POST", path, json=body, headers=headers) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                        out = orjson.loads(line[5:])["text"]  # cumulative text
+        else:
+            r = c.post(path, json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            out = r.json()["text"]
+        text += out
+    return text
+
+
+def truth(recs: list[dict]) -> tuple[list[int], list[int]]:
+    """The last record's prompt + output, and the mask: every record's output 1."""
+    last = recs[-1]
+    seq = last["input_ids"] + last["output_ids"]
+    mask = [0] * len(seq)
+    for rec in recs:
+        a = len(rec["input_ids"])
+        assert seq[:a + len(rec["output_ids"])] == rec["input_ids"] + rec["output_ids"]
+        for k in range(len(rec["output_ids"])):
+            mask[a + k] = 1
+    return seq, mask
+
+
+@pytest.mark.parametrize("how", ["header", "scoped_url", "stream"])
+def test_generate_turns_are_one_exact_trajectory(env, how):
+    c, sid = env["c"], f"s-{how}"
+    if how == "header":
+        text = conversation(c, "/generate", 3, how, headers={"X-Session-ID": sid})
+    elif how == "scoped_url":
+        text = conversation(c, f"/sessions/{sid}/generate", 3, how)
+    else:
+        text = conversation(c, "/generate", 3, how, headers={"X-Session-ID": sid}, stream=True)
+    s = session(c, sid)
+    assert s["requests"] == 3 and s["gaps"] == []
+    (traj,) = s["trajectories"]
+    assert traj["reason"] == "new" and len(traj["turns"]) == 3
+    seq, mask = truth(records(env["worker"]))
+    assert traj["tokens"] == seq and traj["loss_mask"] == mask
+    same(traj, by_text(c, text))  # retrieval by session == retrieval by text
+
+
+def test_requests_without_a_session_create_none(env):
+    c = env["c"]
+    conversation(c, "/generate", 2, "plain")
+    listing = c.get("/sessions").json()
+    assert listing["sessions"] == [] and listing["stats"]["created"] == 0
+
+
+def test_openai_sdk_with_only_a_base_url(env):
+    c, sid = env["c"], "sdk-agent"
+    client = OpenAI(base_url=f"{env['url']}/sessions/{sid}/v1", api_key="none", max_retries=0)
+    messages: list[dict] = [{"role": "user", "content": "Hi there"}]
+    for turn in range(3):
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=16)  # type: ignore[arg-type]
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content or ""},
+                     {"role": "user", "content": f"more {turn}"}]
+    s = session(c, sid)
+    (traj,) = s["trajectories"]
+    assert len(traj["turns"]) == 3
+    seq, mask = truth(records(env["worker"]))
+    assert traj["tokens"] == seq and traj["loss_mask"] == mask
+    r = c.post("/retrieve_from_messages", json={"messages": messages[:-1]})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"][:len(seq)] == seq  # (+ the template's trailing newline, fresh)
+
+
+def test_grpo_group_is_separate_branches_of_one_group(env):
+    c, sid = env["c"], "grpo"
+    prompt = TEMPLATE.format("Solve 2+2")
+    r = c.post("/generate", headers={"X-Session-ID": sid},
+               json={"text": prompt, "sampling_params": {"max_new_tokens": 12, "n": 4}})
+    assert r.status_code == 200, r.text
+    replies = r.json()
+    s = session(c, sid)
+    trajs = s["trajectories"]
+    assert len(trajs) == 4
+    assert trajs[0]["reason"] == "new" and all(t["reason"] == "branch" and t["parent"] == 0 for t in trajs[1:])
+    groups = {t["turns"][0]["group"] for t in trajs}
+    assert len(groups) == 1 and None not in groups  # one group: the request
+    plen = trajs[0]["turns"][0]["prompt_tokens"]
+    assert all(t["diverges_at"] == plen for t in trajs[1:])
+    for t, reply in zip(trajs, replies):
+        same(t, by_text(c, prompt + reply["text"]))
+
+
+def test_changed_history_is_a_rewrite_segment(env):
+    c, sid = env["c"], "rewrite"
+    h = {"X-Session-ID": sid}
+    text = conversation(c, "/generate", 2, "rw", headers=h)
+    edited = TEMPLATE.format("Session rw: hello") + " I changed my answer.<|im_end|>\n" + TEMPLATE.format("ok?")
+    r = c.post("/generate", headers=h, json={"text": edited, "sampling_params": {"max_new_tokens": 8}})
+    assert r.status_code == 200
+    s = session(c, sid)
+    assert [t["reason"] for t in s["trajectories"]] == ["new", "rewrite"]
+    rw = s["trajectories"][1]
+    assert rw["parent"] == 0 and 0 < rw["diverges_at"] < s["trajectories"][0]["token_length"]
+    same(s["trajectories"][0], by_text(c, text))
+    same(rw, by_text(c, edited + r.json()["text"]))
+
+
+def test_metadata_finish_and_late_requests(env):
+    c = env["c"]
+    r = c.post("/sessions", json={"session_id": "ep-1", "metadata": {"episode": 1}})
+    assert r.status_code == 201 and r.json()["base_url"] == "/sessions/ep-1"
+    conversation(c, "/generate", 2, "fin", headers={"X-Session-ID": "ep-1",
+                                                    "X-Session-Metadata": '{"group": "g7"}'})
+    assert c.patch("/sessions/ep-1", json={"metadata": {"reward": 0.5}}).status_code == 200
+    held = c.get("/sessions").json()["stats"]
+    assert held["sessions"] == 1 and held["bytes"] > 0 and held["tokens"] > 0
+    done = c.delete("/sessions/ep-1")
+    assert done.status_code == 200
+    assert done.json()["metadata"] == {"episode": 1, "group": "g7", "reward": 0.5}
+    assert len(done.json()["trajectories"][0]["tokens"]) == held["tokens"]
+    after = c.get("/sessions").json()["stats"]
+    assert after["sessions"] == 0 and after["tokens"] == 0 and after["finished"] == 1
+    late = c.post("/generate", headers={"X-Session-ID": "ep-1"}, json={"text": "late", "sampling_params": {}})
+    assert late.status_code == 409 and "finished" in late.json()["error"]["message"]
+    assert c.get("/sessions/ep-1").status_code == 409
+    assert c.delete("/sessions/ep-1").status_code == 409
+    assert c.get("/sessions/never").status_code == 404
+
+
+@pytest.mark.parametrize("bad", ["a b", "x" * 129, "semi;colon"])
+def test_bad_session_id_and_metadata_are_400(env, bad):
+    c = env["c"]
+    r = c.post("/generate", headers={"X-Session-ID": bad}, json={"text": "hi", "sampling_params": {}})
+    assert r.status_code == 400 and "Session id" in r.json()["error"]["message"]
+    r = c.post("/generate", headers={"X-Session-ID": "ok", "X-Session-Metadata": "[1]"},
+               json={"text": "hi", "sampling_params": {}})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+
+
+def test_ttl_expires_abandoned_sessions(worker, servers_to_stop):
+    router = _router(worker, session_ttl=0.3)
+    servers_to_stop.append(router)
+    with httpx.Client(base_url=router.url, timeout=30) as c:
+        conversation(c, "/generate", 1, "ttl", headers={"X-Session-ID": "old"})
+        assert c.get("/sessions/old").status_code == 200
+        deadline = time.monotonic() + 30
+        while c.get("/sessions/old").status_code != 404:
+            assert time.monotonic() < deadline, "the session never expired"
+            time.sleep(0.1)
+        assert "expired" in c.get("/sessions/old").json()["error"]["message"]
+        stats = c.get("/sessions").json()["stats"]
+        assert stats["expired"] == 1 and stats["tokens"] == 0
+
+
+def test_batch_retrieval_equals_single_retrievals(env):
+    c = env["c"]
+    texts = [conversation(c, "/generate", 2, f"b{k}", headers={"X-Session-ID": f"b{k}"}) for k in range(4)]
+    sids = ["b0", "b1", "missing", "b2", "b3"]
+    r = c.post("/retrieve_batch", json={"sessions": sids})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [orjson.loads(x) for x in r.text.splitlines()]
+    assert [x["session_id"] for x in lines] == sids
+    assert lines[2]["error"]["status"] == 404
+    for line, sid in zip(lines, sids):
+        if sid != "missing":
+            assert line == session(c, sid)
+    r = c.post("/retrieve_batch", json={"texts": texts})
+    got = [orjson.loads(x) for x in r.text.splitlines()]
+    assert [g["index"] for g in got] == [0, 1, 2, 3]
+    for g, t in zip(got, texts):
+        g.pop("index")
+        assert g == by_text(c, t)
+    r = c.post("/retrieve_batch", json={"sessions": ["b0"], "texts": texts})
+    assert r.status_code == 400
+    r = c.post("/retrieve_batch", json={"sessions": ["b0", "b1"], "finish": True})
+    assert len(r.text.splitlines()) == 2
+    assert c.get("/sessions/b0").status_code == 409
+
+
+def test_columnar_batch_equals_json_lines(env):
+    from slime_router_plugins.sessions.columnar import decode
+
+    c = env["c"]
+    for k in range(3):
+        conversation(c, "/generate", 2, f"col{k}", headers={"X-Session-ID": f"col{k}"})
+    r = c.post("/retrieve_batch", json={"sessions": ["col0", "col1", "nope", "col2"], "format": "columnar"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.slime-router.columnar"
+    items = decode(r.content)
+    lines = [orjson.loads(x) for x in c.post("/retrieve_batch", json={
+        "sessions": ["col0", "col1", "nope", "col2"]}).text.splitlines()]
+    assert items[2]["error"]["status"] == 404
+    for item, line in zip(items, lines):
+        if "error" in line:
+            continue
+        for a, b in zip(item["trajectories"], line["trajectories"]):
+            assert a == b
+    numpy_items = decode(r.content, numpy=True)
+    assert numpy_items[0]["trajectories"][0]["tokens"].tolist() == lines[0]["trajectories"][0]["tokens"]
+    r = c.post("/retrieve_batch", json={"texts": ["x"], "format": "columnar"})
+    assert r.status_code == 400
