@@ -283,6 +283,25 @@ async def test_cache_aware_session_header_consistent_hashing(router, mock_worker
             assert new == old, s
 
 
+async def test_cache_aware_busy_session_spills_along_the_ring(router, mock_worker):
+    """An overloaded session owner sends the session to its ring successor (bounded-load consistent hashing),
+    not to whichever worker is least loaded: the session's requests fill the workers in ring order."""
+    workers = [mock_worker(latency=1.0) for _ in range(4)]
+    r = start(router, workers, cache_aware_abs_threshold=2, cache_aware_rel_threshold=1.5)
+    ring = HashRing()
+    ring.set_urls(w.url for w in workers)
+    order = ring.successors("hot", {w.url for w in workers})
+    bodies = [dict(GEN, text=f"hot turn {i}") for i in range(8)]
+    responses = await fire(r.url + "/generate", bodies, 8, [{"X-Session-ID": "hot"}] * 8)
+    assert all(x.status_code == 200 for x in responses)
+    by_url = {w.url: received(w) for w in workers}
+    counts = [by_url[u] for u in order]
+    # the owner takes 3 (then 3 - 0 > 2 and 3 > 1.5 * 0: overloaded), its successor 3, the next 2, the last none;
+    # a spill to the least loaded would have spread the 5 over the other three
+    assert counts == [3, 3, 2, 0], counts
+    assert state(r)["policy_stats"]["session_spilled"] == 5
+
+
 async def test_cache_aware_with_the_radix_tree_plugin(router, mock_worker):
     """The real trajectory cache supplies ctx.stash[AFFINITY] for multi-turn /generate text."""
     workers = [mock_worker(latency=0.005) for _ in range(4)]

@@ -15,7 +15,12 @@ Order of decisions for one attempt (all synchronous, no ``await``):
 3. The preferred worker from 1 or 2 is used **unless overloaded**: its in-flight count exceeds the least
    loaded candidate's by more than ``--cache-aware-abs-threshold`` *and* is more than
    ``--cache-aware-rel-threshold`` times it (the sglang-router rule, applied to the preferred worker).
-4. Otherwise (no preference, preferred worker unavailable/already tried, or overloaded): least in-flight,
+   An overloaded session owner spills along the ring (bounded-load consistent hashing): the session goes to the
+   next worker clockwise that is not overloaded, so every request of that session made while the owner is
+   busy lands on the same second worker (its KV cache warms once), and it returns to its owner when the load
+   drops. A session whose worker leaves (removed, unhealthy, circuit open) moves to its ring successor the same
+   way, and only that worker's sessions move.
+4. Otherwise (no preference, affinity worker unavailable/already tried or overloaded): least in-flight,
    ties rotated.
 """
 
@@ -57,7 +62,7 @@ class CacheAwarePolicy(Policy):
         self.rel_threshold = float(config.cache_aware_rel_threshold)
         self.min_match = float(getattr(config, "cache_aware_min_match", 0.0) or 0.0)
         self.ring = HashRing()
-        self.stats = {"session_routed": 0, "affinity_routed": 0, "affinity_unavailable": 0,
+        self.stats = {"session_routed": 0, "session_spilled": 0, "affinity_routed": 0, "affinity_unavailable": 0,
                       "affinity_below_min_match": 0, "overload_fallbacks": 0, "load_routed": 0}
 
     def worker_added(self, worker: Worker) -> None:
@@ -93,6 +98,13 @@ class CacheAwarePolicy(Policy):
             if len(workers) == 1 or not self.overloaded(target, workers):
                 self.stats[reason] += 1
                 return target
+            if reason == "session_routed":  # the ring's next worker that is not overloaded
+                key = session_key(ctx)
+                by_url = {w.url: w for w in workers}
+                for url in self.ring.successors(key or "", set(by_url))[1:]:
+                    if not self.overloaded(by_url[url], workers):
+                        self.stats["session_spilled"] += 1
+                        return by_url[url]
             self.stats["overload_fallbacks"] += 1
         else:
             self.stats["load_routed"] += 1

@@ -61,6 +61,20 @@ class HashRing:
                 return url
         return None
 
+    def successors(self, key: str, allowed: set[str]) -> list[str]:
+        """Every URL of ``allowed`` on the ring, in the order a walk clockwise from ``key`` meets them (the owner
+        first): where a session goes, in turn, when the ones before are overloaded."""
+        n = len(self._points)
+        i = bisect.bisect(self._points, _hash(key)) if n else 0
+        out: list[str] = []
+        for k in range(n):
+            url = self._owners[(i + k) % n]
+            if url in allowed and url not in out:
+                out.append(url)
+                if len(out) == len(allowed):
+                    break
+        return out
+
     def lookup(self, key: str, workers: list[Worker]) -> Worker | None:
         """The candidate worker owning ``key`` (candidates unknown to the ring are added first)."""
         by_url = {w.url: w for w in workers}

@@ -29,8 +29,22 @@ MEDIA_TYPE = "application/vnd.slime-router.columnar"
 _U32 = struct.Struct("<I")
 
 
+CHUNK = 1 << 20  # bytes per piece sent: one ASGI message per trajectory array would cost more than the copy
+
+
 def encode(items: list[Session | dict[str, Any]]) -> Iterator[bytes]:
-    """The payload for these sessions (a dict item is an error line, passed as is), in pieces."""
+    """The payload for these sessions (a dict item is an error line, passed as is), in pieces of ~1 MB."""
+    buf = bytearray()
+    for piece in _pieces(items):
+        buf += piece
+        if len(buf) >= CHUNK:
+            yield bytes(buf)
+            buf.clear()
+    if buf:
+        yield bytes(buf)
+
+
+def _pieces(items: list[Session | dict[str, Any]]) -> Iterator[bytes]:
     segs = []
     header_items: list[dict[str, Any]] = []
     offset = 0

@@ -28,6 +28,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+
 @dataclass
 class Turn:
     """One generation of a segment: where it starts and what it added."""
