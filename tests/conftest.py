@@ -139,7 +139,7 @@ def router(servers_to_stop: list[Any]) -> Callable[..., ServerThread]:
 # the cache in its own process (each start loads the tokenizer in a child), the real CLI in a subprocess, the
 # property tests over whole conversations. CI runs everything.
 SLOW_MODULES = {"test_cli_demo.py", "test_cli_demo_tools.py", "test_cli_startup.py", "test_radix_tree_process.py",
-                "test_openai_history_property.py", "test_shutdown.py"}
+                "test_openai_history_property.py", "test_shutdown.py", "test_faults.py"}
 # Single tests of the same kinds in otherwise fast modules ("module.py::test name", every parametrization): each
 # spends seconds in a child Python process (the CLI or a mock worker started, then killed mid-run) or in
 # hundreds of generated examples; their modules keep faster tests of the same plugin in the fast subset.

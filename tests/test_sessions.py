@@ -272,3 +272,76 @@ def test_columnar_batch_equals_json_lines(env):
     assert numpy_items[0]["trajectories"][0]["tokens"].tolist() == lines[0]["trajectories"][0]["tokens"]
     r = c.post("/retrieve_batch", json={"texts": ["x"], "format": "columnar"})
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("route", ["chat", "chat_stream", "completions", "completions_stream", "generate_ids"])
+def test_every_entry_point_lands_in_the_session(env, route):
+    c, sid = env["c"], f"ep-{route}"
+    base = f"/sessions/{sid}"
+    stream = route.endswith("_stream")
+    if route.startswith("chat"):
+        client = OpenAI(base_url=env["url"] + base + "/v1", api_key="none", max_retries=0)
+        messages: list[dict] = [{"role": "user", "content": "Hello"}]
+        for turn in range(2):
+            if stream:
+                parts = client.chat.completions.create(model="m", messages=messages, max_tokens=12,  # type: ignore
+                                                       stream=True)
+                content = "".join((p.choices[0].delta.content or "") for p in parts if p.choices)
+            else:
+                reply = client.chat.completions.create(model="m", messages=messages, max_tokens=12)  # type: ignore
+                content = reply.choices[0].message.content or ""
+            messages += [{"role": "assistant", "content": content}, {"role": "user", "content": f"and {turn}"}]
+    elif route.startswith("completions"):
+        client = OpenAI(base_url=env["url"] + base + "/v1", api_key="none", max_retries=0)
+        prompt = "Once upon a time"
+        for _ in range(2):
+            if stream:
+                parts = client.completions.create(model="m", prompt=prompt, max_tokens=12, stream=True)
+                prompt += "".join(p.choices[0].text for p in parts if p.choices)
+            else:
+                prompt += client.completions.create(model="m", prompt=prompt, max_tokens=12).choices[0].text
+            prompt += " Then"
+    else:
+        ids = [9707, 11, 1879, 0]
+        for _ in range(2):
+            r = c.post(base + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 8}})
+            assert r.status_code == 200, r.text
+            ids = ids + r.json()["output_ids"] + [1221]
+    s = session(c, sid)
+    assert s["gaps"] == [] and s["requests"] == 2
+    (traj,) = s["trajectories"]
+    assert len(traj["turns"]) == 2
+    seq, mask = truth(records(env["worker"]))
+    assert traj["tokens"] == seq and traj["loss_mask"] == mask
+
+
+def test_finish_and_ttl_free_the_memory():
+    """The store's memory, measured with tracemalloc: a finished or expired session's tokens are freed."""
+    import gc
+    import random
+    import tracemalloc
+
+    from slime_router_plugins.sessions.store import SessionStore
+
+    rng = random.Random(0)
+    store = SessionStore(ttl=60, max_sessions=0)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for k in range(20):
+        s, _ = store.open(f"m{k}")
+        for turn in range(5):  # 5 turns of 2,000 tokens
+            prompt = list(s.segments[0].ids) if s.segments else []
+            s.add_turn(prompt + [rng.randrange(1000) for _ in range(1000)], [rng.randrange(1000) for _ in range(1000)],
+                       [-0.5] * 1000, ["v1"] * 1000, "v1", f"r{turn}", {"type": "stop"}, None)
+    del s, prompt  # the test's own references
+    held = tracemalloc.get_traced_memory()[0] - base
+    assert store.stats()["tokens"] == 20 * 10_000
+    assert held > 9 * 200_000  # ~9 bytes per token
+    for k in range(10):
+        store.finish(f"m{k}")
+    assert store.expire(now=time.monotonic() + 120) == 10
+    gc.collect()
+    left = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert store.stats()["sessions"] == 0
+    assert left < 0.05 * held, (left, held)  # what is left: the tombstones of 20 ids

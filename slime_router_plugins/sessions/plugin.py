@@ -25,7 +25,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -158,18 +158,22 @@ async def shutdown(router: Router) -> None:
 
 
 @hookimpl(trylast=True)
-async def pre_request(ctx: RequestContext) -> None:
-    # async on purpose: pre_request coroutines are awaited in call order, so this body runs after the trajectory
-    # cache's (which replaces a text prompt with the input_ids sent)
+def pre_request(ctx: RequestContext) -> Awaitable[None] | None:
     if ctx.route not in ROUTES:
-        return
+        return None
     sid = ctx.headers.get(SESSION_HEADER)
     if not sid:
-        return
+        return None  # no session: nothing more on this request's path
     store = _store(ctx.router)
     if store is None:
-        return
+        return None
     check_session_id(sid)
+    # a coroutine: the awaitables pre_request hooks return are awaited in call order, so this runs after the
+    # trajectory cache's (which replaces a text prompt with the input_ids that are sent)
+    return _open_turn(ctx, store, sid)
+
+
+async def _open_turn(ctx: RequestContext, store: SessionStore, sid: str) -> None:
     try:
         session, _ = store.open(sid, _metadata(ctx.headers.get(METADATA_HEADER)))
     except SessionGone as e:
