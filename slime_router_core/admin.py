@@ -169,6 +169,11 @@ class Health(BaseModel):
     status: Literal["ok"]
     workers: int = Field(description="Registered workers.")
     available_workers: int = Field(description="Workers a request may be sent to (healthy, circuit closed).")
+    in_flight: int | None = Field(None, description="Generations holding a slot now (/generate, streams, plugins' "
+                                                    "generations), as --max-concurrent-requests counts them.")
+    queued: int | None = Field(None, description="Generations waiting for a slot (--max-queued-requests).")
+    max_concurrent_requests: int | None = Field(None, description="The limit of in_flight (--max-concurrent-"
+                                                                  "requests); 0: unlimited.")
 
 
 class WorkerAdded(BaseModel):
@@ -290,8 +295,12 @@ def _admin_routes(app: FastAPI, router: Router) -> None:
 
     @app.get("/health", responses=_errors())
     async def health() -> Health:
-        """The router's own health (not the workers')."""
-        return Health(status="ok", workers=len(router.pool), available_workers=len(router.pool.available()))
+        """The router's own health (not the workers'), with its load: in_flight == max_concurrent_requests and a
+        queue mean overload (new generations wait, then are refused with 429)."""
+        load = router.admission.stats()  # the counters /metrics exports too
+        return Health(status="ok", workers=len(router.pool), available_workers=len(router.pool.available()),
+                      in_flight=load["in_flight"], queued=load["queued"],
+                      max_concurrent_requests=load["max_concurrent_requests"])
 
     @app.post("/add_worker", responses=_errors(400))
     async def add_worker(url: URLQuery = None, body: Annotated[WorkerURL | None, Body()] = None) -> WorkerAdded:

@@ -97,8 +97,10 @@ def serve(
                                      help="Upper bound on upstream attempts per request (retries on other workers)."),
     request_timeout: float | None = typer.Option(
         None, "--request-timeout", envvar=ENV + "REQUEST_TIMEOUT", min=0, show_default=False,
-        help="Seconds a worker may take to answer a generation (a stream: until its headers); beyond, 504 and the "
-             "generation is aborted on the worker. Default: no limit (generations take as long as they take)."),
+        help="Seconds a worker may take to answer a generation; beyond, 504 and the generation is aborted on the "
+             "worker. For a stream, it bounds the wait for the headers and then the gap between two chunks: a worker "
+             "silent that long mid-stream ends the stream with an error event (and the generation is aborted). "
+             "Default: no limit (generations take as long as they take)."),
     max_concurrent_requests: int = typer.Option(
         0, "--max-concurrent-requests", envvar=ENV + "MAX_CONCURRENT_REQUESTS", min=0,
         help="Generations in flight through the router (/generate, streams, OpenAI routes); more wait in a queue. "

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .context import RequestContext
 from .errors import HTTPError
-from .router import CONNECTION_ERRORS, Router, UpstreamError, maybe_await
+from .router import STREAM_ERRORS, BadChunk, Router, UpstreamError, maybe_await
 from .sse import DONE, END, OPAQUE, EventSplitter, encode_event, parse_event
 
 log = logging.getLogger("slime_router")
@@ -326,9 +326,9 @@ class GenerateHandler:
             await send({"type": "http.response.start", "status": resp.status, "headers": SSE_HEADERS})
             ctx.sent_to_client = True
             try:
-                if not ctx.inspect_stream:
+                if not ctx.inspect_stream:  # a byte relay (bounded by --request-timeout between chunks)
                     tail = b""
-                    async for data in resp.iter_chunks():
+                    async for data in router.stream_chunks(resp):
                         if "first_chunk" not in ctx.timings:
                             ctx.timings["first_chunk"] = time.perf_counter() - ctx.started
                         tail = (tail + data)[-32:] if len(data) < 32 else data[-32:]
@@ -339,10 +339,8 @@ class GenerateHandler:
                 if not done:  # the worker closed the stream without its final event: not a complete reply
                     raise ConnectionError("the stream ended without its final data: [DONE] event")
                 completed = True
-            except CONNECTION_ERRORS as e:
-                router.worker_failed(ctx, worker, e)
-                ctx.error = f"worker {worker.url} failed mid-stream: {type(e).__name__}: {e}"
-                err = {"error": {"message": ctx.error, "type": "upstream_error"}}
+            except STREAM_ERRORS as e:  # the worker's failure: an error event, then [DONE]; nothing recorded
+                err = router.stream_failed(ctx, worker, e)
                 await send({"type": "http.response.body", "body": encode_event(err) + DONE, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -353,13 +351,15 @@ class GenerateHandler:
         return resp.status
 
     async def _relay_inspected(self, ctx: RequestContext, resp: Any, send: Send, chunks: list[dict]) -> bool:
-        """Parse each SSE event, let ``stream_chunk`` hooks see (and edit) it, re-serialize it. True when the
-        stream ended with its ``[DONE]``."""
+        """Parse each SSE event, check it (``Router.check_chunk``), let ``stream_chunk`` hooks see (and edit) it,
+        re-serialize it. True when the stream ended with its ``[DONE]``. An unusable chunk raises ``BadChunk``
+        after the events before it were passed on."""
         router = self.router
         stream_chunk = router.hooks.stream_chunk
+        check_chunk = router.check_chunk
         splitter = EventSplitter()
         done = False
-        async for data in resp.iter_chunks():
+        async for data in router.stream_chunks(resp):
             out: list[bytes] = []
             for event in splitter.feed(data):
                 obj = parse_event(event)
@@ -370,6 +370,12 @@ class GenerateHandler:
                     out.append(DONE)
                     done = True
                     continue
+                try:
+                    check_chunk(obj)
+                except BadChunk:
+                    if out:
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    raise
                 if stream_chunk:
                     pending = stream_chunk(ctx=ctx, chunk=obj)
                     if pending:  # e.g. a record that must land before this chunk reaches the client

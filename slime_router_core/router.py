@@ -29,7 +29,7 @@ from .errors import HTTPError
 from .plugins import PluginManager
 from .registry import ComponentRegistry
 from .settings import Settings
-from .sglang import reply_problem
+from .sglang import chunk_problem, reply_problem
 from .sse import END, OPAQUE, EventSplitter, parse_event
 from .upstream import StreamReply, UpstreamPool
 from .workers import Worker, WorkerAllowlist, WorkerPool, normalize_worker_url
@@ -42,6 +42,19 @@ REQUEST_HOOKS = ("pre_request", "select_worker", "worker_selected", "should_retr
 
 JSON_CT = "application/json"
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+
+
+class BadChunk(ValueError):
+    """A streamed chunk that ``sglang.chunk_problem`` refuses (``Router.check_chunk``): the message says why."""
+
+
+class StreamIdleTimeout(TimeoutError):
+    """A streaming worker sent nothing for ``--request-timeout`` seconds (``Router.stream_chunks``)."""
+
+
+# What ends a stream after it began as the worker's failure (``Router.stream_failed``): a broken connection, a
+# truncated stream, an idle timeout (a TimeoutError: an OSError), an unusable chunk.
+STREAM_ERRORS = (*CONNECTION_ERRORS, BadChunk)
 
 
 def error_message(data: bytes | Any) -> str:
@@ -441,6 +454,33 @@ class Router:
         raise HTTPError(502, f"Worker {worker.url} answered with an unusable reply: {problem}. Nothing was "
                              f"recorded.", type="upstream_error", code="bad_worker_reply")
 
+    def check_chunk(self, obj: Any) -> None:
+        """A parsed stream chunk, checked like a reply (``sglang.chunk_problem``) before any ``stream_chunk`` hook
+        (the trajectory cache) sees it; raises ``BadChunk`` (the relay then ends the stream: ``stream_failed``)."""
+        problem = chunk_problem(obj, self.vocab_size)
+        if problem is not None:
+            raise BadChunk(problem)
+
+    def stream_chunks(self, reply: StreamReply) -> AsyncIterator[bytes]:
+        """A stream's body as it arrives (``reply.iter_chunks()``). With ``--request-timeout``, a worker that sends
+        nothing for that long -- before its first chunk or between two -- ends it with ``StreamIdleTimeout``;
+        the caller's ``release_stream`` then closes the connection (the worker aborts the generation). Only the
+        wait for the worker counts, not the time the caller spends with a chunk (a slow client, a hook)."""
+        timeout = self.settings.request_timeout
+        return _idle_bounded(reply, timeout) if timeout else reply.iter_chunks()
+
+    def stream_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> dict[str, Any]:
+        """A stream that went wrong after it began (one of ``STREAM_ERRORS``): counted as the worker's failure
+        (``worker_failed``), the reason kept in ``ctx.error``; returns the error event that ends the client's
+        stream (followed by ``data: [DONE]``). The caller passes nothing more on and records nothing."""
+        self.worker_failed(ctx, worker, error)
+        if isinstance(error, BadChunk):
+            ctx.error = (f"Worker {worker.url} sent an unusable chunk mid-stream: {error}. The stream was cut there; "
+                         f"the chunk was neither passed on nor recorded.")
+        else:
+            ctx.error = f"Worker {worker.url} failed mid-stream: {type(error).__name__}: {error}"
+        return {"error": {"message": ctx.error, "type": "upstream_error"}}
+
     def worker_failed(self, ctx: RequestContext, worker: Worker, error: BaseException) -> None:
         """A worker failed after it answered (a broken or truncated stream, an unusable reply, a timeout): not
         retried, but it counts as a failure (``upstream_failed`` hooks: the circuit breaker, metrics)."""
@@ -476,7 +516,8 @@ class Router:
         """Stream ``ctx.body`` upstream; yields each parsed SSE object (after ``stream_chunk``).
 
         ``ctx.inspect_stream`` is forced on so that hooks and the caller see every chunk. A worker
-        error after the stream began is yielded as ``{"error": {...}}``. Closing the generator early
+        error after the stream began (a broken or truncated stream, an unusable chunk, no data for
+        ``--request-timeout`` seconds) is yielded as ``{"error": {...}}``, last. Closing the generator early
         (client gone) closes the upstream connection, which aborts the request in the worker.
 
         Holds a ``--max-concurrent-requests`` slot from the first ``__anext__`` until the generator ends or is
@@ -492,10 +533,11 @@ class Router:
             completed = False
             chunks: list[dict[str, Any]] = []
             try:
-                async for obj in iter_sse(resp):
+                async for obj in iter_sse(self.stream_chunks(resp)):
                     if obj is None:
                         completed = True
                         break
+                    self.check_chunk(obj)
                     if self.hooks.stream_chunk:
                         pending = self.hooks.stream_chunk(ctx=ctx, chunk=obj)
                         if pending:
@@ -506,14 +548,9 @@ class Router:
                     ctx.sent_to_client = True
                     yield obj
                 if not completed:  # the worker closed the stream without its [DONE]
-                    truncated = ConnectionError("the stream ended without its final data: [DONE] event")
-                    self.worker_failed(ctx, worker, truncated)
-                    yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {truncated}",
-                                     "type": "upstream_error"}}
-            except CONNECTION_ERRORS as e:
-                self.worker_failed(ctx, worker, e)
-                yield {"error": {"message": f"Worker {worker.url} failed mid-stream: {type(e).__name__}: {e}",
-                                 "type": "upstream_error"}}
+                    raise ConnectionError("the stream ended without its final data: [DONE] event")
+            except STREAM_ERRORS as e:
+                yield self.stream_failed(ctx, worker, e)
             finally:
                 self.release_stream(resp, worker)
             if completed:
@@ -546,10 +583,11 @@ class Router:
         return dict(await asyncio.gather(*(one(u) for u in targets)))
 
 
-async def iter_sse(resp: StreamReply) -> AsyncIterator[dict[str, Any] | None]:
-    """Parse an SGLang SSE stream: yields each ``data:`` JSON object, ``None`` for ``[DONE]``."""
+async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
+    """Parse an SGLang SSE stream (``Router.stream_chunks``): yields each ``data:`` JSON object, ``None`` for
+    ``[DONE]``."""
     splitter = EventSplitter()
-    async for data in resp.iter_chunks():
+    async for data in chunks:
         for event in splitter.feed(data):
             value = parse_event(event)
             if value is OPAQUE:
@@ -560,3 +598,53 @@ async def iter_sse(resp: StreamReply) -> AsyncIterator[dict[str, Any] | None]:
                 yield None
                 return
             yield value
+
+
+class _IdleWatch:
+    """One stream's idle timer: one loop timer, re-armed only when it fires (a chunk costs a clock read).
+
+    ``task`` is set while the stream waits for the worker, ``None`` while the caller holds a chunk. Expired, it
+    cancels the waiting task; ``_idle_bounded`` turns that cancellation into ``StreamIdleTimeout``.
+    """
+
+    __slots__ = ("loop", "timeout", "since", "task", "expired", "timer")
+
+    def __init__(self, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.since = self.loop.time()
+        self.task: asyncio.Task[Any] | None = None
+        self.expired = False
+        self.timer = self.loop.call_at(self.since + timeout, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        due = self.since + self.timeout
+        if self.task is None or now + 0.001 < due:  # busy with a chunk, or data came since: not yet
+            self.timer = self.loop.call_at(now + self.timeout if self.task is None else due, self._check)
+            return
+        self.expired = True
+        self.task.cancel()
+
+
+async def _idle_bounded(reply: StreamReply, timeout: float) -> AsyncIterator[bytes]:
+    """``reply.iter_chunks()``, ended by ``StreamIdleTimeout`` after ``timeout`` seconds without data."""
+    watch = _IdleWatch(timeout)
+    chunks = reply.iter_chunks()
+    try:
+        while True:
+            watch.since, watch.task = watch.loop.time(), asyncio.current_task()
+            try:
+                data = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                uncancel = getattr(watch.task, "uncancel", None)  # Python >= 3.11
+                if not watch.expired or (uncancel is not None and uncancel() > 0):
+                    raise  # not (only) ours: the client left, the server shuts down
+                raise StreamIdleTimeout(f"no data for {timeout:g} s (--request-timeout bounds the wait for each "
+                                        f"chunk of a stream); the generation was aborted on the worker") from None
+            watch.task = None
+            yield data
+    finally:
+        watch.timer.cancel()

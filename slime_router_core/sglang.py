@@ -119,31 +119,53 @@ def reply_problem(obj: Any, vocab_size: int | None = None) -> str | None:
     with the ids of ``output_token_logprobs``.
     """
     for k, one in enumerate(obj if isinstance(obj, list) and obj else [obj]):
-        where = f"reply[{k}]" if isinstance(obj, list) else "the reply"
-        if not isinstance(one, dict):
-            return f"{where} is not a JSON object"
-        if "error" in one and "text" not in one and "output_ids" not in one:
-            err = one["error"]
-            return f"{where} is an error: {err.get('message', err) if isinstance(err, dict) else err}"
-        meta = one.get("meta_info")
-        if meta is not None and not isinstance(meta, dict):
-            return f"{where}: meta_info is not an object"
-        ids = one.get("output_ids")
-        if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
-            return f"{where}: output_ids is not a list of integers"
-        triples = (meta or {}).get("output_token_logprobs")
-        lp_ids: list[int] = []
-        if triples is not None:
-            if not isinstance(triples, list) or not all(isinstance(t, list) and len(t) >= 2 and type(t[1]) is int
-                                                        for t in triples):
-                return f"{where}: output_token_logprobs is not a list of [logprob, token id, ...] entries"
-            lp_ids = [t[1] for t in triples]
-            if ids is not None and (len(lp_ids) > len(ids) or (lp_ids and ids[len(ids) - len(lp_ids):] != lp_ids)):
-                return (f"{where}: output_ids ({len(ids)} tokens) and output_token_logprobs ({len(lp_ids)} "
-                        f"entries) disagree")
-        if vocab_size is not None:
-            for seq in (ids, lp_ids):
-                if seq and (min(seq) < 0 or max(seq) >= vocab_size):  # min/max: C loops, on every reply
-                    bad = next(t for t in seq if not 0 <= t < vocab_size)
-                    return f"{where}: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})"
+        problem = _sequence_problem(one, f"reply[{k}]" if isinstance(obj, list) else "the reply", vocab_size)
+        if problem is not None:
+            return problem
     return None
+
+
+def chunk_problem(chunk: Any, vocab_size: int | None = None) -> str | None:
+    """What makes one chunk of a /generate stream unusable, or None: the checks of ``reply_problem``, for the
+    chunk on its own (a stream's chunks carry cumulative or delta lists, see ``merge_stream``).
+
+    Cumulative (0.5.10+) and incremental chunks carry as many ids as logprobs, like a reply. Legacy chunks
+    (0.5.0-0.5.5) carry the new ids only with *all* the logprobs so far: there ``output_token_logprobs`` must end
+    with ``output_ids``.
+    """
+    return _sequence_problem(chunk, "the chunk", vocab_size, stream=True)
+
+
+def _sequence_problem(one: Any, where: str, vocab_size: int | None, stream: bool = False) -> str | None:
+    """The checks of ``reply_problem`` / ``chunk_problem`` on one sequence's object."""
+    if not isinstance(one, dict):
+        return f"{where} is not a JSON object"
+    if "error" in one and "text" not in one and "output_ids" not in one:
+        err = one["error"]
+        return f"{where} is an error: {err.get('message', err) if isinstance(err, dict) else err}"
+    meta = one.get("meta_info")
+    if meta is not None and not isinstance(meta, dict):
+        return f"{where}: meta_info is not an object"
+    ids = one.get("output_ids")
+    if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+        return f"{where}: output_ids is not a list of integers"
+    triples = (meta or {}).get("output_token_logprobs")
+    lp_ids: list[int] = []
+    if triples is not None:
+        if not isinstance(triples, list) or not all(isinstance(t, list) and len(t) >= 2 and type(t[1]) is int
+                                                    for t in triples):
+            return f"{where}: output_token_logprobs is not a list of [logprob, token id, ...] entries"
+        lp_ids = [t[1] for t in triples]
+        if ids is not None and not (_ends_with(ids, lp_ids) or (stream and _ends_with(lp_ids, ids))):
+            return (f"{where}: output_ids ({len(ids)} tokens) and output_token_logprobs ({len(lp_ids)} "
+                    f"entries) disagree")
+    if vocab_size is not None:
+        for seq in (ids, lp_ids):
+            if seq and (min(seq) < 0 or max(seq) >= vocab_size):  # min/max: C loops, on every reply
+                bad = next(t for t in seq if not 0 <= t < vocab_size)
+                return f"{where}: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})"
+    return None
+
+
+def _ends_with(seq: list[int], tail: list[int]) -> bool:
+    return len(tail) <= len(seq) and (not tail or seq[len(seq) - len(tail):] == tail)

@@ -380,3 +380,30 @@ def test_metrics_export_the_admission_counters(router, mock_worker):
             assert (await held)[0] == 200
 
     asyncio.run(main())
+
+
+def test_health_shows_the_load_without_metrics(router, mock_worker):
+    # orchestrators see overload on /health (no metrics plugin): in flight, queued, and the limit
+    worker = mock_worker(latency=1.0)
+    r = router(plugins=[], worker_urls=[worker.url], max_concurrent_requests=1, max_queued_requests=1)
+    adm = admission_of(r)
+
+    async def health(s: aiohttp.ClientSession) -> dict[str, Any]:
+        async with s.get(r.url + "/health") as resp:
+            assert resp.status == 200
+            return orjson.loads(await resp.read())
+
+    async def main() -> None:
+        async with session() as s:
+            idle = await health(s)
+            assert idle["status"] == "ok"
+            assert (idle["in_flight"], idle["queued"], idle["max_concurrent_requests"]) == (0, 0, 1)
+            held = [asyncio.create_task(post(s, r.url + "/generate")) for _ in range(2)]
+            await until(lambda: adm.in_flight == 1 and adm.queued == 1)
+            busy = await health(s)
+            assert (busy["in_flight"], busy["queued"], busy["max_concurrent_requests"]) == (1, 1, 1)
+            assert [status for status, _, _ in await asyncio.gather(*held)] == [200, 200]
+            await until(lambda: adm.in_flight == 0)
+            assert (await health(s))["in_flight"] == 0
+
+    asyncio.run(main())
