@@ -345,3 +345,27 @@ def test_finish_and_ttl_free_the_memory():
     tracemalloc.stop()
     assert store.stats()["sessions"] == 0
     assert left < 0.05 * held, (left, held)  # what is left: the tombstones of 20 ids
+
+
+def test_a_client_that_leaves_mid_stream_is_a_gap_and_a_shared_system_prompt_is_new(env):
+    c, sid = env["c"], "gaps"
+    h = {"X-Session-ID": sid}
+    first = conversation(c, "/generate", 1, "g1", headers=h)
+    # an unrelated conversation in the same session: shares the template's first tokens, no generated token
+    conversation(c, "/generate", 1, "g2", headers=h)
+    httpx.post(env["worker"] + "/mock/configure", json={"token_latency": 0.5}).raise_for_status()
+    try:
+        with c.stream("POST", "/generate", headers=h, json={
+                "text": first + "<|im_end|>\n" + TEMPLATE.format("go on"), "stream": True,
+                "sampling_params": {"max_new_tokens": 12}}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one chunk (of ~6 s of them), then the client goes away
+    finally:
+        httpx.post(env["worker"] + "/mock/configure", json={"token_latency": 0.0}).raise_for_status()
+    deadline = time.monotonic() + 30
+    while not session(c, sid)["gaps"]:
+        assert time.monotonic() < deadline, "the abandoned stream never showed up in the gaps"
+        time.sleep(0.05)
+    s = session(c, sid)
+    assert [g["reason"] for g in s["gaps"]] == ["not_finished"]
+    assert [t["reason"] for t in s["trajectories"]] == ["new", "new"] and s["requests"] == 3

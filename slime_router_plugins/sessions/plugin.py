@@ -5,13 +5,13 @@ A request belongs to session ``sid`` when it carries ``X-Session-ID: sid`` or is
 rewrites the path and sets the header, ``slime_router_core.scoped``). Requests without one behave as before.
 
 Hooks (routes ``/generate``, ``/v1/chat/completions``, ``/v1/completions``):
-- pre_request (trylast: after the trajectory cache turned a text prompt into the ``input_ids`` sent): refuses a
-  finished (409) or expired (404) session, opens the session, keeps the prompt ids; ``X-Session-Metadata`` (a JSON
-  object) is merged into the session's metadata.
+- pre_request (tryfirst: before any other plugin works on the request): refuses a bad id (400), a finished (409)
+  or expired (404) session, opens the session; ``X-Session-Metadata`` (a JSON object) is merged into its metadata.
 - stream_chunk (tryfirst: before logprobs the client did not ask for are stripped): keeps each chunk.
-- post_response (tryfirst, same reason): folds each finished sequence into the session (``store.py``); what
-  cannot be stored exactly (an aborted generation, a prompt that was not tokenized by the router) is listed in
-  the session's ``gaps``.
+- post_response (tryfirst, same reason): folds each finished sequence into the session (``store.py``), with the
+  prompt ids of the body that was sent (the trajectory cache replaced a text prompt with them); what cannot be
+  stored exactly (an aborted generation, a prompt that was not tokenized by the router) is listed in the session's
+  ``gaps``; request_finished lists a request that ended without a complete reply (failed, client gone).
 
 Routes: ``POST /sessions`` (open, with metadata), ``GET /sessions`` (summaries and counters), ``GET``/``PATCH``/
 ``DELETE /sessions/{sid}`` (trajectories / merge metadata / finish: hand over and free), ``POST /retrieve_batch``
@@ -25,12 +25,13 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import Body
+from fastapi import Response as FastAPIResponse
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -56,6 +57,7 @@ log = logging.getLogger("slime_router.sessions")
 SESSION_HEADER = "x-session-id"
 METADATA_HEADER = "x-session-metadata"
 ROUTES = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
+NOT_FOUND = "No session {sid!r}: none was opened (POST /sessions) and no request carried it."
 SESSION_ID = re.compile(r"[A-Za-z0-9._:@=+-]{1,128}")
 FINISHED = ("stop", "length")
 
@@ -73,10 +75,9 @@ class SessionsConfig(PluginConfig):
 @dataclass
 class _Turn:
     session: Session
-    prompts: list[list[int]] | None  # the ids sent, one list per prompt (None: not token ids, cannot be stored)
-    n: int
     request_id: str
     chunks: list[dict] = field(default_factory=list)
+    folded: bool = False  # its replies went into the session (post_response)
 
 
 _TURN: StashKey[_Turn] = StashKey("sessions.turn")
@@ -103,7 +104,7 @@ def _metadata(raw: str | None) -> dict[str, Any] | None:
 
 
 def _gone(e: SessionGone) -> HTTPError:
-    return HTTPError(e.status, e.message, code="session_finished" if e.status == 409 else "session_gone")
+    return HTTPError(e.status, e.message, code=e.code)
 
 
 def _store(router: Router | None) -> SessionStore | None:
@@ -157,47 +158,46 @@ async def shutdown(router: Router) -> None:
 # --- recording ---------------------------------------------------------------------------------------
 
 
-@hookimpl(trylast=True)
-def pre_request(ctx: RequestContext) -> Awaitable[None] | None:
+@hookimpl(tryfirst=True)  # first: a finished session or a bad id is refused before any other plugin works on it
+def pre_request(ctx: RequestContext) -> None:
     if ctx.route not in ROUTES:
-        return None
+        return
     sid = ctx.headers.get(SESSION_HEADER)
     if not sid:
-        return None  # no session: nothing more on this request's path
+        return  # no session: nothing more on this request's path
     store = _store(ctx.router)
     if store is None:
-        return None
+        return
     check_session_id(sid)
-    # a coroutine: the awaitables pre_request hooks return are awaited in call order, so this runs after the
-    # trajectory cache's (which replaces a text prompt with the input_ids that are sent)
-    return _open_turn(ctx, store, sid)
-
-
-async def _open_turn(ctx: RequestContext, store: SessionStore, sid: str) -> None:
     try:
         session, _ = store.open(sid, _metadata(ctx.headers.get(METADATA_HEADER)))
     except SessionGone as e:
         raise _gone(e) from None
     session.requests += 1
     body = ctx.body
-    ids = body.get("input_ids") if isinstance(body, dict) else None
-    prompts: list[list[int]] | None
+    rid = body.get("rid") if isinstance(body, dict) else None
+    ctx.stash[_TURN] = _Turn(session, rid if isinstance(rid, str) else uuid.uuid4().hex)
+    if ctx.stream:
+        ctx.inspect_stream = True
+
+
+def _prompts(body: Any) -> tuple[list[list[int]] | None, int]:
+    """The prompt ids the worker received (one list per prompt; None when they were not token ids) and the
+    samples per prompt (0: they differ per prompt), read from the body that was sent (after the trajectory cache
+    replaced a text prompt with its ids)."""
+    if not isinstance(body, dict):
+        return None, 1
+    ids = body.get("input_ids")
+    prompts: list[list[int]] | None = None
     if isinstance(ids, list) and ids and all(type(x) is int for x in ids):
         prompts = [ids]
     elif isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
         prompts = ids
-    else:
-        prompts = None
-    sp = body.get("sampling_params") if isinstance(body, dict) else None
+    sp = body.get("sampling_params")
     if isinstance(sp, list):
         ns = {int(x.get("n", 1) or 1) if isinstance(x, dict) else 1 for x in sp}
-        n = ns.pop() if len(ns) == 1 else 0
-    else:
-        n = int(sp.get("n", 1) or 1) if isinstance(sp, dict) else 1
-    rid = body.get("rid") if isinstance(body, dict) else None
-    ctx.stash[_TURN] = _Turn(session, prompts, n, rid if isinstance(rid, str) else uuid.uuid4().hex)
-    if ctx.stream:
-        ctx.inspect_stream = True
+        return prompts, (ns.pop() if len(ns) == 1 else 0)
+    return prompts, (int(sp.get("n", 1) or 1) if isinstance(sp, dict) else 1)
 
 
 @hookimpl(tryfirst=True)
@@ -223,11 +223,23 @@ def post_response(ctx: RequestContext, response: Any) -> None:
         replies = [merge_stream(groups[k]) for k in sorted(groups)]
     else:
         replies = response if isinstance(response, list) else [response]
-    _fold(turn, replies)
+    _fold(turn, replies, *_prompts(ctx.body))
 
 
-def _fold(turn: _Turn, replies: list[Any]) -> None:
-    session, prompts, n, rid = turn.session, turn.prompts, max(1, turn.n), turn.request_id
+@hookimpl
+def request_finished(ctx: RequestContext) -> None:
+    turn = ctx.stash.get(_TURN)
+    if turn is not None and not turn.folded:  # failed, refused, or the client left mid-stream: say so
+        turn.folded = True
+        turn.session.gaps.append({"request_id": turn.request_id, "index": None, "reason": "not_finished",
+                                  "status": ctx.status, "error": ctx.error,
+                                  "message": "The request ended without a complete reply (it failed, or the client "
+                                             "went away mid-stream): not part of any trajectory."})
+
+
+def _fold(turn: _Turn, replies: list[Any], prompts: list[list[int]] | None, samples: int) -> None:
+    turn.folded = True
+    session, n, rid = turn.session, max(1, samples), turn.request_id
     group = rid if (len(replies) > 1) else None
     for i, reply in enumerate(replies):
         if not isinstance(reply, dict):
@@ -236,7 +248,7 @@ def _fold(turn: _Turn, replies: list[Any]) -> None:
         meta: dict[str, Any] = m if isinstance(m, dict) else {}
         fr = meta.get("finish_reason")
         kind = fr.get("type") if isinstance(fr, dict) else fr
-        if prompts is None or turn.n == 0 or i // n >= len(prompts):
+        if prompts is None or samples == 0 or i // n >= len(prompts):
             session.gaps.append({"request_id": rid, "index": i, "reason": "prompt_not_token_ids",
                                  "message": "The prompt reached the worker as text (the trajectory cache did not "
                                             "tokenize it), so its exact tokens are unknown."})
@@ -275,7 +287,7 @@ class SessionMetadata(BaseModel):
 
 class SessionOpened(BaseModel):
     session_id: str
-    created: bool = Field(description="False: it was already open (its metadata merged)")
+    opened: bool = Field(description="True: opened now (201); False: it was already open, its metadata merged (200)")
     base_url: str = Field(description="Path prefix for an OpenAI SDK / agent that only knows a base URL")
     metadata: dict[str, Any]
 
@@ -335,20 +347,22 @@ def register_routes(app: FastAPI, router: Router) -> None:
         except SessionGone as e:
             raise _gone(e) from None
         if s is None:
-            raise HTTPError(404, f"No session {sid!r}: none was opened (POST /sessions) and no request carried it.",
-                            code="session_not_found")
+            raise HTTPError(404, NOT_FOUND.format(sid=sid), code="session_not_found")
         return s
 
-    @app.post("/sessions", status_code=201)
-    async def open_session(body: OpenSession | None = None) -> SessionOpened:
-        """Open a session (optional: the first request with a new id opens it too) with its metadata."""
+    @app.post("/sessions", status_code=201, responses={200: {"model": SessionOpened}})
+    async def open_session(response: FastAPIResponse, body: OpenSession | None = None) -> SessionOpened:
+        """Open a session (optional: the first request with a new id opens it too) with its metadata: 201, or
+        200 when it was already open (its metadata merged)."""
         body = body or OpenSession(session_id=None)
         sid = check_session_id(body.session_id) if body.session_id else uuid.uuid4().hex
         try:
-            s, created = store.open(sid, body.metadata)
+            s, opened = store.open(sid, body.metadata)
         except SessionGone as e:
             raise _gone(e) from None
-        return SessionOpened(session_id=sid, created=created, base_url=f"/sessions/{sid}", metadata=s.metadata)
+        if not opened:
+            response.status_code = 200
+        return SessionOpened(session_id=sid, opened=opened, base_url=f"/sessions/{sid}", metadata=s.metadata)
 
     @app.get("/sessions")
     async def list_sessions() -> dict[str, Any]:
@@ -383,7 +397,7 @@ def register_routes(app: FastAPI, router: Router) -> None:
         except SessionGone as e:
             raise _gone(e) from None
         except KeyError:
-            raise HTTPError(404, f"No session {sid!r}.", code="session_not_found") from None
+            raise HTTPError(404, NOT_FOUND.format(sid=sid), code="session_not_found") from None
         return Response(_session_json(s, tokens), media_type="application/json")
 
     @app.post("/retrieve_batch", response_class=StreamingResponse,
@@ -405,8 +419,8 @@ def register_routes(app: FastAPI, router: Router) -> None:
         return StreamingResponse(_batch(router, store, body, given[0]), media_type="application/x-ndjson")
 
 
-def _error(key: str, value: Any, status: int, message: str) -> dict[str, Any]:
-    return {key: value, "error": {"status": status, "message": message}}
+def _error(key: str, value: Any, status: int, message: str, code: str | int | None = None) -> dict[str, Any]:
+    return {key: value, "error": {"status": status, "code": code, "message": message}}
 
 
 def _sessions(store: SessionStore, body: BatchRequest) -> list[Session | dict[str, Any]]:
@@ -419,17 +433,17 @@ def _sessions(store: SessionStore, body: BatchRequest) -> list[Session | dict[st
             if s is None:
                 raise KeyError(sid)
         except (HTTPError, SessionGone) as e:
-            out.append(_error("session_id", sid, e.status, e.message))
+            out.append(_error("session_id", sid, e.status, e.message, e.code))
         except KeyError:
-            out.append(_error("session_id", sid, 404, f"No session {sid!r}."))
+            out.append(_error("session_id", sid, 404, NOT_FOUND.format(sid=sid), "session_not_found"))
         else:
             out.append(s)
     return out
 
 
 async def _batch(router: Router, store: SessionStore, body: BatchRequest, kind: str) -> AsyncIterator[bytes]:
-    def error(key: str, value: Any, status: int, message: str) -> bytes:
-        return orjson.dumps(_error(key, value, status, message)) + b"\n"
+    def error(key: str, value: Any, status: int, message: str, code: str | int | None = None) -> bytes:
+        return orjson.dumps(_error(key, value, status, message, code)) + b"\n"
 
     if kind == "sessions":
         for k, item in enumerate(_sessions(store, body)):
@@ -445,7 +459,7 @@ async def _batch(router: Router, store: SessionStore, body: BatchRequest, kind: 
                     raise HTTPError(503, "No trajectory cache is registered.")
                 r = await cache.retrieve(text)
             except HTTPError as e:
-                yield error("index", i, e.status, e.message)
+                yield error("index", i, e.status, e.message, e.code)
             except CacheUnavailable as e:
                 yield error("index", i, 503, f"The trajectory cache is unavailable ({e}).")
             else:
@@ -459,7 +473,7 @@ async def _batch(router: Router, store: SessionStore, body: BatchRequest, kind: 
                 raise HTTPError(503, "The openai_compat plugin is not loaded: message lists cannot be rendered.")
             r = await svc.retrieve_messages({"messages": messages})
         except HTTPError as e:
-            yield error("index", i, e.status, e.message)
+            yield error("index", i, e.status, e.message, e.code)
         else:
             r = dict(r) if isinstance(r, dict) else {"result": r}
             r["index"] = i

@@ -9,10 +9,11 @@ Turns are folded into *segments*, one trainer-ready trajectory each (tokens, los
 token 0):
 
 - a turn whose prompt starts with a segment's tokens continues that segment (the usual multi-turn case);
-- otherwise it starts a new segment, which says why: ``"new"`` (shares nothing with the session so far),
-  ``"branch"`` (its prompt is a prefix of a segment's tokens: a sibling sample of a turn already taken, e.g. the
-  2nd..nth sample of a GRPO group), or ``"rewrite"`` (it departs from a segment inside that segment's tokens: the
-  agent changed or dropped history). The segment copies the shared prefix from its ``parent`` (so generated
+- otherwise it starts a new segment, which says why: ``"new"`` (it shares at most part of a segment's first prompt:
+  a system prompt, the template's first tokens), ``"branch"`` (its prompt is a prefix of a segment's tokens: a
+  sibling sample of a turn already taken, e.g. the 2nd..nth sample of a GRPO group), or ``"rewrite"`` (it shares a
+  segment's whole first prompt and departs later, from a generated token on: the agent changed or dropped
+  history). The segment copies the shared prefix from its ``parent`` (so generated
   tokens there keep loss mask 1) and records ``diverges_at`` (the first token that differs).
 
 Memory: 9 bytes per stored token (id int32, logprob float32, mask byte) plus the version runs; finishing a
@@ -149,12 +150,16 @@ class Session:
                 c = common_prefix(s.ids, prompt)
                 if c > shared:
                     parent, shared = s, c
+            if parent is not None and shared < n:
+                first_generated = parent.mask.find(1)
+                if first_generated < 0 or shared < first_generated:
+                    parent = None  # it shares only part of the first prompt (a system prompt, the template): new
             if parent is None:
                 reason, diverges = "new", None
             else:
                 reason, diverges = ("branch" if shared == n else "rewrite"), shared
             seg = Segment(len(self.segments), reason, parent.index if parent else None, diverges)
-            if parent is not None:
+            if parent is not None:  # the shared prefix as the parent holds it (its generated tokens keep mask 1)
                 seg._copy_prefix(parent, shared)
             self.segments.append(seg)
         start = len(seg.ids)
@@ -187,11 +192,13 @@ class Session:
 
 
 class SessionGone(Exception):
-    """A session that was finished or expired: ``status`` (409 finished, 404 expired) and ``message``."""
+    """A session id that cannot be used: ``status``, ``code`` and ``message`` -- 409 ``session_finished``, 404
+    ``session_expired``, 429 ``too_many_sessions`` (opening one more would pass ``--session-max``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
         self.message = message
 
 
@@ -216,10 +223,12 @@ class SessionStore:
             what, when = g
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
             if what == "finished":
-                raise SessionGone(409, f"Session {sid!r} was finished (DELETE /sessions/{sid}) at {stamp}; its "
-                                       f"trajectories were handed over and freed. Use a new session id.")
-            raise SessionGone(404, f"Session {sid!r} expired at {stamp} after {self.ttl:g} s without a request "
-                                   f"(--session-ttl); its trajectories were freed. Use a new session id.")
+                raise SessionGone(409, "session_finished",
+                                  f"Session {sid!r} was finished (DELETE /sessions/{sid}) at {stamp}; its trajectories "
+                                  f"were handed over and freed. Use a new session id.")
+            raise SessionGone(404, "session_expired",
+                              f"Session {sid!r} expired at {stamp} after {self.ttl:g} s without a request "
+                              f"(--session-ttl); its trajectories were freed. Use a new session id.")
 
     def get(self, sid: str) -> Session | None:
         with self.lock:
@@ -239,9 +248,10 @@ class SessionStore:
                 return s, False
             self._check_gone(sid)
             if self.max_sessions and len(self.sessions) >= self.max_sessions:
-                raise SessionGone(429, f"{len(self.sessions):,} sessions are open, the limit (--session-max); "
-                                       f"finish sessions (DELETE /sessions/{{sid}}) when their trajectories are "
-                                       f"retrieved, or raise the limit.")
+                raise SessionGone(429, "too_many_sessions",
+                                  f"{len(self.sessions):,} sessions are open, the limit (--session-max); finish "
+                                  f"sessions (DELETE /sessions/{{sid}}) when their trajectories are retrieved, or "
+                                  f"raise the limit.")
             s = self.sessions[sid] = Session(sid, metadata)
             self.counters["created"] += 1
             return s, True
