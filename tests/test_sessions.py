@@ -369,3 +369,18 @@ def test_a_client_that_leaves_mid_stream_is_a_gap_and_a_shared_system_prompt_is_
     s = session(c, sid)
     assert [g["reason"] for g in s["gaps"]] == ["not_finished"]
     assert [t["reason"] for t in s["trajectories"]] == ["new", "new"] and s["requests"] == 3
+
+
+def test_scoped_urls_are_behind_the_data_key(worker, servers_to_stop):
+    router = start_router(plugins=["radix_tree", "sessions"], settings=Settings(
+        hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker], api_key="data", admin_api_key="admin"))
+    servers_to_stop.append(router)
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 4}}
+    with httpx.Client(base_url=router.url, timeout=30) as c:
+        assert c.post("/sessions/k1/generate", json=body).status_code == 401
+        assert c.post("/sessions/k1/generate", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = c.post("/sessions/k1/generate", json=body, headers={"Authorization": "Bearer data"})
+        assert ok.status_code == 200, ok.text
+        assert c.get("/sessions/k1").status_code == 401
+        got = c.get("/sessions/k1", headers={"Authorization": "Bearer data"})
+        assert got.status_code == 200 and got.json()["requests"] == 1
