@@ -142,6 +142,8 @@ class WorkerURL(JSONObjectBody):
 
     url: str | None = Field(None, description="The worker's scheme://host:port (http or https, nothing else).",
                             examples=["http://127.0.0.1:30001"])
+    engine: str | None = Field(None, description="Its inference engine (sglang, or one a plugin adds, e.g. vllm); "
+                                                 "omitted: read from its /openapi.json", examples=["vllm"])
 
     @field_validator("url", mode="before")
     @classmethod
@@ -191,6 +193,7 @@ class WorkerRemoved(BaseModel):
 
 class WorkerInfo(BaseModel):
     url: str
+    engine: str = Field(description="Its inference engine: sglang, or one a plugin adds (e.g. vllm).")
     in_flight: int
     requests: int = Field(description="Requests sent to it since it was added.")
     failures: int = Field(description="Failed attempts (connection errors, status >= 500, broken streams).")
@@ -269,6 +272,11 @@ URLQuery = Annotated[str | None, Query(description="The worker's scheme://host:p
                                                   "{\"url\": ...}).", examples=["http://127.0.0.1:30001"])]
 
 
+EngineQuery = Annotated[str | None, Query(description="The worker's inference engine (sglang, or one a plugin adds, "
+                                                     "e.g. vllm); omitted: read from its /openapi.json",
+                                         examples=["vllm"])]
+
+
 def _url_from(url: str | None, body: WorkerURL | None) -> str:
     if url is None and body is not None:
         url = body.url
@@ -303,9 +311,11 @@ def _admin_routes(app: FastAPI, router: Router) -> None:
                       max_concurrent_requests=load["max_concurrent_requests"])
 
     @app.post("/add_worker", responses=_errors(400))
-    async def add_worker(url: URLQuery = None, body: Annotated[WorkerURL | None, Body()] = None) -> WorkerAdded:
+    async def add_worker(url: URLQuery = None, body: Annotated[WorkerURL | None, Body()] = None,
+                         engine: EngineQuery = None) -> WorkerAdded:
         """Add a worker: ``?url=http://host:port`` or JSON ``{"url": ...}``. Idempotent."""
-        worker, created = router.add_worker(_url_from(url, body))
+        worker, created = await router.add_worker_detected(_url_from(url, body),
+                                                           engine or (body.engine if body is not None else None))
         return WorkerAdded(status="added" if created else "already_registered", url=worker.url,
                            urls=router.pool.urls())
 

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .access import AccessControl, deny
 from .admin import REQUEST_ERROR, ErrorResponse
 from .contracts import TOKENIZER
+from .engines import split_engine
 from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
 from .proxy import GenerateHandler, method_not_allowed_error, unknown_route_error
@@ -103,7 +104,7 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     access = AccessControl.from_settings(settings)  # a bad key: ValueError naming the flag (never the key)
     allowlist = WorkerAllowlist.parse(settings.worker_allowlist)  # a bad entry: ValueError naming it
     for url in settings.worker_urls:
-        allowlist.check_startup(url)
+        allowlist.check_startup(split_engine(url)[0])
     router = Router(settings, plugins)
     hook = plugins.hook
 
@@ -128,7 +129,7 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await router.open()
         for url in settings.worker_urls:
-            router.add_worker(url)
+            await router.add_worker_detected(url)
         await maybe_await(hook.startup(router=router))
         # Start-up objects (tokenizer, plugins, framework) live forever: keep them out of the cyclic
         # GC's generations so collections during serving only walk what requests allocate.

@@ -15,6 +15,7 @@ key                 protocol                     provided by (first-party) / use
 ``METRICS``         ``MetricsSink``              metrics / its hooks and routes
 ``OPENAI_COMPAT``   ``OpenAICompat``             openai_compat / metrics, sessions (batch retrieval)
 ``SESSIONS``        ``Sessions``                 sessions / its routes (and a trajectory viewer)
+(``router.engines``) ``Engine``                  vllm (SGLang is the router's own wire format) / the core
 ==================  ===========================  ===========================================================
 
 Everything that may cross a process boundary is ``async`` (the trajectory cache runs in its own process with
@@ -194,6 +195,66 @@ class Sessions(StatsSource, Protocol):
     def get(self, sid: str) -> Any: ...
 
     def finish(self, sid: str) -> Any: ...
+
+
+# --- engines ---------------------------------------------------------------------------------------------
+
+
+class EngineCall(NamedTuple):
+    """One generation as an engine's HTTP call: the path and body to send, and what the engine needs to turn the
+    reply back into SGLang's shape (``state``: e.g. the prompt ids and the weight version known at dispatch)."""
+
+    path: str
+    payload: bytes
+    state: Any
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine other than SGLang, as an adapter: the router's canonical generation request and reply
+    are SGLang's ``/generate`` wire format (what clients send, what the trajectory cache and the OpenAI layer read);
+    a worker whose engine is not SGLang gets each generation translated by ``call`` and its reply back by
+    ``reply`` / ``stream``, so nothing above the upstream call knows. Registered with ``router.engines.register``;
+    a worker's engine is chosen when it is added (``?engine=NAME``, or ``detect`` on its ``/openapi.json`` paths).
+    All methods are synchronous except ``attach`` and ``stream``: they run on the request path."""
+
+    name: str
+
+    def detect(self, paths: frozenset[str]) -> bool:
+        """Does a worker whose OpenAPI document lists these paths speak this engine?"""
+        ...
+
+    async def attach(self, worker: Worker, router: Any) -> None:
+        """A worker of this engine was added: read what must be known before it serves (e.g. its endpoints, its
+        weight version). Raises to refuse the worker (the message says why)."""
+        ...
+
+    def unsupported(self, body: dict[str, Any]) -> str | None:
+        """Why this engine cannot serve this /generate body (an SGLang-only feature), or None."""
+        ...
+
+    def call(self, worker: Worker, body: dict[str, Any], stream: bool) -> EngineCall:
+        """The engine's HTTP call for a /generate body (raises ``HTTPError`` 400 for what it cannot express)."""
+        ...
+
+    def reply(self, worker: Worker, call: EngineCall, data: bytes) -> bytes:
+        """A 200 answer to ``call`` as the bytes of an SGLang /generate reply (one object, or a list)."""
+        ...
+
+    def stream(self, worker: Worker, call: EngineCall, chunks: Any) -> Any:
+        """The SSE body of a streamed answer (an async iterator of bytes) as SGLang's SSE stream (async iterator of
+        bytes, ``data: [DONE]`` at its end)."""
+        ...
+
+    def operation(self, worker: Worker, method: str, path: str, body: Any) -> tuple[str, str, Any] | None:
+        """A control-plane request (SGLang's path and body) as this engine's ``(method, path, body)``; None when
+        the engine has no equivalent."""
+        ...
+
+    def operation_done(self, worker: Worker, path: str, body: Any, status: int, answer: Any) -> tuple[int, Any]:
+        """The engine's answer to a translated operation, as SGLang would answer it (and any state to keep, e.g.
+        the weight version after ``/update_weight_version``)."""
+        ...
 
 
 @runtime_checkable

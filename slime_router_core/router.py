@@ -24,7 +24,8 @@ import orjson
 
 from .admission import Admission
 from .context import RequestContext
-from .contracts import TOKENIZER
+from .contracts import TOKENIZER, Engine
+from .engines import SGLANG, Engines, EngineStream, refusal, split_engine
 from .errors import HTTPError
 from .plugins import PluginManager
 from .registry import ComponentRegistry
@@ -192,6 +193,8 @@ class Router:
         # --max-concurrent-requests: every generation (/generate, generate, generate_stream) holds a slot
         self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests,
                                    settings.queue_timeout)
+        self.engines = Engines()  # engines other than SGLang, registered by plugins (engines.py)
+        self.foreign_workers = 0  # workers whose engine is not SGLang: 0 keeps the SGLang path untouched
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -220,20 +223,57 @@ class Router:
 
     # --- worker pool -------------------------------------------------------------------------
 
-    def add_worker(self, url: str) -> tuple[Worker, bool]:
-        """Add a worker (idempotent). With ``--worker-allowlist``, a URL outside it is refused (HTTPError 403) and
-        the pool is left unchanged: every request the router makes goes to a pool worker."""
+    def add_worker(self, url: str, engine: Engine | None = None) -> tuple[Worker, bool]:
+        """Add a worker (idempotent) of ``engine`` (None: SGLang; see ``add_worker_detected`` for the engine read
+        from the worker). With ``--worker-allowlist``, a URL outside it is refused (HTTPError 403) and the pool is
+        left unchanged: every request the router makes goes to a pool worker."""
         if self.settings.worker_allowlist:
             url = normalize_worker_url(url)  # what the pool would store, and connect to, is what is checked
             WorkerAllowlist.parse(self.settings.worker_allowlist).check(url)
         worker, created = self.pool.add(url)
         if created:
-            log.info("worker added: %s", worker.url)
+            worker.engine = engine
+            if engine is not None:
+                self.foreign_workers += 1
+            log.info("worker added: %s (%s)", worker.url, engine.name if engine is not None else SGLANG)
             self.hook.worker_added(worker=worker, router=self)
         return worker, created
 
+    async def add_worker_detected(self, url: str, engine: str | None = None) -> tuple[Worker, bool]:
+        """``add_worker`` with the worker's engine: ``engine`` by name, else read from the worker
+        (``Engines.detect``; SGLang when no engine plugin is loaded, without asking the worker). A non-SGLang
+        worker is ``attach``ed (e.g. its weight version read) before it joins the pool."""
+        url, named = split_engine(url)
+        engine = engine or named
+        known = self.pool.get(url)
+        if known is not None:
+            return known, False
+        if self.settings.worker_allowlist:  # refused before the router sends it anything, even a probe
+            WorkerAllowlist.parse(self.settings.worker_allowlist).check(normalize_worker_url(url))
+        if engine is not None:
+            adapter = self.engines.named(engine)
+        else:
+            assert self.session is not None, "router not started"
+            adapter = await self.engines.detect(normalize_worker_url(url), self.session)
+        if adapter is not None:
+            probe = Worker(normalize_worker_url(url))
+            try:
+                await adapter.attach(probe, self)
+            except HTTPError:
+                raise
+            except Exception as e:
+                raise HTTPError(502, f"Worker {probe.url} ({adapter.name}) could not be attached: "
+                                     f"{type(e).__name__}: {e}", param="url") from e
+            worker, created = self.add_worker(url, adapter)
+            if created:
+                worker.state.update(probe.state)
+            return worker, created
+        return self.add_worker(url)
+
     def remove_worker(self, url: str) -> Worker:
         worker = self.pool.remove(url)
+        if worker.engine is not None:
+            self.foreign_workers -= 1
         log.info("worker removed: %s (in flight: %d)", worker.url, worker.inflight)
         self.hook.worker_removed(worker=worker, router=self)
         return worker
@@ -275,9 +315,17 @@ class Router:
 
     # --- selection and retries -----------------------------------------------------------------
 
-    def select(self, ctx: RequestContext) -> Worker:
-        """Pick a worker not yet tried by this request and count it in flight (no await inside)."""
+    def select(self, ctx: RequestContext, generation: bool = False) -> Worker:
+        """Pick a worker not yet tried by this request and count it in flight (no await inside). A generation
+        in a mixed fleet only goes to workers whose engine can serve its body (``Engine.unsupported``)."""
         candidates = [w for w in self.pool.available() if w not in ctx.tried]
+        if generation and self.foreign_workers and candidates and isinstance(ctx.body, dict):
+            able = [w for w in candidates if w.engine is None or w.engine.unsupported(ctx.body) is None]
+            if not able:
+                why = refusal([(w, w.engine) for w in candidates], ctx.body)
+                raise HTTPError(400, f"No available worker can serve this request: {why}. Send it where an SGLang "
+                                     f"worker is available, or drop the feature.", type="invalid_request_error")
+            candidates = able
         if not candidates:
             if len(self.pool) == 0:
                 raise HTTPError(503, "No workers registered. Add one with POST /add_worker?url=http://HOST:PORT "
@@ -343,24 +391,45 @@ class Router:
         content_type = JSON_CT
         timeout = self.settings.request_timeout
         while True:
-            worker = self.select(ctx)
+            worker = self.select(ctx, generation=method is None)
             t = time.perf_counter()
             reply: StreamReply | None = None
+            engine = worker.engine
+            path, body = ctx.upstream_path, payload
             try:
+                if engine is not None:  # not SGLang: the engine's own call (contracts.Engine)
+                    if method is None:
+                        call = engine.call(worker, ctx.body, stream)
+                        path, body = call.path, call.payload
+                    else:
+                        op_body = orjson.loads(payload) if payload else None
+                        op = engine.operation(worker, method, path, op_body)
+                        if op is None:
+                            raise HTTPError(501, f"{ctx.upstream_path} has no equivalent on {engine.name} worker "
+                                                 f"{worker.url}.", type="upstream_error")
+                        method, path, sent = op
+                        body = orjson.dumps(sent) if sent is not None else None
                 if method is not None:
-                    status, data, content_type = await self._control(method, worker.url + ctx.upstream_path,
-                                                                     payload)
+                    status, data, content_type = await self._control(method, worker.url + path, body)
+                    if engine is not None and status < 400:
+                        status, answer = engine.operation_done(worker, ctx.upstream_path, op_body, status,
+                                                               orjson.loads(data) if data else None)
+                        data = orjson.dumps(answer)
                 elif stream:
-                    opening = self.upstream.stream(worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
+                    opening = self.upstream.stream(worker.url, path, body)  # type: ignore[arg-type]
                     reply = await (asyncio.wait_for(opening, timeout) if timeout else opening)
                     status = reply.status
                     if status < 400:
                         ctx.timings["upstream_headers"] = time.perf_counter() - t
+                        if engine is not None:
+                            reply = EngineStream(reply, engine.stream(worker, call, reply.iter_chunks()))  # type: ignore[assignment]
                         return status, b"", reply, worker, content_type
                     data = await reply.read()
                 else:
-                    posting = self.upstream.post(worker.url, ctx.upstream_path, payload)  # type: ignore[arg-type]
+                    posting = self.upstream.post(worker.url, path, body)  # type: ignore[arg-type]
                     status, data = await (asyncio.wait_for(posting, timeout) if timeout else posting)
+                    if engine is not None and status < 400:
+                        data = self._engine_reply(ctx, worker, engine, call, data)
             except asyncio.TimeoutError as e:
                 if method is not None:  # the control plane's own (aiohttp) timeouts: as unreachable
                     worker.release()
@@ -391,6 +460,19 @@ class Router:
                 await self._retry_or_raise(ctx, worker, status, None, err)
                 continue
             raise err
+
+    def _engine_reply(self, ctx: RequestContext, worker: Worker, engine: Engine, call: Any, data: bytes) -> bytes:
+        """A non-SGLang worker's 200 answer in SGLang's shape; one the engine cannot read is the worker's failure
+        (502), like an unusable SGLang reply."""
+        try:
+            return engine.reply(worker, call, data)
+        except HTTPError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, orjson.JSONDecodeError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        self.worker_failed(ctx, worker, ValueError(problem))
+        raise HTTPError(502, f"Worker {worker.url} ({engine.name}) answered with an unusable reply: {problem}. "
+                             f"Nothing was recorded.", type="upstream_error", code="bad_worker_reply")
 
     async def _control(self, method: str, url: str, payload: bytes | None) -> tuple[int, bytes, str]:
         """One control-plane request on the aiohttp session: (status, body, content type).
@@ -562,20 +644,34 @@ class Router:
                         urls: list[str] | None = None) -> dict[str, tuple[int, Any]]:
         """Send one request to every worker (or ``urls``) concurrently: {url: (status, parsed body)}.
 
-        Unreachable workers are reported with status 502 and a message, not raised.
+        Unreachable workers are reported with status 502 and a message, not raised. A worker of another engine
+        gets the engine's equivalent (``Engine.operation``; 501 where there is none) and its answer as SGLang's.
         """
         assert self.session is not None, "router not started"
         session = self.session
         targets = urls if urls is not None else self.pool.urls()
 
         async def one(url: str) -> tuple[str, tuple[int, Any]]:
+            worker = self.pool.get(url) if self.foreign_workers else None
+            engine = worker.engine if worker is not None else None
+            m, p, b = method, path, body
+            if engine is not None:
+                assert worker is not None
+                op = engine.operation(worker, method, path, body)
+                if op is None:
+                    return url, (501, {"error": {"message": f"{path} has no equivalent on {engine.name} worker "
+                                                            f"{url}."}})
+                m, p, b = op
             try:
-                async with session.request(method, url + path, json=body) as resp:
+                async with session.request(m, url + p, json=b) as resp:
                     data = await resp.read()
                     try:
                         parsed: Any = orjson.loads(data) if data else None
                     except orjson.JSONDecodeError:
                         parsed = data.decode(errors="replace")
+                    if engine is not None and resp.status < 400:
+                        assert worker is not None
+                        return url, engine.operation_done(worker, path, body, resp.status, parsed)
                     return url, (resp.status, parsed)
             except CONNECTION_ERRORS as e:
                 return url, (502, {"error": {"message": f"Worker {url} unreachable: {type(e).__name__}: {e}"}})

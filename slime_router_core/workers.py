@@ -151,7 +151,7 @@ class WorkerAllowlist:
 class Worker:
     """One upstream SGLang worker. ``state`` is for plugins (health, circuit, latency...)."""
 
-    __slots__ = ("url", "inflight", "requests", "failures", "healthy", "removed", "added_at", "state")
+    __slots__ = ("url", "inflight", "requests", "failures", "healthy", "removed", "added_at", "state", "engine")
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -162,6 +162,7 @@ class Worker:
         self.removed = False
         self.added_at = time.time()
         self.state: dict[str, Any] = {}
+        self.engine: Any = None  # a contracts.Engine adapter; None: SGLang, the router's own wire format
 
     @property
     def available(self) -> bool:
@@ -177,7 +178,8 @@ class Worker:
         self.inflight -= 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "in_flight": self.inflight, "requests": self.requests, "failures": self.failures,
+        return {"url": self.url, "engine": self.engine.name if self.engine is not None else "sglang",
+                "in_flight": self.inflight, "requests": self.requests, "failures": self.failures,
                 "healthy": self.healthy, "available": self.available}
 
     def __repr__(self) -> str:  # pragma: no cover

@@ -94,9 +94,10 @@ def test_openapi_generate_documents_the_hot_path(openapi):
 
 def test_add_worker_documents_both_forms(openapi):
     operation = openapi["paths"]["/add_worker"]["post"]
-    assert [p["name"] for p in operation["parameters"]] == ["url"] and operation["parameters"][0]["in"] == "query"
+    assert [p["name"] for p in operation["parameters"]] == ["url", "engine"]
+    assert all(p["in"] == "query" for p in operation["parameters"])
     assert operation["requestBody"].get("required") is not True  # ?url= alone is enough
-    assert set(_declared(openapi, "WorkerURL")["properties"]) == {"url"}
+    assert set(_declared(openapi, "WorkerURL")["properties"]) == {"url", "engine"}
 
 
 # --- GenerateRequest == validate_generate ------------------------------------------------------------------
