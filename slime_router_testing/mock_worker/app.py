@@ -961,6 +961,76 @@ def _sse(obj: Any) -> bytes:
 # --------------------------------------------------------------------------- app
 
 
+def mock_control_routes(st: MockWorkerState) -> list[Route]:
+    """The mock-only test endpoints (``/mock/configure``, ``/mock/records``, ``/mock/stats``) over ``st``.
+
+    Shared by every mock worker flavour (SGLang here, vLLM in ``vllm.py``).
+    """
+
+    async def _body(request: Request) -> dict:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise _HTTPError(400, f"Invalid JSON body: {e}") from e
+        if not isinstance(obj, dict):
+            raise _HTTPError(400, "The request body must be a JSON object.")
+        return obj
+
+    async def configure(request: Request) -> Response:
+        if request.method == "GET":
+            return _json(st.config.to_dict())
+        try:
+            body = await _body(request)
+        except _HTTPError as e:
+            return _err(e.status, e.message)
+        names = {f.name for f in dataclasses.fields(MockWorkerConfig)}
+        unknown = sorted(set(body) - names)
+        if unknown:
+            return _err(400, f"Unknown config key(s): {', '.join(unknown)}")
+        if "hf_checkpoint" in body and body["hf_checkpoint"] != st.config.hf_checkpoint:
+            return _err(400, "hf_checkpoint cannot be changed at run time")
+        new = dataclasses.replace(st.config, **body)
+        try:
+            new.validate()
+        except ValueError as e:
+            return _err(400, str(e))
+        if "unhealthy_after" in body:
+            st.started_at = time.monotonic()
+        for k in body:
+            setattr(st.config, k, getattr(new, k))
+        return _json(st.config.to_dict())
+
+    async def records(request: Request) -> Response:
+        if request.method == "DELETE":
+            st.records.clear()
+            return _json({"success": True})
+        return _json(st.records)
+
+    async def stats(request: Request) -> Response:
+        if request.method == "DELETE":
+            for k in ("requests_received", "sequences_generated", "max_concurrent", "failures_injected", "aborted"):
+                st.stats[k] = 0
+            st.stats["requests_by_path"] = {}
+            st.stats.pop("abort_requests", None)
+            st.stats["max_concurrent"] = st.stats["in_flight"]
+            return _json({"success": True})
+        s = dict(st.stats)
+        s["running"] = len(st.running)
+        s["records"] = len(st.records)
+        s["weight_version"] = st.config.weight_version
+        s["prefix_cache_tokens"] = st.cache.size
+        return _json(s)
+
+    return [
+        Route("/mock/configure", configure, methods=["GET", "POST"]),
+        Route("/mock/records", records, methods=["GET", "DELETE"]),
+        Route("/mock/stats", stats, methods=["GET", "DELETE"]),
+    ]
+
+
 def create_mock_worker_app(config: MockWorkerConfig | None = None) -> Starlette:
     """Build the ASGI app. State is per app instance (``app.state.mock``)."""
     config = config if config is not None else MockWorkerConfig()
@@ -1192,52 +1262,6 @@ def create_mock_worker_app(config: MockWorkerConfig | None = None) -> Starlette:
         st.resume.set()
         return _json({"success": True})
 
-    # -- mock-only endpoints
-    async def configure(request: Request) -> Response:
-        if request.method == "GET":
-            return _json(st.config.to_dict())
-        try:
-            body = await _body(request)
-        except _HTTPError as e:
-            return _err(e.status, e.message)
-        names = {f.name for f in dataclasses.fields(MockWorkerConfig)}
-        unknown = sorted(set(body) - names)
-        if unknown:
-            return _err(400, f"Unknown config key(s): {', '.join(unknown)}")
-        if "hf_checkpoint" in body and body["hf_checkpoint"] != st.config.hf_checkpoint:
-            return _err(400, "hf_checkpoint cannot be changed at run time")
-        new = dataclasses.replace(st.config, **body)
-        try:
-            new.validate()
-        except ValueError as e:
-            return _err(400, str(e))
-        if "unhealthy_after" in body:
-            st.started_at = time.monotonic()
-        for k in body:
-            setattr(st.config, k, getattr(new, k))
-        return _json(st.config.to_dict())
-
-    async def records(request: Request) -> Response:
-        if request.method == "DELETE":
-            st.records.clear()
-            return _json({"success": True})
-        return _json(st.records)
-
-    async def stats(request: Request) -> Response:
-        if request.method == "DELETE":
-            for k in ("requests_received", "sequences_generated", "max_concurrent", "failures_injected", "aborted"):
-                st.stats[k] = 0
-            st.stats["requests_by_path"] = {}
-            st.stats.pop("abort_requests", None)
-            st.stats["max_concurrent"] = st.stats["in_flight"]
-            return _json({"success": True})
-        s = dict(st.stats)
-        s["running"] = len(st.running)
-        s["records"] = len(st.records)
-        s["weight_version"] = st.config.weight_version
-        s["prefix_cache_tokens"] = st.cache.size
-        return _json(s)
-
     routes = [
         Route("/generate", generate, methods=["POST"]),
         Route("/health", health, methods=["GET", "POST"]),
@@ -1259,9 +1283,7 @@ def create_mock_worker_app(config: MockWorkerConfig | None = None) -> Starlette:
         Route("/update_weight_version", update_weight_version, methods=["POST"]),
         Route("/pause_generation", pause_generation, methods=["POST"]),
         Route("/continue_generation", continue_generation, methods=["POST"]),
-        Route("/mock/configure", configure, methods=["GET", "POST"]),
-        Route("/mock/records", records, methods=["GET", "DELETE"]),
-        Route("/mock/stats", stats, methods=["GET", "DELETE"]),
+        *mock_control_routes(st),
     ]
     app = Starlette(routes=routes)
     app.state.mock = st
