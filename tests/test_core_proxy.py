@@ -249,4 +249,7 @@ def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_and_leaks_nothi
     assert lines[-1] == "[DONE]"
     assert "failed mid-stream" in orjson.loads(lines[-2])["error"]["message"]
     worker = r.app.router.pool.workers()[0]
+    deadline = time.monotonic() + 10  # the slot is let go just after the stream's last bytes are sent
+    while worker.inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert worker.inflight == 0 and worker.failures == 1

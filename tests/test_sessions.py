@@ -384,3 +384,19 @@ def test_scoped_urls_are_behind_the_data_key(worker, servers_to_stop):
         assert c.get("/sessions/k1").status_code == 401
         got = c.get("/sessions/k1", headers={"Authorization": "Bearer data"})
         assert got.status_code == 200 and got.json()["requests"] == 1
+
+
+def test_batch_of_bad_message_lists_answers_400_items(env):
+    c = env["c"]
+    r = c.post("/retrieve_batch", json={"messages": [[{"content": "no role"}], [{"role": "user", "content": "hi"}]]})
+    assert r.status_code == 200
+    lines = [orjson.loads(x) for x in r.text.splitlines()]
+    assert lines[0]["index"] == 0 and lines[0]["error"]["status"] == 400 and "role" in lines[0]["error"]["message"]
+    assert lines[1]["index"] == 1 and "tokens" in lines[1]
+
+
+@pytest.mark.parametrize("ids", [[-1, 5], [5, 10**9]])
+def test_generate_with_ids_outside_the_vocabulary_is_400(env, ids):
+    r = env["c"].post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 2}})
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "input_ids"

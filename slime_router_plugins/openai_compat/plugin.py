@@ -32,7 +32,7 @@ from .models import (
     request_body,
     streamed_answer,
 )
-from .schema import parse_body, validate_chat, validate_completion, validate_retrieve
+from .schema import parse_body, validate_chat, validate_completion
 from .service import OpenAIService, StreamJob
 
 COMPONENT = "openai_compat"
@@ -132,9 +132,7 @@ def register_routes(app: FastAPI, router: Any) -> None:
         Body: ``{"messages", "tools"?, "chat_template_kwargs"?, "strict"?, "history_mode"?, "return_text"?}``.
         Says ``history_rewritten`` when the chat template re-rendered earlier generated turns.
         """
-        body = parse_body(await request.body())
-        validate_retrieve(body)
-        return answer(await svc().retrieve_messages(body))
+        return answer(await svc().retrieve_messages(parse_body(await request.body())))
 
     @app.get("/openai_compat/stats", response_model=OpenAIStats)
     async def openai_stats() -> dict:

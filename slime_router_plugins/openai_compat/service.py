@@ -40,7 +40,7 @@ from .render import (
     SpliceError,
     text_digest,
 )
-from .schema import bad
+from .schema import bad, validate_retrieve
 from .stream import ChoiceAccumulator, IncrementalDecoder
 
 try:  # the lead's shared helper; a local equivalent is used until it exists
@@ -578,6 +578,8 @@ class OpenAIService:
     # --- /retrieve_from_messages -------------------------------------------------------------------
 
     async def retrieve_messages(self, body: dict) -> dict[str, Any]:
+        """The body of ``/retrieve_from_messages`` (checked here: 400 naming the field) -> its training data."""
+        validate_retrieve(body)
         cache = self.cache
         if cache is None:
             raise HTTPError(501, "/retrieve_from_messages needs the trajectory cache: load the radix_tree plugin.",

@@ -269,6 +269,19 @@ def _cache_for(ctx: RequestContext) -> TrajectoryCacheContract | None:
     return ctx.router.registry.find(TRAJECTORY_CACHE)
 
 
+def _check_vocabulary(ctx: RequestContext, prompts: list[list[int]], batched: bool) -> None:
+    """Prompt ids outside the tokenizer's vocabulary: 400 naming the first one (min/max: C loops)."""
+    n = ctx.router.vocab_size if ctx.router is not None else None
+    if n is None:
+        return
+    for k, ids in enumerate(prompts):
+        if ids and (min(ids) < 0 or max(ids) >= n):
+            i, bad = next((i, t) for i, t in enumerate(ids) if not 0 <= t < n)
+            where = f"input_ids[{k}][{i}]" if batched else f"input_ids[{i}]"
+            raise HTTPError(400, f"{where} = {bad} is outside the vocabulary of the router's tokenizer (0 to "
+                                 f"{n - 1}).", param="input_ids")
+
+
 @hookimpl
 async def pre_request(ctx: RequestContext) -> None:
     cache = _cache_for(ctx)
@@ -292,8 +305,10 @@ async def pre_request(ctx: RequestContext) -> None:
             body.pop("text")
             body["input_ids"] = [list(p.input_ids) for p in prepared]
         elif _is_int_list(ids):
+            _check_vocabulary(ctx, [ids], False)
             prepared, batch = [await cache.prepare_ids(ids)], False
         elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
+            _check_vocabulary(ctx, ids, True)
             prepared, batch = [await cache.prepare_ids(x) for x in ids], True
         else:
             return  # input_embeds etc.: not ours

@@ -471,7 +471,7 @@ async def _batch(router: Router, store: SessionStore, body: BatchRequest, kind: 
         try:
             if svc is None:
                 raise HTTPError(503, "The openai_compat plugin is not loaded: message lists cannot be rendered.")
-            r = await svc.retrieve_messages({"messages": messages})
+            r = await svc.retrieve_messages({"messages": messages})  # checked there: a bad list is a 400 item
         except HTTPError as e:
             yield error("index", i, e.status, e.message, e.code)
         else:
