@@ -108,19 +108,33 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     router = Router(settings, plugins)
     hook = plugins.hook
 
+    infos = plugins.infos
     if settings.hf_checkpoint:
         router.registry.register(TOKENIZER, load_tokenizer(settings.hf_checkpoint), owner="core")
+        if "core" in infos:
+            infos["core"].provides = ["tokenizer"]
     for impl in reversed(hook.register_components.get_hookimpls()):  # pluggy's call order (tryfirst first)
+        before = set(router.registry.names())
+        router.registry.registering = impl.plugin_name
         try:
             impl.function(**_kwargs(impl, registry=router.registry, router=router))
         except Exception as e:
             raise PluginLoadError(f"Plugin {impl.plugin_name!r} failed to register its components: "
                                   f"{type(e).__name__}: {e}") from e
+        finally:
+            router.registry.registering = ""
+        if impl.plugin_name in infos:
+            infos[impl.plugin_name].provides = sorted(set(router.registry.names()) - before)
     for impl in hook.required_components.get_hookimpls():
-        for name in impl.function() or []:
+        needed = list(impl.function() or [])
+        if impl.plugin_name in infos:
+            infos[impl.plugin_name].requires = needed
+        for name in needed:
             if not router.registry.has(name):
                 hint = (" Pass --hf-checkpoint (a HuggingFace checkpoint directory, or builtin:qwen3)."
-                        if name == "tokenizer" else "")
+                        if name == "tokenizer" else
+                        f" No loaded plugin provides {name!r}: install or select the plugin that does, or block "
+                        f"{impl.plugin_name!r} (--no-plugin {impl.plugin_name}).")
                 raise PluginLoadError(
                     f"Plugin {impl.plugin_name!r} cannot start: Required component '{name}' not found. "
                     f"Available components: {router.registry.names()}.{hint}")

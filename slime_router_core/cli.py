@@ -1,4 +1,4 @@
-"""The ``slime-router`` command line: ``serve``, ``plugins``, ``mock-worker``.
+"""The ``slime-router`` command line: ``serve``, ``plugins``, ``new-plugin``, ``mock-worker``.
 
 Plugins add flags to ``serve`` through the ``add_options`` hook; so the plugin selection flags
 (``--plugin``, ``--no-plugin``, ``--slime-router-middleware-paths`` and their environment
@@ -331,16 +331,78 @@ def _fail(message: str, code: int = 2) -> None:
 def plugins_command(
     plugin: list[str] = typer.Option([], "--plugin", help="Only these plugins."),
     no_plugin: list[str] = typer.Option([], "--no-plugin", help="Skip these plugins."),
+    hf_checkpoint: str | None = typer.Option(
+        None, "--hf-checkpoint", envvar=ENV + "HF_CHECKPOINT",
+        help="The tokenizer to check start-up with. Default: the bundled one (builtin:qwen3) when a plugin needs a "
+             "tokenizer and the 'trajectory' extra is installed."),
 ) -> None:
-    """List discovered plugins, where they come from and the hooks they implement."""
+    """List discovered plugins: where each comes from (distribution, version), its hooks and options, the components
+    it provides and requires. The app is built (not served) to check start-up: a component nobody provides, or
+    provided twice, is reported (exit code 1)."""
+    from .app import collect_options
+
     try:
         pm = load_plugins(_split(plugin) or None, _split(no_plugin))
+        options = collect_options(pm)
     except PluginLoadError as e:
         _fail(str(e))
+    problem = _check_startup(pm, hf_checkpoint)
+    by_owner: dict[str, list[str]] = {}
+    for opt in options.options.values():
+        by_owner.setdefault(opt.owner, []).append(opt.flag if opt.is_flag or opt.default in (None, "", [])
+                                                  else f"{opt.flag} (default: {opt.default})")
     for info in pm.infos.values():
-        typer.echo(f"{info.name}\n  source: {info.source}\n  hooks:  {', '.join(info.hooks) or '-'}")
+        dist = f"{info.distribution} {info.version or ''}".strip() if info.distribution else "-"
+        typer.echo(f"{info.name}\n  source: {info.source}\n  hooks:  {', '.join(info.hooks) or '-'}\n"
+                   f"  distribution: {dist}\n"
+                   f"  options: {', '.join(by_owner.get(info.name, [])) or '-'}\n"
+                   f"  provides: {', '.join(info.provides) or '-'}\n"
+                   f"  requires: {', '.join(info.requires) or '-'}")
     for name, why in pm.skipped.items():
         typer.echo(f"{name}\n  skipped: {why}")
+    if problem:
+        _fail(f"start-up would fail: {problem}", code=1)
+
+
+@app.command("new-plugin")
+def new_plugin_command(
+    name: str = typer.Argument(..., help="The plugin's name (lower case: my_plugin)."),
+    directory: Path | None = typer.Option(None, "--dir", help="Where to create it. Default: ./slime-router-NAME"),
+) -> None:
+    """Create a plugin package: pyproject.toml with its entry point, the plugin module, a README and a passing test
+    (with the pytest fixtures slime-router ships). Then: cd into it, pip install -e ., pytest."""
+    from .plugin_template import names, render
+
+    try:
+        target = directory or Path(names(name)["dist"])
+        written = render(name, target)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    typer.echo(f"Created {target}/ (plugin {names(name)['name']!r}):")
+    for path in written:
+        typer.echo(f"  {path.relative_to(target)}")
+    typer.echo(f"Next: cd {target} && pip install -e . && pytest && slime-router plugins")
+
+
+def _check_startup(pm: Any, hf_checkpoint: str | None) -> str | None:
+    """Build the app (nothing is served, no worker is contacted) so that every plugin registers its components and
+    declares what it requires; the start-up error, if any."""
+    from .app import build_app
+    from .errors import MissingDependency, require
+    from .tokenizers import BUILTIN_CHECKPOINT
+
+    if hf_checkpoint is None and any("tokenizer" in (impl.function() or [])
+                                     for impl in pm.pm.hook.required_components.get_hookimpls()):
+        try:
+            require("A tokenizer", "trajectory")
+            hf_checkpoint = BUILTIN_CHECKPOINT
+        except MissingDependency:
+            pass
+    try:
+        build_app(Settings(hf_checkpoint=hf_checkpoint), pm)
+    except (PluginLoadError, RuntimeError, ValueError, TypeError) as e:
+        return str(e)
+    return None
 
 
 def _serve_command(plugins: Any, options: Any) -> Any:

@@ -17,7 +17,7 @@ import difflib
 import importlib
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -45,6 +45,12 @@ class PluginInfo:
     source: str  # "built-in", "entry point <module> (<dist> <version>)", "dotted path", "registered in code"
     obj: Any = None
     hooks: tuple[str, ...] = ()
+    distribution: str | None = None  # the installed package that declares it (None: not from a distribution)
+    version: str | None = None  # that distribution's version
+    # filled in when an app is built (``build_app``): the registry components this plugin registered and the
+    # ones it declared it needs (``required_components``)
+    provides: list[str] = field(default_factory=list)
+    requires: list[str] = field(default_factory=list)
 
 
 def discover() -> dict[str, Any]:
@@ -53,6 +59,15 @@ def discover() -> dict[str, Any]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name, ep)
     return found
+
+
+def _own_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("slime-router")
+    except Exception:  # pragma: no cover - running from a source tree that is not installed
+        return None
 
 
 def _describe_ep(ep: Any) -> str:
@@ -86,21 +101,34 @@ class PluginManager:
     def hook(self) -> Any:
         return self.pm.hook
 
-    def register(self, obj: Any, name: str, source: str = "registered in code") -> None:
+    def register(self, obj: Any, name: str, source: str = "registered in code", *, distribution: str | None = None,
+                 version: str | None = None) -> None:
         if name in self.infos:
             raise PluginLoadError(f"Plugin {name!r} is loaded twice ({self.infos[name].source} and {source})")
         try:
             self.pm.register(obj, name=name)
-        except Exception as e:  # pluggy validation: unknown hook, bad signature...
+        except Exception as e:  # pluggy validation: a hook's unknown argument...
             raise PluginLoadError(f"Plugin {name!r} ({source}) failed to register: {type(e).__name__}: {e}") from e
         hooks = tuple(sorted(h.name for h in (self.pm.get_hookcallers(obj) or [])))
-        self.infos[name] = PluginInfo(name=name, source=source, obj=obj, hooks=hooks)
+        unknown = [h for h in hooks if h not in _hook_names()]
+        if unknown:  # an @hookimpl whose name is no hook (a typo) would otherwise never be called, silently
+            self.pm.unregister(obj, name=name)
+            raise PluginLoadError(
+                f"Plugin {name!r} ({source}) implements {', '.join(repr(h) for h in unknown)}, which "
+                f"{'is not a hook' if len(unknown) == 1 else 'are not hooks'}.{_did_you_mean(unknown, _hook_names())} "
+                f"Hooks: {', '.join(_hook_names())}")
+        self.infos[name] = PluginInfo(name=name, source=source, obj=obj, hooks=hooks, distribution=distribution,
+                                      version=version)
 
     def names(self) -> list[str]:
         return list(self.infos)
 
     def name_of(self, obj: Any) -> str:
         return self.pm.get_name(obj) or repr(obj)
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "slime_router_spec"))
 
 
 def _did_you_mean(unknown: list[str], names: Any) -> str:
@@ -126,7 +154,7 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
             f"(/health, /add_worker, /remove_worker, /list_workers, /plugins and the forwarded worker endpoints); "
             f"without it the router cannot be administered.")
     manager = PluginManager()
-    manager.register(admin, CORE, admin.SOURCE)
+    manager.register(admin, CORE, admin.SOURCE, distribution="slime-router", version=_own_version())
     block_set = set(block or [])
     available = discover()
     wanted: list[str] = []
@@ -180,7 +208,9 @@ def load_plugins(select: list[str] | None = None, block: list[str] | None = None
             raise PluginLoadError(f"Plugin {name!r} ({source}) cannot load: {e}") from e
         except Exception as e:
             raise PluginLoadError(f"Plugin {name!r} ({source}) failed to import: {type(e).__name__}: {e}") from e
-        manager.register(obj, name, source)
+        dist = getattr(ep, "dist", None)
+        manager.register(obj, name, source, distribution=getattr(dist, "name", None),
+                         version=getattr(dist, "version", None))
     for path in dotted:
         if path in block_set:
             continue

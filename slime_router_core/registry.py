@@ -45,6 +45,9 @@ class ComponentRegistry:
     def __init__(self) -> None:
         self._components: dict[str, Any] = {}
         self._owners: dict[str, str] = {}
+        # the plugin whose ``register_components`` runs now (set by ``build_app``): the owner of what it registers
+        # without naming one, so that "two plugins provide X" can name both
+        self.registering = ""
 
     def register(self, key: str | ComponentKey[Any], obj: Any, owner: str = "") -> None:
         """Register ``obj`` under ``key``. Registering a name twice is an error; so is an object that does not
@@ -52,6 +55,7 @@ class ComponentRegistry:
         from .contracts import KEYS  # (contracts imports nothing of the registry: no cycle, but keep it lazy)
 
         name = key if isinstance(key, str) else key.name
+        owner = owner or self.registering
         if isinstance(key, str) and key in KEYS:
             key = KEYS[key]
         if not isinstance(key, str):
@@ -63,8 +67,11 @@ class ComponentRegistry:
         if not isinstance(name, str) or not name:
             raise ValueError("Component name must be a non-empty string")
         if name in self._components:
-            by = f" by {self._owners[name]!r}" if self._owners.get(name) else ""
-            raise ValueError(f"Component {name!r} is already registered{by}; component names must be unique")
+            first = self._owners.get(name)
+            by = f" by {first!r}" if first else ""
+            both = (f": plugins {first!r} and {owner!r} both provide it; load only one of them (--no-plugin NAME)"
+                    if first and owner and first != owner else "; component names must be unique")
+            raise ValueError(f"Component {name!r} is already registered{by}{both}")
         self._components[name] = obj
         self._owners[name] = owner
 

@@ -168,6 +168,14 @@ SLOW_TESTS = {
     "test_overload.py::test_bounded_limit_and_queue_serve_24_of_40_and_refuse_16_with_retry_after",
     "test_overload.py::test_openai_routes_take_slots_through_router_generate",
     "test_overload.py::test_a_stream_holds_its_slot_until_it_ends",
+    # plugin authors' path: a child pytest session, or pip install into a fresh virtualenv (each 10-40 s)
+    "test_pytest_plugin.py::test_every_server_a_fixture_started_is_stopped_after_the_test",
+    "test_example_plugins.py::test_the_examples_own_tests_pass_with_it_installed",
+    "test_example_plugins.py::test_rollout_logger_in_a_fresh_virtualenv",
+    "test_example_plugins.py::test_tenant_limits_in_a_fresh_virtualenv",
+    "test_scaffold.py::test_the_generated_plugins_own_tests_pass",
+    "test_scaffold.py::test_the_generated_plugin_in_a_fresh_virtualenv",
+    "test_plugin_docs.py::test_the_first_plugin_from_pip_install_to_a_request_in_a_fresh_virtualenv",
 }
 
 
