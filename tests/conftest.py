@@ -94,14 +94,56 @@ def servers_to_stop() -> Iterator[list[Any]]:
     stop_soon(started)
 
 
+# --- engines ------------------------------------------------------------------------------------------------
+# A module with ``ENGINES = ("sglang", "vllm")`` runs each test that uses a mock worker (the ``mock_worker`` /
+# ``router`` factories, or ``worker_engine`` itself) once per engine: the mock worker speaks that engine's protocol
+# and the router loads the vllm plugin. A test marked ``@pytest.mark.engines("sglang")`` names what it needs
+# (an SGLang-only feature: the reason is in the marker's ``reason=``).
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    engines = getattr(metafunc.module, "ENGINES", None)
+    if not engines or "worker_engine" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("engines")
+    if marker is not None:
+        engines = tuple(e for e in engines if e in marker.args)
+    metafunc.parametrize("worker_engine", engines, indirect=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "engines(*names, reason=...): the engines this test applies to")
+
+
 @pytest.fixture
-def mock_worker(tokenizer_dir: str, servers_to_stop: list[Any]) -> Callable[..., ServerThread]:
-    """Factory: ``mock_worker(**MockWorkerConfig fields)`` → an in-thread mock SGLang worker with ``.url``."""
-    from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
+def worker_engine(request: pytest.FixtureRequest) -> str:
+    """The engine of the mock workers and the router's engine plugins for this test (default: sglang)."""
+    return getattr(request, "param", "sglang")
+
+
+def mock_worker_app(engine: str, config: Any) -> Any:
+    """The mock worker app of ``engine`` (same generation, same records of truth)."""
+    from slime_router_testing.mock_worker import create_mock_vllm_worker_app, create_mock_worker_app
+
+    return create_mock_vllm_worker_app(config) if engine == "vllm" else create_mock_worker_app(config)
+
+
+def with_engine(engine: str, plugins: list[str] | None) -> list[str] | None:
+    """The plugins a router needs in front of workers of ``engine``."""
+    if engine == "vllm" and plugins is not None and "vllm" not in plugins:
+        return [*plugins, "vllm"]
+    return plugins
+
+
+@pytest.fixture
+def mock_worker(tokenizer_dir: str, servers_to_stop: list[Any], worker_engine: str) -> Callable[..., ServerThread]:
+    """Factory: ``mock_worker(**MockWorkerConfig fields)`` → an in-thread mock worker with ``.url`` (SGLang, or
+    the engine of the test's ``worker_engine``)."""
+    from slime_router_testing.mock_worker import MockWorkerConfig
 
     def make(**config: Any) -> ServerThread:
         config.setdefault("hf_checkpoint", BUILTIN_CHECKPOINT)
-        server = ServerThread(create_mock_worker_app(MockWorkerConfig(**config))).start()
+        server = ServerThread(mock_worker_app(worker_engine, MockWorkerConfig(**config))).start()
         servers_to_stop.append(server)
         return server
 
@@ -124,10 +166,12 @@ def mock_worker_process(tokenizer_dir: str) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def router(servers_to_stop: list[Any]) -> Callable[..., ServerThread]:
-    """Factory: ``router(plugins=[...], worker_urls=[...], **Settings fields)`` → a served router."""
+def router(servers_to_stop: list[Any], worker_engine: str) -> Callable[..., ServerThread]:
+    """Factory: ``router(plugins=[...], worker_urls=[...], **Settings fields)`` → a served router (with the engine
+    plugin of the test's ``worker_engine``)."""
 
     def make(**kw: Any) -> ServerThread:
+        kw["plugins"] = with_engine(worker_engine, kw.get("plugins"))
         server = start_router(**kw)
         servers_to_stop.append(server)
         return server

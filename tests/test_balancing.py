@@ -22,6 +22,7 @@ from slime_router_plugins.balancing.plugin import parse_status_codes
 from slime_router_testing import free_port
 
 GEN = {"sampling_params": {"max_new_tokens": 4}}
+ENGINES = ("sglang", "vllm")  # every test with mock workers runs against both (conftest.py)
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -113,7 +114,10 @@ def workers_by_rid(workers) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for w in workers:
         for rec in httpx.get(w.url + "/mock/records").json():
-            out.setdefault(rec["rid"].split("/")[0], set()).add(w.url)
+            rid = rec["rid"]
+            if rid.startswith("cmpl-"):  # vLLM's /v1/completions names a request cmpl-<request_id>-<prompt index>
+                rid = rid[len("cmpl-"):].rsplit("-", 1)[0]
+            out.setdefault(rid.split("/")[0], set()).add(w.url)
     return out
 
 
@@ -420,6 +424,8 @@ def test_circuit_breaker_opens_half_opens_and_closes(router, mock_worker):
 # --- RL operations -------------------------------------------------------------------------------------
 
 
+@pytest.mark.engines("sglang", reason="SGLang matches an abort's rid as a prefix; vLLM's /abort_requests takes "
+                                       "exact ids (tests/test_vllm_engine.py)")
 async def test_abort_reaches_the_worker_holding_the_rid(router, mock_worker):
     workers = [mock_worker(token_latency=0.01) for _ in range(3)]
     r = start(router, workers, policy="round_robin")
@@ -455,6 +461,8 @@ async def test_abort_reaches_the_worker_holding_the_rid(router, mock_worker):
     assert httpx.post(r.url + "/abort_request", json={}).status_code == 400
 
 
+@pytest.mark.engines("sglang", reason="/update_weights_from_disk has no vLLM equivalent (501 per vLLM worker; "
+                                       "tests/test_vllm_engine.py covers weight versions)")
 async def test_weight_updates_are_all_or_nothing(router, mock_worker):
     a, b = mock_worker(), mock_worker()
     r = start(router, [a, b])

@@ -14,6 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from conftest import mock_worker_app, with_engine
 from slime_router_core.contracts import SESSION_KEY
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
 from slime_router_testing import ServerThread, start_router
@@ -25,11 +26,17 @@ TOOLS = [{"type": "function", "function": {
 USER = [{"role": "user", "content": "Hello there"}]
 
 
+@pytest.fixture(scope="module", params=["sglang", "vllm"])
+def engine(request) -> str:
+    """The module's tests against an SGLang and a vLLM mock worker (same generation, same records of truth)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def env() -> Iterator[dict[str, Any]]:
-    worker = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
-    router = start_router(plugins=["openai_compat"], hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker.url],
-                          extra=[])
+def env(engine) -> Iterator[dict[str, Any]]:
+    worker = ServerThread(mock_worker_app(engine, MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
+    router = start_router(plugins=with_engine(engine, ["openai_compat"]), hf_checkpoint=BUILTIN_CHECKPOINT,
+                          worker_urls=[worker.url], extra=[])
     yield {"worker": worker.url, "router": router.url, "app": router.app}
     router.stop()
     worker.stop()
@@ -85,8 +92,12 @@ def test_chat_basic_shape_usage_and_upstream_body(env, w, client, tok):
     assert choice.message.content == rec["text"]
 
 
-def test_sampling_params_sent_upstream(env, w):
-    """The exact /generate body: stream top level, every mapped sampling parameter, logprobs on."""
+def test_sampling_params_sent_upstream(servers_to_stop):
+    """The exact /generate body: stream top level, every mapped sampling parameter, logprobs on (what the OpenAI
+    layer builds, before any engine: one run, in front of an SGLang mock)."""
+    worker = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
+    servers_to_stop.append(worker)
+    w = worker.url
     seen: list[dict] = []
     from slime_router_core import hookimpl
 
@@ -307,11 +318,11 @@ def test_models_endpoint(env, client):
     assert [m.id for m in models.data] == ["builtin:qwen3"]
 
 
-def test_served_model_name_and_default_model(w):
+def test_served_model_name_and_default_model(w, engine):
     from slime_router_core import Settings
 
     s = Settings(hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[w], extra={"served_model_name": "qwen-rl"})
-    router = start_router(settings=s, plugins=["openai_compat"])
+    router = start_router(settings=s, plugins=with_engine(engine, ["openai_compat"]))
     try:
         assert httpx.get(router.url + "/v1/models").json()["data"][0]["id"] == "qwen-rl"
         r = httpx.post(router.url + "/v1/chat/completions", json={"messages": USER}).json()

@@ -12,10 +12,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from conftest import mock_worker_app, with_engine
 from slime_router_core import Settings
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
 from slime_router_testing import ServerThread, start_router
-from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
+from slime_router_testing.mock_worker import MockWorkerConfig
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -24,26 +25,32 @@ NL = 198  # "\n" after the final <|im_end|> of a rendered conversation
 EOS = 151645
 
 
-def _router(worker_url: str, own_process: bool = False) -> ServerThread:
-    return start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+def _router(worker_url: str, own_process: bool = False, engine: str = "sglang") -> ServerThread:
+    return start_router(plugins=with_engine(engine, ["radix_tree", "openai_compat"]), settings=Settings(
         hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker_url], extra={"radix_tree_process": own_process}))
 
 
+@pytest.fixture(scope="module", params=["sglang", "vllm"])
+def engine(request) -> str:
+    """Every test against an SGLang and a vLLM mock worker (same generation, same records of truth)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def worker() -> Iterator[str]:
-    w = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
+def worker(engine) -> Iterator[str]:
+    w = ServerThread(mock_worker_app(engine, MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
     yield w.url
     w.stop()
 
 
 @pytest.fixture(params=["in_process", "own_process"])
-def env(worker, request, servers_to_stop) -> Iterator[dict[str, Any]]:
+def env(worker, engine, request, servers_to_stop) -> Iterator[dict[str, Any]]:
     """A fresh router (empty cache) per test, the cache in the router's process or in its own; the worker reset."""
     httpx.post(worker + "/mock/configure", json={"mode": "random", "reply_text": None, "think_text": None,
                                                  "stream_mode": "cumulative", "token_latency": 0.0,
                                                  "stop_at_eos": 1.0}).raise_for_status()
     httpx.delete(worker + "/mock/records")
-    router = _router(worker, own_process=request.param == "own_process")
+    router = _router(worker, own_process=request.param == "own_process", engine=engine)
     yield {"worker": worker, "url": router.url, "router": router.app.router,
            "client": OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)}
     servers_to_stop.append(router)

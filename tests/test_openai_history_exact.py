@@ -16,10 +16,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from conftest import mock_worker_app, with_engine
 from slime_router_core import Settings
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
 from slime_router_testing import ServerThread, start_router
-from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
+from slime_router_testing.mock_worker import MockWorkerConfig
 from test_openai_exact import assert_exact
 
 TOOLS = [{"type": "function", "function": {
@@ -38,16 +39,22 @@ TURNS = [
 ]
 
 
+@pytest.fixture(scope="module", params=["sglang", "vllm"])
+def engine(request: Any) -> str:
+    """Every test against an SGLang and a vLLM mock worker (same generation, same records of truth)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def worker() -> Iterator[str]:
-    w = ServerThread(create_mock_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
+def worker(engine: str) -> Iterator[str]:
+    w = ServerThread(mock_worker_app(engine, MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
     yield w.url
     w.stop()
 
 
 @pytest.fixture(scope="module", params=["in_process", "own_process"])
-def router_url(worker: str, request: Any) -> Iterator[str]:
-    r = start_router(plugins=["radix_tree", "openai_compat", "metrics"], settings=Settings(
+def router_url(worker: str, engine: str, request: Any) -> Iterator[str]:
+    r = start_router(plugins=with_engine(engine, ["radix_tree", "openai_compat", "metrics"]), settings=Settings(
         hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker],
         extra={"radix_tree_process": request.param == "own_process"}))
     yield r.url
@@ -239,8 +246,8 @@ def test_audit_counts_where_generated_tokens_went(router_url, worker):
     assert 'slime_router_audit_fresh_tokens_served_total{cause="evicted"}' in prom
 
 
-def test_chat_too_large_for_the_cache_says_it_was_not_recorded(worker):
-    r = start_router(plugins=["radix_tree", "openai_compat"], settings=Settings(
+def test_chat_too_large_for_the_cache_says_it_was_not_recorded(worker, engine):
+    r = start_router(plugins=with_engine(engine, ["radix_tree", "openai_compat"]), settings=Settings(
         hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker], extra={"radix_tree_max_size": 400}))
     try:
         client = OpenAI(base_url=r.url + "/v1", api_key="none", max_retries=0)
