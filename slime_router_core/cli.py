@@ -114,6 +114,9 @@ def serve(
         help="Seconds a request may wait in that queue before it is answered 429 with Retry-After."),
     demo_workers: int = typer.Option(2, "--demo-workers", envvar=ENV + "DEMO_WORKERS",
                                      help="How many mock workers the embedded demo starts."),
+    demo_engine: str = typer.Option("sglang", "--demo-engine", envvar=ENV + "DEMO_ENGINE",
+                                    help="The engine the embedded demo's mock workers speak: sglang or vllm (the "
+                                         "vllm plugin translates)."),
     shutdown_grace_seconds: float = typer.Option(
         DEFAULT_SHUTDOWN_GRACE_SECONDS, "--shutdown-grace-seconds", envvar=ENV + "SHUTDOWN_GRACE_SECONDS", min=0,
         help="On SIGTERM/SIGINT, how long running requests may finish; then open streams are closed and the "
@@ -165,7 +168,7 @@ PASSED_TO_SETTINGS = ("max_concurrent_requests", "max_queued_requests", "queue_t
 
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
                hf_checkpoint: str | None, verbose: bool, max_body_size: int, max_attempts: int,
-               demo_workers: int, shutdown_grace_seconds: float, **_: Any) -> None:
+               demo_workers: int, shutdown_grace_seconds: float, demo_engine: str = "sglang", **_: Any) -> None:
     import uvicorn
 
     from .app import build_app
@@ -211,12 +214,18 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
     procs = []
     if demo:
         from slime_router_testing import start_mock_worker_process, wait_http
+        from slime_router_testing.servers import ready_path
 
+        if demo_engine not in ("sglang", "vllm"):
+            _fail(f"--demo-engine {demo_engine!r}: choose sglang or vllm")
+        if demo_engine == "vllm" and "vllm" not in plugins.names():
+            _fail("--demo-engine vllm needs the vllm plugin (it is blocked or not selected)")
         # started together, waited for together: each imports transformers and loads the tokenizer
-        procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, **demo_worker_knobs(i))
+        procs = [start_mock_worker_process(hf_checkpoint=BUILTIN_CHECKPOINT, wait=False, engine=demo_engine,
+                                           **demo_worker_knobs(i))
                  for i in range(demo_workers)]
         for proc in procs:
-            wait_http(proc.url + "/get_model_info", timeout=120, proc=proc.proc)
+            wait_http(proc.url + ready_path(demo_engine), timeout=120, proc=proc.proc)
             settings.worker_urls.append(proc.url)
     try:
         application = build_app(settings, plugins)
@@ -238,7 +247,8 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
                                               f"worker allowlist: {', '.join(settings.worker_allowlist)}"
                                               if settings.worker_allowlist else ""])))
         if demo:
-            typer.echo("embedded demo: mock SGLang workers (realistic: they reason and call tools) + built-in "
+            kind = "vLLM" if demo_engine == "vllm" else "SGLang"
+            typer.echo(f"embedded demo: mock {kind} workers (realistic: they reason and call tools) + built-in "
                        "Qwen3 tokenizer. Try:")
             for line in demo_curls(base, "openai_compat" in plugins.names()):
                 typer.echo("  " + line)

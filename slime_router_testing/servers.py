@@ -145,8 +145,13 @@ def start_mock_worker_process(port: int | None = None, hf_checkpoint: str | None
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     worker = WorkerProcess(proc, port)
     if wait:
-        wait_http(worker.url + "/get_model_info", proc=proc)
+        wait_http(worker.url + ready_path(knobs.get("engine")), proc=proc)
     return worker
+
+
+def ready_path(engine: str | None) -> str:
+    """The path that answers once a mock worker of ``engine`` (``--engine``) serves."""
+    return "/health" if engine == "vllm" else "/get_model_info"
 
 
 def start_router(settings: Any = None, plugins: list[str] | None = None, block: list[str] | None = None,

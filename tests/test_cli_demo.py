@@ -66,3 +66,36 @@ def test_mock_worker_command_is_part_of_the_cli():
     out = subprocess.run(_slime_router() + ["mock-worker", "--help"], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, COLUMNS="200"))
     assert out.returncode == 0 and "--stream-mode" in out.stdout and "--fail-first-n" in out.stdout
+
+
+def test_embedded_demo_on_vllm_workers(tokenizer_dir):
+    """``--demo-engine vllm``: the demo's mock workers speak vLLM's protocol; the router translates."""
+    port = free_port()
+    proc = subprocess.Popen(_slime_router() + ["serve", "--demo-engine", "vllm", "--demo-workers", "1", "--host",
+                                               "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", timeout=120, proc=proc)
+        (worker,) = httpx.get(url + "/list_workers").json()["workers"]
+        assert worker["engine"] == "vllm"
+        prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        gen = httpx.post(url + "/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 16}},
+                         timeout=30).json()
+        rec = httpx.get(worker["url"] + "/mock/records").json()[-1]
+        assert rec["path"] == "/inference/v1/generate" and gen["output_ids"] == rec["output_ids"]
+        got = httpx.post(url + "/retrieve_from_text", json={"text": prompt + gen["text"]}, timeout=30).json()
+        assert got["tokens"] == rec["input_ids"] + rec["output_ids"] and got["fresh_tokens"] == 0
+        chat = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        assert chat.status_code == 200, chat.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert "embedded demo: mock vLLM workers" in out

@@ -14,10 +14,12 @@ import typer
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
 
 from .app import MODES, STREAM_MODES, MockWorkerConfig, serve_mock_worker
+from .vllm import serve_mock_vllm_worker
 
 __all__ = ["build_parser", "main", "mock_worker_command"]
 
 _D = MockWorkerConfig()
+ENGINES = ("sglang", "vllm")
 _RATES = ("leading_whitespace_rate", "trailing_whitespace_rate", "split_rate", "tool_call_rate",
           "parallel_tool_call_rate")
 
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--shared-prefix-min", type=int, default=d.shared_prefix_min)
     p.add_argument("--shared-prefix-max", type=int, default=d.shared_prefix_max)
+    p.add_argument("--engine", choices=ENGINES, default="sglang",
+                   help="the protocol it speaks: sglang (/generate) or vllm (/inference/v1/generate, /v1/completions)")
+    p.add_argument("--no-generate-endpoint", action="store_true",
+                   help="vllm: an older server without /inference/v1/generate (only /v1/completions)")
     return p
 
 
@@ -83,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         shared_prefix_min=a.shared_prefix_min, shared_prefix_max=a.shared_prefix_max,
         **{name: getattr(a, name) for name in _RATES},
     )
+    if a.engine == "vllm":
+        serve_mock_vllm_worker(a.host, a.port, cfg, generate_endpoint=not a.no_generate_endpoint)
+        return
     serve_mock_worker(a.host, a.port, cfg)
 
 
@@ -131,8 +140,16 @@ def mock_worker_command(
     parallel_tool_call_rate: float = typer.Option(_D.parallel_tool_call_rate, "--parallel-tool-call-rate"),
     shared_prefix_min: int = typer.Option(_D.shared_prefix_min, "--shared-prefix-min"),
     shared_prefix_max: int = typer.Option(_D.shared_prefix_max, "--shared-prefix-max"),
+    engine: str = typer.Option("sglang", "--engine", envvar="SLIME_MOCK_ENGINE",
+                               help="The protocol it speaks: sglang (/generate) or vllm (/inference/v1/generate, "
+                                    "/v1/completions; the same generation and records of truth)."),
+    generate_endpoint: bool = typer.Option(True, "--generate-endpoint/--no-generate-endpoint",
+                                           help="vllm: serve /inference/v1/generate (off: an older server with "
+                                                "only /v1/completions)."),
 ) -> None:
-    """Run a mock SGLang worker (real Qwen3 tokenizer, deterministic text, failure knobs)."""
+    """Run a mock SGLang (or vLLM) worker (real Qwen3 tokenizer, deterministic text, failure knobs)."""
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"{engine!r}: choose one of {', '.join(ENGINES)}", param_hint="--engine")
     cfg = _make_config(
         hf_checkpoint=hf_checkpoint, model_path=model_path, seed=seed, weight_version=weight_version,
         stream_mode=stream_mode, mode=mode, reply_text=reply_text, think_text=think_text, tool_name=tool_name,
@@ -146,6 +163,9 @@ def mock_worker_command(
         parallel_tool_call_rate=parallel_tool_call_rate, shared_prefix_min=shared_prefix_min,
         shared_prefix_max=shared_prefix_max,
     )
+    if engine == "vllm":
+        serve_mock_vllm_worker(host, port, cfg, generate_endpoint=generate_endpoint)
+        return
     serve_mock_worker(host, port, cfg)
 
 
