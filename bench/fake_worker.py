@@ -89,6 +89,25 @@ def sse_reply(text: str = REPLY_TEXT) -> str:
     return f"data: {_dumps(first)}\n\ndata: {_dumps(full)}\n\ndata: [DONE]\n\n"
 
 
+def vllm_generate_reply(text: str = REPLY_TEXT) -> dict:
+    """The same generation as ``generate_reply``, as vLLM's ``/inference/v1/generate`` answers it (token ids and
+    chat-shaped logprobs; no text, no weight version)."""
+    ids = reply_ids(text)
+    return {"request_id": "0123456789abcdef0123456789abcdef", "model": "fake/Qwen3", "created": 0,
+            "choices": [{"index": 0, "token_ids": ids, "finish_reason": "stop", "logprobs": {"content": [
+                {"token": f"token_id:{t}", "logprob": -0.125, "bytes": None, "top_logprobs": []} for t in ids]}}],
+            "usage": {"prompt_tokens": 128, "completion_tokens": len(ids), "total_tokens": 128 + len(ids)},
+            "prompt_logprobs": None, "kv_transfer_params": None}
+
+
+# what a vLLM worker's /openapi.json lists (the router reads it to tell the engine) and its weight version
+VLLM_INFO = {
+    "/openapi.json": ("application/json", _dumps({"paths": {"/inference/v1/generate": {}, "/v1/completions": {},
+                                                            "/weight_info": {}, "/health": {}}})),
+    "/weight_info": ("application/json", _dumps({"weight_version": "default"})),
+    "/health": ("text/plain", ""),
+}
+
 INFO = {
     "/health": ("text/plain", ""),
     "/health_generate": ("text/plain", ""),
@@ -111,10 +130,22 @@ def _nginx_str(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def nginx_config(prefix: Path, json_ports: list[int], sse_ports: list[int], workers: int = 1) -> str:
+def nginx_config(prefix: Path, json_ports: list[int], sse_ports: list[int], workers: int = 1,
+                 vllm_ports: list[int] | None = None) -> str:
     gen = _dumps(generate_reply())
     sse = sse_reply()
     servers = []
+    for port in vllm_ports or []:
+        info = "\n".join(f"        location = {path} {{ default_type {ct}; return 200 {_nginx_str(txt)}; }}"
+                         for path, (ct, txt) in VLLM_INFO.items())
+        servers.append(f"""
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location = /inference/v1/generate {{ default_type application/json;
+            return 200 {_nginx_str(_dumps(vllm_generate_reply()))}; }}
+{info}
+        location / {{ return 404; }}
+    }}""")
     for port, body, ctype in [(p, gen, "application/json") for p in json_ports] + \
                              [(p, sse, "text/event-stream") for p in sse_ports]:
         info = "\n".join(f"        location = {path} {{ default_type {ct}; return 200 {_nginx_str(txt)}; }}"
@@ -171,6 +202,7 @@ class FakeWorkers:
     json_ports: list[int]
     sse_ports: list[int]
     tmpdir: str | None = None
+    vllm_ports: list[int] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
 
     @property
@@ -180,6 +212,11 @@ class FakeWorkers:
     @property
     def sse_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{p}" for p in self.sse_ports]
+
+    @property
+    def vllm_urls(self) -> list[str]:
+        """Ports answering like vLLM (nginx only; empty with the Python fallback)."""
+        return [f"http://127.0.0.1:{p}" for p in self.vllm_ports]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -195,22 +232,23 @@ class FakeWorkers:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def start_fake_workers(json_ports: list[int], sse_ports: list[int], prefer: str = "nginx") -> FakeWorkers:
+def start_fake_workers(json_ports: list[int], sse_ports: list[int], prefer: str = "nginx",
+                       vllm_ports: list[int] | None = None) -> FakeWorkers:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if prefer == "nginx" and nginx:
         tmp = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
-        (tmp / "nginx.conf").write_text(nginx_config(tmp, json_ports, sse_ports))
+        (tmp / "nginx.conf").write_text(nginx_config(tmp, json_ports, sse_ports, vllm_ports=vllm_ports))
         proc = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
                                 stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr.log", "wb"))
         try:
-            for p in json_ports + sse_ports:
+            for p in json_ports + sse_ports + list(vllm_ports or []):
                 _wait_port(p, proc=proc)
         except Exception as e:
             err = (tmp / "stderr.log").read_text(errors="replace") + (tmp / "error.log").read_text(errors="replace") \
                 if (tmp / "error.log").exists() else (tmp / "stderr.log").read_text(errors="replace")
             proc.kill()
             raise RuntimeError(f"nginx failed to start: {err.strip()[-800:]}") from e
-        return FakeWorkers("nginx", [proc], json_ports, sse_ports, str(tmp))
+        return FakeWorkers("nginx", [proc], json_ports, sse_ports, str(tmp), list(vllm_ports or []))
     # Python fallback: one process serving every port.
     args = [sys.executable, "-m", "bench.fake_worker", "--python", "--ports", *map(str, json_ports)]
     if sse_ports:

@@ -38,8 +38,10 @@ BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_PLUGINS = ["--no-plugin", "radix_tree", "--no-plugin", "openai_compat", "--no-plugin", "metrics",
-              "--no-plugin", "balancing"]
+              "--no-plugin", "balancing", "--no-plugin", "sessions", "--no-plugin", "vllm"]
 OWN = "slime cache-on, own process"  # the cache in its own process (--radix-tree-process)
+VLLM_PASS = "slime pass-through, vLLM worker"  # --plugin vllm (+ the tokenizer: the reply's text is decoded)
+VLLM_CACHE = "slime cache-on, vLLM worker"
 CACHED = ("slime cache-on", OWN, "slime default plugins")  # the targets with a /radix_tree/stats
 
 
@@ -278,8 +280,8 @@ def _measure(t: Target, fn: Callable[[], loadgen.LoadResult]) -> dict:
 
 def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
     logdir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    ports = free_ports(16)
-    fw = start_fake_workers(ports[0:2], ports[2:4])
+    ports = free_ports(18)
+    fw = start_fake_workers(ports[0:2], ports[2:4], vllm_ports=ports[16:18])
     out(f"fake workers: {fw.kind} {fw.urls} (SSE {fw.sse_urls}); load generator: "
         f"{'wrk' if (loadgen.WRK and cfg.tool != 'asyncio') else 'asyncio client'}; logs in {logdir}")
     body = loadgen.generate_body(cfg.prompt_words)
@@ -306,6 +308,12 @@ def run(cfg: Config, out: Callable[[str], None] = print) -> dict:
                                                "--radix-tree-process"])),
             ("baseline (FastAPI+httpx)", baseline_cmd(next(p), fw.urls)),
         ]
+        if fw.vllm_urls:  # the same reply from a vLLM-shaped fake worker: the vllm plugin translates
+            specs += [
+                (VLLM_PASS, slime_cmd(next(p), fw.vllm_urls, ["--plugin", "vllm", "--hf-checkpoint", "builtin:qwen3"])),
+                (VLLM_CACHE, slime_cmd(next(p), fw.vllm_urls, ["--plugin", "radix_tree,vllm", "--hf-checkpoint",
+                                                               "builtin:qwen3", *size])),
+            ]
         sse_specs: list[tuple[str, list[str] | None]] = []
         if cfg.streaming:
             sse_specs = [

@@ -27,7 +27,7 @@ from .engines import split_engine
 from .errors import HTTPError, PluginLoadError
 from .plugins import PluginManager
 from .proxy import GenerateHandler, method_not_allowed_error, unknown_route_error
-from .router import Router, maybe_await
+from .router import RequestHooks, Router, maybe_await
 from .scoped import PREFIX as SCOPED_PREFIX
 from .scoped import unscope
 from .settings import OptionRegistry, Settings
@@ -138,6 +138,9 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
                 raise PluginLoadError(
                     f"Plugin {impl.plugin_name!r} cannot start: Required component '{name}' not found. "
                     f"Available components: {router.registry.names()}.{hint}")
+    # a plugin may have stood down while registering (nothing to do in this configuration, e.g. sessions without a
+    # trajectory cache): the request path calls only the hooks of the plugins still registered
+    router.hooks = RequestHooks(plugins)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -400,3 +400,16 @@ def test_generate_with_ids_outside_the_vocabulary_is_400(env, ids):
     r = env["c"].post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 2}})
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "input_ids"
+
+
+def test_without_a_trajectory_cache_the_plugin_stands_down(worker, servers_to_stop):
+    """No cache (radix_tree blocked): the sessions plugin leaves the request path (no hook of it is called, so a
+    pass-through router stays a byte relay) and its routes are not there."""
+    router = start_router(plugins=["sessions"], settings=Settings(worker_urls=[worker]))
+    servers_to_stop.append(router)
+    hooks = router.app.router.hooks
+    assert hooks.pre_request is None and hooks.post_response is None and hooks.stream_chunk is None
+    with httpx.Client(base_url=router.url, timeout=30) as c:
+        r = c.post("/generate", headers={"X-Session-ID": "s"}, json={"text": "hi", "sampling_params": {}})
+        assert r.status_code == 200
+        assert c.get("/sessions").status_code == 404

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ def register_components(registry: ComponentRegistry, router: Router) -> None:
     if not registry.has(TRAJECTORY_CACHE):  # e.g. the tokenizer extra is not installed: no exact tokens to keep
         log.info("sessions: off (no trajectory cache is registered; load the radix_tree plugin and pass "
                  "--hf-checkpoint to key trajectories by session)")
+        router.plugins.pm.unregister(sys.modules[__name__])  # stand down: no hook of it on the request path
         return
     cfg = router.settings.config(SessionsConfig)
     registry.register(SESSIONS, SessionStore(cfg.ttl, cfg.max), owner="sessions")
