@@ -39,10 +39,13 @@ ADMIN_PATHS: set[str] = {
 }
 #: Every path under these prefixes is admin too (``declare_admin_paths(..., prefix=True)``).
 ADMIN_PREFIXES: set[str] = {"/snapshot/"}
-#: Paths that never need a key (probes).
-OPEN_PATHS: frozenset[str] = frozenset({"/health"})
+#: Paths that never need a key: probes, and pages that hold no data (``declare_open_paths``: a browser cannot send
+#: a Bearer header when it loads a page; the data the page then fetches stays behind the key).
+OPEN_PATHS: set[str] = {"/health"}
+OPEN_PREFIXES: set[str] = set()
 
 _prefixes: tuple[str, ...] = tuple(sorted(ADMIN_PREFIXES))
+_open_prefixes: tuple[str, ...] = ()
 
 API_KEY_ENV = "SLIME_ROUTER_API_KEY"
 ADMIN_API_KEY_ENV = "SLIME_ROUTER_ADMIN_API_KEY"
@@ -61,9 +64,22 @@ def declare_admin_paths(*paths: str, prefix: bool = False) -> None:
     _prefixes = tuple(sorted(ADMIN_PREFIXES))
 
 
+def declare_open_paths(*paths: str, prefix: bool = False) -> None:
+    """Classify ``paths`` (exact, or every path under them with ``prefix=True``) as open: no key. Only for what
+    holds no data (a page and its static files); takes effect at once, for every app."""
+    global _open_prefixes
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"An open path must start with '/': {path!r}")
+        if path in ADMIN_PATHS or path.startswith(_prefixes):
+            raise ValueError(f"{path} is an admin path and cannot be made open")
+        (OPEN_PREFIXES if prefix else OPEN_PATHS).add(path)
+    _open_prefixes = tuple(sorted(OPEN_PREFIXES))
+
+
 def classify(path: str) -> str:
     """``"open"``, ``"admin"`` or ``"data"`` for a request path (as the ASGI scope has it: percent-decoded)."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or (_open_prefixes and path.startswith(_open_prefixes)):
         return "open"
     if path in ADMIN_PATHS or path.startswith(_prefixes):
         return "admin"

@@ -252,6 +252,9 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
                        "Qwen3 tokenizer. Try:")
             for line in demo_curls(base, "openai_compat" in plugins.names()):
                 typer.echo("  " + line)
+            if "inspector" in plugins.names():
+                typer.echo(f"trajectory inspector: {base}/inspector (sessions: send X-Session-ID, or use "
+                           f"{base}/sessions/<id>/v1 as an OpenAI base URL)")
 
     # No X-Forwarded-* rewriting and no Server header: per-request work a router doesn't need.
     config = uvicorn.Config(application, host=host, port=port, log_level="info" if verbose else "warning",

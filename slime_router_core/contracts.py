@@ -190,11 +190,15 @@ class OpenAICompat(StatsSource, Protocol):
 @runtime_checkable
 class Sessions(StatsSource, Protocol):
     """The session store (``slime_router_plugins.sessions.store.SessionStore``): a live session by id or None
-    (raising for a finished or expired one), and finishing one (hand over and free)."""
+    (raising for a finished or expired one), finishing one (hand over and free), and an overview for viewers."""
 
     def get(self, sid: str) -> Any: ...
 
     def finish(self, sid: str) -> Any: ...
+
+    def overview(self, limit: int) -> list[dict[str, Any]]:
+        """The most recent sessions' summaries with each trajectory's structure (no token lists)."""
+        ...
 
 
 # --- engines ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ WRONG_KEY = "not-the-key"
 # The brief's classification: these change state and need the admin key; /health needs none; the rest are data.
 ADMIN = {"/add_worker", "/remove_worker", "/update_weights_from_disk", "/update_weight_version", "/pause", "/resume",
          "/abort_request", "/flush_cache", "/pause_generation", "/continue_generation"}
-OPEN = {"/health"}
+OPEN = {"/health", "/inspector", "/inspector/static/name"}  # probes; the inspector page and its files
 
 KEYS: dict[str, dict[str, str]] = {
     "no key": {},

@@ -284,6 +284,22 @@ class SessionStore:
             self.counters["expired"] += len(old)
         return len(old)
 
+    def overview(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recent sessions: their summaries and each trajectory's structure (reason, parent,
+        diverges_at, lengths, the weight versions it holds, its turns' groups), no token lists."""
+        with self.lock:
+            live = sorted(self.sessions.values(), key=lambda x: x.created, reverse=True)[:limit]
+        out = []
+        for sess in live:
+            d = sess.summary()
+            d["trajectories"] = [{
+                "index": t.index, "reason": t.reason, "parent": t.parent, "diverges_at": t.diverges_at,
+                "token_length": len(t.ids), "generated_tokens": t.mask.count(1), "turns": len(t.turns),
+                "weight_versions": sorted({str(v) for _, v in t.versions}),
+                "groups": sorted({str(turn.group) for turn in t.turns if turn.group})} for t in list(sess.segments)]
+            out.append(d)
+        return out
+
     def stats(self) -> dict[str, Any]:
         with self.lock:
             live = list(self.sessions.values())
