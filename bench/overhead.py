@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NO_PLUGINS = ["--no-plugin", "radix_tree", "--no-plugin", "openai_compat", "--no-plugin", "metrics",
-              "--no-plugin", "balancing", "--no-plugin", "sessions", "--no-plugin", "vllm"]
+              "--no-plugin", "balancing", "--no-plugin", "sessions", "--no-plugin", "vllm", "--no-plugin", "inspector"]
 OWN = "slime cache-on, own process"  # the cache in its own process (--radix-tree-process)
 VLLM_PASS = "slime pass-through, vLLM worker"  # --plugin vllm (+ the tokenizer: the reply's text is decoded)
 VLLM_CACHE = "slime cache-on, vLLM worker"
