@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -954,6 +955,35 @@ class _Chunker:
         return obj
 
 
+async def interleave(producers: list[Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]]
+                     ) -> AsyncIterator[Any]:
+    """Run the producers concurrently (each gets a ``put``) and yield what they put as it comes, until all are
+    done; closing the iterator cancels the ones still running (several sequences of one streamed request)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def run(producer: Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]) -> None:
+        try:
+            await producer(queue.put)
+        finally:
+            queue.put_nowait(end)
+
+    tasks = [asyncio.create_task(run(p)) for p in producers]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is end:
+                done += 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -1105,32 +1135,17 @@ def create_mock_worker_app(config: MockWorkerConfig | None = None) -> Starlette:
                 finally:
                     await gen.aclose()
             else:
-                queue: asyncio.Queue = asyncio.Queue()
-
-                async def pump(seq: Sequence) -> None:
+                async def pump(seq: Sequence, put: Callable[[Any], Awaitable[None]]) -> None:
                     ch = _Chunker(seq, mode, batch)
                     gen = seq.run()
                     try:
                         async for _ in gen:
-                            await queue.put(_sse(ch.chunk()))
+                            await put(_sse(ch.chunk()))
                     finally:
                         await gen.aclose()
-                        queue.put_nowait(None)
 
-                tasks = [asyncio.create_task(pump(s)) for s in seqs]
-                try:
-                    done = 0
-                    while done < len(tasks):
-                        item = await queue.get()
-                        if item is None:
-                            done += 1
-                        else:
-                            yield item
-                finally:
-                    for t in tasks:
-                        if not t.done():
-                            t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                async for item in interleave([functools.partial(pump, q) for q in seqs]):
+                    yield item
             yield b"data: [DONE]\n\n"
         finally:
             st.stats["in_flight"] -= 1

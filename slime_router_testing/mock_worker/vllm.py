@@ -20,10 +20,11 @@ errors are 400 (not FastAPI's 422); unknown paths answer FastAPI's ``{"detail": 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from .app import (
     _hash_int,
     _Params,
     _sse,
+    interleave,
     mock_control_routes,
 )
 
@@ -362,37 +364,22 @@ def create_mock_vllm_worker_app(config: MockWorkerConfig | None = None, *, gener
 
     async def stream_steps(seqs: list[_VSequence], want_text: bool) -> AsyncIterator[_Step]:
         """A snapshot of a sequence at each of its streaming steps (several sequences: interleaved)."""
-        queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(seq: _VSequence) -> None:
+        async def pump(seq: _VSequence, put: Callable[[Any], Awaitable[None]]) -> None:
             gen = seq.run()
             sent = 0
             try:
                 async for _ in gen:
                     final = seq.finish_reason is not None
                     n = len(seq.output_ids)
-                    queue.put_nowait(_Step(seq, sent, n, seq.vllm_finish_reason,
-                                           seq.text(final=final) if want_text else ""))
+                    await put(_Step(seq, sent, n, seq.vllm_finish_reason, seq.text(final=final) if want_text else ""))
                     sent = n
                     await asyncio.sleep(0)  # let the consumer send it before the next step
             finally:
                 await gen.aclose()
-                queue.put_nowait(None)
 
-        tasks = [asyncio.create_task(pump(s)) for s in seqs]
-        try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                else:
-                    yield item
-        finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async for item in interleave([functools.partial(pump, q) for q in seqs]):
+            yield item
 
     def streaming(body_iter: AsyncIterator[bytes]) -> StreamingResponse:
         async def wrapped() -> AsyncIterator[bytes]:
