@@ -991,23 +991,25 @@ def _sse(obj: Any) -> bytes:
 # --------------------------------------------------------------------------- app
 
 
+async def _body(request: Request) -> dict:
+    """A request's JSON object body ({} when empty); 400 otherwise."""
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise _HTTPError(400, f"Invalid JSON body: {e}") from e
+    if not isinstance(obj, dict):
+        raise _HTTPError(400, "The request body must be a JSON object.")
+    return obj
+
+
 def mock_control_routes(st: MockWorkerState) -> list[Route]:
     """The mock-only test endpoints (``/mock/configure``, ``/mock/records``, ``/mock/stats``) over ``st``.
 
     Shared by every mock worker flavour (SGLang here, vLLM in ``vllm.py``).
     """
-
-    async def _body(request: Request) -> dict:
-        raw = await request.body()
-        if not raw:
-            return {}
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise _HTTPError(400, f"Invalid JSON body: {e}") from e
-        if not isinstance(obj, dict):
-            raise _HTTPError(400, "The request body must be a JSON object.")
-        return obj
 
     async def configure(request: Request) -> Response:
         if request.method == "GET":
@@ -1065,18 +1067,6 @@ def create_mock_worker_app(config: MockWorkerConfig | None = None) -> Starlette:
     """Build the ASGI app. State is per app instance (``app.state.mock``)."""
     config = config if config is not None else MockWorkerConfig()
     st = MockWorkerState(config)
-
-    async def _body(request: Request) -> dict:
-        raw = await request.body()
-        if not raw:
-            return {}
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise _HTTPError(400, f"Invalid JSON body: {e}") from e
-        if not isinstance(obj, dict):
-            raise _HTTPError(400, "The request body must be a JSON object.")
-        return obj
 
     async def generate(request: Request) -> Response:
         t0 = time.monotonic()
