@@ -1,0 +1,1 @@
+"""replicas plugin: many router processes (on one machine or many) that own the sessions they serve."""
