@@ -7,7 +7,7 @@ concurrently; each turn's prompt is the whole conversation so far. A policy that
 the worker that served its previous turn pays prefill only for the new tokens.
 
 Policies measured: round_robin, least_inflight, power_of_two, cache_aware with an ``X-Session-ID`` header
-(consistent hashing), and cache_aware fed by the radix_tree plugin (trajectory affinity, no header) when
+(rendezvous hashing), and cache_aware fed by the radix_tree plugin (trajectory affinity, no header) when
 that plugin is installed and working. Worker caches are flushed between runs.
 
     python -m bench.bench_routing                 # 32 conversations x 5 turns over 4 workers

@@ -9,7 +9,12 @@ Worker state written here (``worker.state``):
 ``health`` ("healthy" / "unhealthy"), ``health_failures`` / ``health_successes`` (consecutive),
 ``last_health_status`` (HTTP status or error name), ``last_health_check`` (unix time),
 ``circuit`` ("closed" / "open" / "half_open"), ``circuit_open`` (bool), ``consecutive_failures``,
-``circuit_opens`` (count), ``circuit_opened_at`` (unix time).
+``circuit_opens`` (count), ``circuit_opened_at`` (unix time), ``reported_load`` (the worker's own count of running
+and waiting requests, read from its ``GET /get_load`` after each passed health check; absent where the worker has no
+such endpoint, e.g. vLLM, or no check has run yet).
+
+The reported load counts the requests of every router in front of the worker, so replicas of the router that poll
+the same workers see the same figure: ``cache_aware`` uses it for its bounded-load escape (``cache_aware.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import orjson
 
 if TYPE_CHECKING:  # pragma: no cover
     from slime_router_core.router import Router
@@ -28,6 +34,22 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("slime_router.balancing")
 
 PROBE_TIMEOUT = 60.0  # seconds before an unresolved half-open probe lets another one through
+LOAD_PATH = "/get_load"  # SGLang: [{"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}, ...] (one per rank)
+
+
+def reported_load(answer: Any) -> int | None:
+    """Running + waiting requests in a ``/get_load`` answer (a list per data-parallel rank, or one object)."""
+    ranks = answer if isinstance(answer, list) else [answer]
+    total = 0
+    for r in ranks:
+        if not isinstance(r, dict):
+            return None
+        for k in ("num_reqs", "num_waiting_reqs"):
+            v = r.get(k, 0)
+            if type(v) is not int or v < 0:
+                return None
+            total += v
+    return total
 
 
 def init_worker_state(worker: Worker) -> None:
@@ -107,7 +129,33 @@ class HealthChecker:
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
             ok, detail = False, type(e).__name__
         self.record(worker, ok, detail)
+        if ok and not worker.state.get("load_unsupported"):
+            await self.poll_load(worker, session)
         return ok
+
+    async def poll_load(self, worker: Worker, session: aiohttp.ClientSession) -> None:
+        """Read the worker's own load; a worker without the endpoint (404, 501...) is not asked again."""
+        try:
+            async with session.get(worker.url + LOAD_PATH,
+                                   timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                data = await resp.read()
+                status = resp.status
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            return  # the next round tries again
+        load = None
+        if 200 <= status < 300:
+            try:
+                load = reported_load(orjson.loads(data))
+            except orjson.JSONDecodeError:
+                pass
+        if load is None:
+            if 400 <= status < 500 or status == 501:
+                worker.state["load_unsupported"] = True
+            worker.state.pop("reported_load", None)
+            return
+        worker.state["reported_load"] = load
 
     def record(self, worker: Worker, ok: bool, detail: Any) -> None:
         """Account one probe result (synchronous, so it can be unit-tested)."""

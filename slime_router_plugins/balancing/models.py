@@ -116,6 +116,9 @@ class WorkerStats(BaseModel):
     consecutive_failures: int
     last_failure: int | str | None = Field(description="HTTP status or error name")
     latency_ema_s: float | None
+    reported_load: int | None = Field(None, description="Running + waiting requests the worker itself last reported "
+                                                        "(GET /get_load, polled with the health checks): the load "
+                                                        "of every router replica in front of it.")
 
 
 class HealthCheckSettings(BaseModel):

@@ -402,6 +402,7 @@ class Balancer:
                 "consecutive_failures": st.get("consecutive_failures", 0),
                 "last_failure": st.get("last_failure"),
                 "latency_ema_s": st.get("latency_ema_s"),
+                "reported_load": st.get("reported_load"),
             })
         return out
 
