@@ -33,6 +33,10 @@ WRK = shutil.which("wrk")
 WORDS = ("alpha beta gamma delta river mountain number prime proof lemma integer graph vertex edge cycle sum "
          "product matrix vector field ring group order bound limit series answer check step case think solve "
          "write reason carefully first second third final result value equation variable constant").split()
+# Chinese conversations (every other one): text that tokenizes very differently (several characters per token,
+# no spaces), as the mixed-language rollouts of real RL runs do
+ZH_WORDS = ("证明 定理 整数 素数 图 顶点 边 环 求和 乘积 矩阵 向量 域 群 阶 上界 极限 级数 答案 检查 步骤 情况 思考 "
+            "求解 写出 仔细 推理 第一 第二 第三 最终 结果 数值 方程 变量 常数 因此 所以 假设 考虑").split()
 
 
 @dataclass
@@ -79,20 +83,28 @@ class MultiTurnSpec:
     user_words: int = 30
     max_new_tokens: int = 16
     reply_text: str = ""  # the worker's reply text (fixed reply of the fake worker)
-    variants: int = 16  # distinct user turns
+    variants: int = 16  # distinct user turns (odd ones in Chinese)
     tag: str = ""  # makes the trajectories of one run distinct from another run's (no cross-run cache hits)
+    # odd conversations have a Chinese system prompt, odd user turns are Chinese: every conversation mixes both
 
 
 def _user_texts(spec: MultiTurnSpec) -> list[str]:
     out = []
     for k in range(spec.variants):
-        words = " ".join(WORDS[(k * 13 + j * 5) % len(WORDS)] for j in range(spec.user_words))
-        out.append(f"<|im_start|>user\nQuestion {k}: {words}?<|im_end|>\n<|im_start|>assistant\n")
+        if k % 2:
+            words = "".join(ZH_WORDS[(k * 13 + j * 5) % len(ZH_WORDS)] for j in range(spec.user_words))
+            out.append(f"<|im_start|>user\n问题 {k}：{words}？<|im_end|>\n<|im_start|>assistant\n")
+        else:
+            words = " ".join(WORDS[(k * 13 + j * 5) % len(WORDS)] for j in range(spec.user_words))
+            out.append(f"<|im_start|>user\nQuestion {k}: {words}?<|im_end|>\n<|im_start|>assistant\n")
     return out
 
 
 def system_text(spec: MultiTurnSpec, epoch: int, conv: int) -> str:
-    words = " ".join(WORDS[(conv + j * 3) % len(WORDS)] for j in range(spec.system_words))
+    if conv % 2:
+        words = "，".join(ZH_WORDS[(conv + j * 3) % len(ZH_WORDS)] for j in range(spec.system_words))
+    else:
+        words = " ".join(WORDS[(conv + j * 3) % len(WORDS)] for j in range(spec.system_words))
     return f"<|im_start|>system\nTrajectory {spec.tag}{epoch}-{conv}. {words}<|im_end|>\n"
 
 

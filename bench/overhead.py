@@ -650,6 +650,18 @@ def targets_check(res: dict) -> list[str]:
             q = paired_ratio(res, n)
             out.append(f"{n}: {q:.2f}x sglang-router pass-through, median of the per-round ratios "
                        f"(target >= 0.35x): {'MET' if q >= 0.35 else 'NOT MET'}")
+    # issue 17: what every user of the trajectory cache runs, on the multi-turn bodies (the headline)
+    dp = "slime default plugins"
+    if dp in cache:
+        q = paired_ratio(res, dp)
+        cpu = _median([r["cpu_us_per_req"] for r in cache[dp]])
+        out.append(f"{dp}, multi-turn: {q:.2f}x sglang-router pass-through (target >= 0.5x): "
+                   f"{'MET' if q >= 0.5 else 'NOT MET'}; CPU {cpu:.0f} us/request (target <= 200): "
+                   f"{'MET' if cpu <= 200 else 'NOT MET'}")
+    if dp in lat:
+        q = add(dp) / add("sglang-router")
+        out.append(f"{dp}: added p50 @1 {add(dp):.3f} ms = {q:.2f}x sglang-router's (target <= 1.5x): "
+                   f"{'MET' if q <= 1.5 else 'NOT MET'}")
     return out
 
 
