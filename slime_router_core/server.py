@@ -15,6 +15,8 @@ in one write. Streaming responses (no content-length) are not held: their head g
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import os
 import signal
@@ -109,6 +111,21 @@ class _DropCancelled(logging.Filter):
         return not (exc is not None and issubclass(exc, asyncio.CancelledError))
 
 
+def release_free_heap() -> None:
+    """Collect garbage, then give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    only the collection).
+
+    Loading a tokenizer parses a large JSON file and builds the vocabulary several times over (transformers'
+    Python copies, the Rust backend, the tiktoken fast path and its check); glibc keeps the freed memory in the
+    process unless asked. Called once, when the server starts listening."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
 class GracefulServer(uvicorn.Server):
     """``uvicorn.Server`` whose shutdown is bounded and whose second signal exits now.
 
@@ -145,6 +162,10 @@ class GracefulServer(uvicorn.Server):
         timer = threading.Timer(FORCE_EXIT_SECONDS, _hard_exit, (code, message))
         timer.daemon = True
         timer.start()
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        release_free_heap()  # after the app's start-up: what loading the tokenizer and the plugins left free
 
     def run(self, sockets: Any = None) -> None:
         super().run(sockets=sockets)

@@ -252,3 +252,42 @@ def test_build_into_fresh_cache_dir(tmp_path):
 
     t = AutoTokenizer.from_pretrained(str(d))
     assert t.encode("Hello world", add_special_tokens=False) == [9707, 1879]
+
+
+def test_construction_copies_released_and_tokenizer_unchanged(tok):
+    """The vocabulary and merges transformers keeps as Python objects after building the Rust backend (~65 MB for
+    Qwen3) are dropped; the tokenizer answers exactly as one that keeps them."""
+    from transformers import AutoTokenizer
+
+    kept = AutoTokenizer.from_pretrained(str(resolve_checkpoint(BUILTIN_CHECKPOINT)))
+    assert len(kept.__dict__["_merges"]) > 100_000 and len(kept.__dict__["_vocab"]) > 100_000
+    assert tok.__dict__["_merges"] == [] and tok.__dict__["_vocab"] == {}
+    texts = ["hello 你好 world", " leading space", "<think>\nx</think>\n\n<tool_call>{}</tool_call>", "e\u0301 ok"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == kept.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == kept.decode(ids)
+        assert tok.convert_ids_to_tokens(ids) == kept.convert_ids_to_tokens(ids)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == kept.apply_chat_template(chat, tokenize=False)
+    assert tok.get_vocab() == kept.get_vocab() and len(tok) == len(kept)
+
+
+def test_construction_copies_kept_where_a_method_reads_them():
+    from slime_router_core.tokenizers import release_construction_copies
+
+    class Backend:
+        pass
+
+    class Builds:
+        def __init__(self) -> None:
+            self._vocab = {"a": 0}
+            self._merges = [("a", "b")]
+            self.backend_tokenizer = Backend()
+
+    class Saves(Builds):
+        def save(self) -> list:
+            return [self._vocab]
+
+    assert release_construction_copies(Builds())._vocab == {}
+    assert release_construction_copies(Saves())._vocab == {"a": 0}
