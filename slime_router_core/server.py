@@ -15,8 +15,6 @@ in one write. Streaming responses (no content-length) are not held: their head g
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import logging
 import os
 import signal
@@ -26,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+
+from .memory import release_free_heap
 
 try:
     from uvicorn.protocols.http.httptools_impl import (
@@ -109,21 +109,6 @@ class _DropCancelled(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[0] if record.exc_info else None
         return not (exc is not None and issubclass(exc, asyncio.CancelledError))
-
-
-def release_free_heap() -> None:
-    """Collect garbage, then give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
-    only the collection).
-
-    Loading a tokenizer parses a large JSON file and builds the vocabulary several times over (transformers'
-    Python copies, the Rust backend, the tiktoken fast path and its check); glibc keeps the freed memory in the
-    process unless asked. Called once, when the server starts listening."""
-    gc.collect()
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
 
 
 class GracefulServer(uvicorn.Server):

@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         cache.start_sync()  # restore the snapshot and the journal (before answering "ready")
         import gc
 
-        gc.collect()
+        from slime_router_core.memory import release_free_heap
+
+        release_free_heap()
         gc.freeze()
         serve(sock, cache)
     except (BrokenPipeError, ConnectionResetError):
