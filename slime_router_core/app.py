@@ -3,7 +3,8 @@
 The outer app is a tiny dispatcher: ``POST /generate`` goes to the raw-ASGI hot path, every
 other request to a FastAPI app (admin API, plugin routes, OpenAPI docs). Every route, the core's own
 included, comes from a plugin's ``register_routes``: the core's are the built-in plugin ``core``
-(``slime_router_core.admin``). What is left here is the wiring: components, error handlers, lifespan.
+(``slime_router_core.admin``). What is left here is the wiring: components, error handlers, lifespan, and the
+ASGI wrappers plugins add (``Router.asgi_wrappers``: a plugin that decides before the dispatch, e.g. replicas).
 """
 
 from __future__ import annotations
@@ -96,6 +97,33 @@ class GuardedSlimeRouterApp(SlimeRouterApp):
             await send({"type": "websocket.close", "code": 1008})
             return
         await self.fastapi(scope, receive, send)
+
+
+class WrappedSlimeRouterApp(SlimeRouterApp):
+    """The app when a plugin wrapped it (``Router.asgi_wrappers``, e.g. the replicas plugin): every request goes
+    to the outermost wrapper, which handles it or passes it on, down to ``inner`` (the app as built without
+    wrappers, whose dispatch -- access control, ``/sessions/{sid}/`` rewriting, the /generate hot path -- is
+    unchanged). ``router``, ``fastapi`` and ``access`` are the inner app's."""
+
+    def __init__(self, inner: SlimeRouterApp, outer: Any) -> None:  # no super().__init__: the inner app's parts
+        self.router = inner.router
+        self.fastapi = inner.fastapi
+        self.generate = inner.generate
+        self.access: AccessControl | None = getattr(inner, "access", None)
+        self.inner = inner
+        self.outer = outer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.outer(scope, receive, send)
+
+
+def wrap_app(app: SlimeRouterApp, router: Router) -> SlimeRouterApp:
+    """``app`` inside the ASGI wrappers plugins added to ``router.asgi_wrappers`` (the first added outermost);
+    ``app`` itself when there are none."""
+    outer: Any = app
+    for wrap in reversed(router.asgi_wrappers):
+        outer = wrap(outer)
+    return app if outer is app else WrappedSlimeRouterApp(app, outer)
 
 
 def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
@@ -206,7 +234,7 @@ def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     # the worker endpoints no plugin serves last (its trylast implementation).
     hook.register_routes(app=api, router=router)
     _openapi_in_project_shape(api)
-    return app
+    return wrap_app(app, router)
 
 
 def _openapi_in_project_shape(api: FastAPI) -> None:

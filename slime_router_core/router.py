@@ -16,7 +16,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -85,9 +85,15 @@ class UpstreamError(HTTPError):
 
 
 async def maybe_await(results: list[Any]) -> None:
-    for r in results:
+    for i, r in enumerate(results):
         if inspect.isawaitable(r):
-            await r
+            try:
+                await r
+            except BaseException:  # the hooks after it will not run: close their coroutines (no "never awaited")
+                for rest in results[i + 1:]:
+                    if inspect.iscoroutine(rest):
+                        rest.close()
+                raise
 
 
 def _fast_caller(hook: Any, firstresult: bool) -> Any:
@@ -195,6 +201,10 @@ class Router:
                                    settings.queue_timeout)
         self.engines = Engines()  # engines other than SGLang, registered by plugins (engines.py)
         self.foreign_workers = 0  # workers whose engine is not SGLang: 0 keeps the SGLang path untouched
+        # ASGI wrappers a plugin adds while the app is built (from register_components or register_routes): each
+        # ``wrap(app) -> asgi_app`` sees every request before the app's own dispatch (``app.build_app`` applies
+        # them; none added: the app is served exactly as without them, at no cost per request)
+        self.asgi_wrappers: list[Callable[[Any], Any]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
