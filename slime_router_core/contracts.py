@@ -27,7 +27,7 @@ Per-request values that one plugin writes and another reads are the ``StashKey``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from .context import StashKey
@@ -135,6 +135,44 @@ class TrajectoryCache(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+class RecordedChain(NamedTuple):
+    """One record of a trajectory cache in a form another router can import (``ChainTransfer``): the recorded
+    text (optional spans written out) and, per token, its id, the characters it covers (``widths``, summing to
+    ``len(text)``), its logprob (float32, NaN unknown), loss mask (one byte each) and weight version; the optional
+    spans ``(start, text)`` (an EOS the reply text omitted...), the worker, and how many of the tokens were the
+    prompt (``prompt_tokens``; the rest were generated)."""
+
+    text: str
+    ids: Sequence[int]
+    widths: Sequence[int]
+    logprobs: Sequence[float]
+    loss_mask: bytes
+    versions: Sequence[str]
+    markers: Sequence[tuple[int, str]]
+    worker: str | None
+    prompt_tokens: int
+
+
+# Called with a function that builds the ``RecordedChain`` of a record just made (build it later, off the request
+# path: the function holds what it needs and never changes). Called on the thread that recorded.
+RecordListener = Callable[[Callable[[], RecordedChain]], None]
+
+
+@runtime_checkable
+class ChainTransfer(Protocol):
+    """Optional, for a ``TRAJECTORY_CACHE`` whose records can be copied to another router (the sessions plugin's
+    write-behind, ``--session-store-url``): ``add_record_listener(fn)`` has ``fn`` called once per record made by
+    ``record``/``record_replies`` (not by ``import_chains``); ``import_chains(chains)`` inserts records as if they
+    had been recorded here, in order (returns how many). The in-process ``TrajectoryCache`` implements it;
+    ``--radix-tree-process``'s client does not."""
+
+    def add_record_listener(self, listener: RecordListener) -> None: ...
+
+    def remove_record_listener(self, listener: RecordListener) -> None: ...
+
+    async def import_chains(self, chains: Sequence[RecordedChain]) -> int: ...
+
+
 class CacheUnavailable(RuntimeError):
     """The trajectory cache cannot serve right now (e.g. its process is being restarted): pass through."""
 
@@ -185,6 +223,19 @@ class OpenAICompat(StatsSource, Protocol):
     """The OpenAI layer: its counters, and retrieval of a message list (the body of ``/retrieve_from_messages``)."""
 
     async def retrieve_messages(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class HistoryTransfer(Protocol):
+    """Optional, for an ``OPENAI_COMPAT`` component: the exact-history entries it keeps (the text the model really
+    generated for each answer, keyed by digests of the conversation before it and of the message as returned), so
+    that another router renders the next turn of a conversation exactly as this one would. ``add_history_listener``
+    has ``fn(item)`` called for each entry remembered (on the request's thread); ``import_history(items)`` puts
+    entries back. Items are JSON-able lists."""
+
+    def add_history_listener(self, listener: Callable[[list[Any]], None]) -> None: ...
+
+    def import_history(self, items: Sequence[list[Any]]) -> int: ...
 
 
 @runtime_checkable

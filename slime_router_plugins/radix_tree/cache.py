@@ -20,11 +20,13 @@ import logging
 import threading
 import unicodedata
 import weakref
+from array import array
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from slime_router_core import HTTPError
+from slime_router_core.contracts import RecordedChain, RecordListener
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .persist import Persistence, tokenizer_fingerprint
@@ -480,6 +482,32 @@ def reply_pairs(prepared: list, response: Any, n: int) -> list[tuple[Any, dict]]
     return [(prepared[i // n], r) for i, r in enumerate(items) if isinstance(r, dict) and i // n < len(prepared)]
 
 
+def _chain_builder(prepared: PreparedPrompt, text: str, fresh: list[int], new_widths: list[int],
+                   out_ids: list[int], out_lps: list[float], runs: list[tuple[int, str, int]],
+                   markers: list[tuple[int, str]], worker: str | None) -> Callable[[], RecordedChain]:
+    """A function that builds the portable chain of a record just made (run later, off the request path: the
+    prepared prompt's match is a snapshot, and nothing here is changed after the record)."""
+
+    def build() -> RecordedChain:
+        k = prepared.cached_tokens
+        ids = array("i", prepared.input_ids[:k])
+        ids.extend(fresh)
+        ids.extend(out_ids)
+        prefix_ends = prepared.ends
+        widths = array("i", [b - a for a, b in zip([0, *prefix_ends[:-1]], prefix_ends)])
+        widths.extend(new_widths)
+        lps = array("f", [NAN if x is None else x for x in prepared.logprobs])
+        lps.extend(array("f", [NAN]) * len(fresh))
+        lps.extend(array("f", out_lps))
+        mask = bytes(prepared.loss_mask) + bytes(len(fresh)) + b"\x01" * len(out_ids)
+        versions = list(prepared.versions)
+        for cnt, v, _ in runs:
+            versions += [v] * cnt
+        return RecordedChain(text, ids, widths, lps, mask, versions, sorted(markers), worker, k + len(fresh))
+
+    return build
+
+
 class TrajectoryCache:
     """The in-process implementation of the ``TRAJECTORY_CACHE`` contract (``slime_router_core.contracts``).
 
@@ -516,6 +544,8 @@ class TrajectoryCache:
             self.persist = Persistence(self.tree, snapshot, tokenizer_fingerprint(tokenizer),
                                        snapshot_interval=snapshot_interval, journal_interval=journal_interval)
         self._started = False
+        self._listeners: list[RecordListener] = []  # contracts.ChainTransfer
+        self.records_imported = 0
 
     # --- prepare ------------------------------------------------------------------------------
 
@@ -680,7 +710,45 @@ class TrajectoryCache:
             self.audit["generated_recorded"] += len(out_ids)
             if not out_ids:
                 self.records_prompt_only += 1
+        if self._listeners:
+            thunk = _chain_builder(prepared, text, list(fresh), new_widths, out_ids, out_lps, runs,
+                                   list(prepared.markers) + new_markers, worker_url)
+            for fn in list(self._listeners):
+                try:
+                    fn(thunk)
+                except Exception:  # a listener's bug must not fail the record
+                    log.exception("radix_tree: a record listener failed")
         return True
+
+    # --- copying records to another router (contracts.ChainTransfer) ------------------------------------
+
+    def add_record_listener(self, listener: RecordListener) -> None:
+        """Have ``listener(build)`` called after each record (``build()`` makes its ``RecordedChain``)."""
+        self._listeners.append(listener)
+
+    def remove_record_listener(self, listener: RecordListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def import_chains_sync(self, chains: Sequence[RecordedChain]) -> int:
+        """Insert records made elsewhere, in order, as the whole chains they are (no listener is called)."""
+        done = 0
+        for c in chains:
+            if not c.text or not len(c.ids):
+                continue
+            ends = list(itertools.accumulate(c.widths))
+            lps = [None if x != x else float(x) for x in c.logprobs]
+            self.tree.insert(c.text, list(c.ids), ends, lps, list(c.loss_mask), list(c.versions),
+                             markers=[(int(a), str(b)) for a, b in c.markers], worker=c.worker)
+            done += 1
+        with self._lock:
+            self.records_imported += done
+        return done
+
+    async def import_chains(self, chains: Sequence[RecordedChain]) -> int:
+        if sum(len(c.ids) for c in chains) > OFFLOAD_TOKENS:
+            return await asyncio.to_thread(self.import_chains_sync, chains)
+        return self.import_chains_sync(chains)
 
     def _refuse(self, size: int) -> None:
         """Count a record refused as too large; one WARNING per interval, summarising."""
@@ -856,6 +924,7 @@ class TrajectoryCache:
             "gc_threshold_k": t.gc_k,
             "versions": t.versions(),
             "retrievals": self.retrievals,
+            "records_imported": self.records_imported,
             "audit": dict(self.audit),
             "max_record_tokens": self.max_record_tokens,
             "records_too_large": self.records_too_large,

@@ -13,6 +13,11 @@ Hooks (routes ``/generate``, ``/v1/chat/completions``, ``/v1/completions``):
   stored exactly (an aborted generation, a prompt that was not tokenized by the router) is listed in the session's
   ``gaps``; request_finished lists a request that ended without a complete reply (failed, client gone).
 
+With ``--session-store-url`` (``write_behind.py``) each request's additions are queued and written behind to
+Valkey/Redis, and a session this replica does not hold is read from there before it is used (``/generate``: in
+pre_request, before the trajectory cache prepares the prompt; the OpenAI routes: an ASGI middleware, as they
+prepare their prompt before the request hooks run; the routes below: before they answer).
+
 Routes: ``POST /sessions`` (open, with metadata), ``GET /sessions`` (summaries and counters), ``GET``/``PATCH``/
 ``DELETE /sessions/{sid}`` (trajectories / merge metadata / finish: hand over and free), ``POST /retrieve_batch``
 (many sessions, texts or message lists at once, as JSON lines).
@@ -22,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,12 +46,20 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from slime_router_core import HTTPError, hookimpl
 from slime_router_core.context import StashKey
-from slime_router_core.contracts import OPENAI_COMPAT, SESSIONS, TRAJECTORY_CACHE, CacheUnavailable
+from slime_router_core.contracts import (
+    OPENAI_COMPAT,
+    SESSIONS,
+    TRAJECTORY_CACHE,
+    CacheUnavailable,
+    ChainTransfer,
+    RecordedChain,
+)
 from slime_router_core.settings import PluginConfig, at_least, option
 from slime_router_core.sglang import merge_stream, output_ids_and_logprobs, weight_version_spans
 
 from . import columnar
 from .store import Session, SessionGone, SessionStore
+from .write_behind import OpenAIHistoryAdapter, WriteBehind, history_unavailable_gap
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -71,6 +87,16 @@ class SessionsConfig(PluginConfig):
                              "later requests for it get 404). 0: never.")
     max: int = option(100_000, check=at_least(0),
                       help="Open sessions at most (a new one beyond it gets 429). 0: no limit.")
+    store_url: str | None = option(
+        None, check=lambda v: None if v is None or v.startswith(("redis://", "rediss://", "unix://")) else
+        "must be a redis://HOST:PORT/DB (or rediss://, unix://) URL",
+        help="Write each session's turns behind to this Valkey/Redis server (redis://HOST:PORT/DB), off the request "
+             "path, so that another router replica continues a session this one served exactly (its turns, "
+             "trajectory-cache records and chat history). Needs the 'redis' extra of slime-router; not with "
+             "--radix-tree-process. Off by default.")
+    store_timeout: float = option(2.0, check=at_least(0.01),
+                                  help="Seconds to wait for the session store when reading a session this replica "
+                                       "does not hold (then it goes on as a new session, flagged).")
 
 
 @dataclass
@@ -79,9 +105,14 @@ class _Turn:
     request_id: str
     chunks: list[dict] = field(default_factory=list)
     folded: bool = False  # its replies went into the session (post_response)
+    chains: list[Callable[[], RecordedChain]] = field(default_factory=list)  # cache records made (write-behind)
+    closed: bool = False
 
 
 _TURN: StashKey[_Turn] = StashKey("sessions.turn")
+# The request's turn, for the trajectory cache's record listener and the chat-history listener (write-behind
+# only): they are called on the request's task (or a thread it started), which has no ctx to hand.
+_CURRENT: ContextVar[_Turn | None] = ContextVar("slime_router_sessions_turn", default=None)
 
 
 def check_session_id(sid: str) -> str:
@@ -121,12 +152,23 @@ def add_options(options: OptionRegistry) -> None:
 @hookimpl(trylast=True)  # after the plugin that registers the trajectory cache
 def register_components(registry: ComponentRegistry, router: Router) -> None:
     if not registry.has(TRAJECTORY_CACHE):  # e.g. the tokenizer extra is not installed: no exact tokens to keep
+        if router.settings.config(SessionsConfig).store_url:
+            raise ValueError("--session-store-url needs sessions, which need a trajectory cache: load the radix_tree "
+                             "plugin and pass --hf-checkpoint")
         log.info("sessions: off (no trajectory cache is registered; load the radix_tree plugin and pass "
                  "--hf-checkpoint to key trajectories by session)")
         router.plugins.pm.unregister(sys.modules[__name__])  # stand down: no hook of it on the request path
         return
     cfg = router.settings.config(SessionsConfig)
-    registry.register(SESSIONS, SessionStore(cfg.ttl, cfg.max), owner="sessions")
+    store = SessionStore(cfg.ttl, cfg.max)
+    if cfg.store_url:
+        cache = registry.get(TRAJECTORY_CACHE)
+        if not isinstance(cache, ChainTransfer):
+            raise ValueError(f"--session-store-url needs a trajectory cache whose records can be copied to another "
+                             f"replica ({type(cache).__name__} cannot: --radix-tree-process is not supported with the "
+                             f"session store; run the cache in the router's process)")
+        store.write_behind = WriteBehind(cfg.store_url, store, cache, None, cfg.store_timeout)
+    registry.register(SESSIONS, store, owner="sessions")
 
 
 _sweepers: dict[int, asyncio.Task] = {}
@@ -135,7 +177,19 @@ _sweepers: dict[int, asyncio.Task] = {}
 @hookimpl
 async def startup(router: Router) -> None:
     store = _store(router)
-    if store is None or not store.ttl:
+    if store is None:
+        return
+    wb = store.write_behind
+    if wb is not None:
+        if wb.cache is not None:
+            wb.cache.add_record_listener(_on_record)
+        wb.history = OpenAIHistoryAdapter.wrap(router.registry.find(OPENAI_COMPAT))
+        if wb.history is not None:
+            wb.history.add_history_listener(_on_history)
+        wb.start()
+        log.info("sessions: writing sessions behind to %s (queue of %d entries)", wb.url.split("@")[-1],
+                 wb.queue.maxsize)
+    if not store.ttl:
         return
 
     async def sweep() -> None:
@@ -155,32 +209,77 @@ async def shutdown(router: Router) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    store = _store(router)
+    wb = store.write_behind if store is not None else None
+    if wb is not None:
+        if wb.cache is not None:
+            wb.cache.remove_record_listener(_on_record)
+        await wb.close()
+
+
+def _on_record(build: Callable[[], RecordedChain]) -> None:
+    """The trajectory cache recorded (write-behind): keep the record with the request's turn, if in a session."""
+    turn = _CURRENT.get()
+    if turn is not None and not turn.closed:
+        turn.chains.append(build)
+
+
+def _on_history(item: list[Any]) -> None:
+    turn = _CURRENT.get()
+    if turn is not None and not turn.closed and turn.session.wb is not None:
+        turn.session.wb.history.append(item)
 
 
 # --- recording ---------------------------------------------------------------------------------------
 
 
 @hookimpl(tryfirst=True)  # first: a finished session or a bad id is refused before any other plugin works on it
-def pre_request(ctx: RequestContext) -> None:
+def pre_request(ctx: RequestContext) -> Any:
     if ctx.route not in ROUTES:
-        return
+        return None
     sid = ctx.headers.get(SESSION_HEADER)
     if not sid:
-        return  # no session: nothing more on this request's path
+        return None  # no session: nothing more on this request's path
     store = _store(ctx.router)
     if store is None:
-        return
+        return None
     check_session_id(sid)
+    meta = _metadata(ctx.headers.get(METADATA_HEADER))
+    wb = store.write_behind
+    if wb is not None and not store.knows(sid):  # another replica's session? read it first (awaited before the
+        return _load_then_open(ctx, store, wb, sid, meta)  # trajectory cache's pre_request prepares the prompt)
+    _open(ctx, store, sid, meta, None)
+    return None
+
+
+async def _load_then_open(ctx: RequestContext, store: SessionStore, wb: WriteBehind, sid: str,
+                          meta: dict[str, Any] | None) -> None:
+    _open(ctx, store, sid, meta, await wb.ensure(sid))
+
+
+def _open(ctx: RequestContext, store: SessionStore, sid: str, meta: dict[str, Any] | None, loaded: str | None
+          ) -> None:
     try:
-        session, _ = store.open(sid, _metadata(ctx.headers.get(METADATA_HEADER)))
+        session, created = store.open(sid, meta)
     except SessionGone as e:
         raise _gone(e) from None
     session.requests += 1
     body = ctx.body
     rid = body.get("rid") if isinstance(body, dict) else None
-    ctx.stash[_TURN] = _Turn(session, rid if isinstance(rid, str) else uuid.uuid4().hex)
+    turn = ctx.stash[_TURN] = _Turn(session, rid if isinstance(rid, str) else uuid.uuid4().hex)
+    wb = store.write_behind
+    if wb is not None:
+        _opened(wb, session, created, sid, loaded)
+        _CURRENT.set(turn)
     if ctx.stream:
         ctx.inspect_stream = True
+
+
+def _opened(wb: WriteBehind, session: Session, created: bool, sid: str, loaded: str | None) -> None:
+    wb.state(session)
+    if created and (loaded == "failed" or sid in wb.failed):
+        wb.failed.pop(sid, None)
+        session.gaps.append(history_unavailable_gap(wb.url))
 
 
 def _prompts(body: Any) -> tuple[list[list[int]] | None, int]:
@@ -231,12 +330,19 @@ def post_response(ctx: RequestContext, response: Any) -> None:
 @hookimpl
 def request_finished(ctx: RequestContext) -> None:
     turn = ctx.stash.get(_TURN)
-    if turn is not None and not turn.folded:  # failed, refused, or the client left mid-stream: say so
+    if turn is None:
+        return
+    if not turn.folded:  # failed, refused, or the client left mid-stream: say so
         turn.folded = True
         turn.session.gaps.append({"request_id": turn.request_id, "index": None, "reason": "not_finished",
                                   "status": ctx.status, "error": ctx.error,
                                   "message": "The request ended without a complete reply (it failed, or the client "
                                              "went away mid-stream): not part of any trajectory."})
+    if turn.session.wb is not None and not turn.closed:  # write-behind: queue what the request added
+        store = _store(ctx.router)
+        if store is not None and store.write_behind is not None:
+            turn.closed = True
+            store.write_behind.submit(turn.session, turn.chains)
 
 
 def _fold(turn: _Turn, replies: list[Any], prompts: list[list[int]] | None, samples: int) -> None:
@@ -269,7 +375,14 @@ def _fold(turn: _Turn, replies: list[Any], prompts: list[list[int]] | None, samp
             continue
         default = str(meta.get("weight_version", "default"))
         prompt_version = per[0] if meta.get("weight_versions") and per else default
-        session.add_turn(prompts[i // n], out_ids, out_lp, per, prompt_version, rid, fr, group)
+        prompt = prompts[i // n]
+        seg = session.add_turn(prompt, out_ids, out_lp, per, prompt_version, rid, fr, group)
+        st = session.wb
+        if st is not None:  # write-behind: the turn as add_turn got it, its prompt after what it shares
+            ref, k = session.last_ref
+            st.turns.append([rid, fr, group, seg.turns[-1].time, ref, k, array("i", prompt[k:]), array("i", out_ids),
+                             array("f", [0.0 if x is None else x for x in out_lp]),
+                             [[len(list(g)), v] for v, g in itertools.groupby(per)], prompt_version])
 
 
 # --- routes --------------------------------------------------------------------------------------------
@@ -336,14 +449,51 @@ def _session_json(session: Session, arrays: bool = True) -> bytes:
     return orjson.dumps(session.as_dict(arrays))
 
 
+OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+_HEADER = SESSION_HEADER.encode()
+
+
+class _LoadFirst:
+    """ASGI middleware (write-behind only): an OpenAI request of a session this replica does not hold waits for the
+    session to be read from the store before the route renders and prepares its prompt (which happens before the
+    request hooks run). /generate is served outside FastAPI: its pre_request hook loads."""
+
+    def __init__(self, app: Any, store: SessionStore, wb: WriteBehind) -> None:
+        self.app = app
+        self.store = store
+        self.wb = wb
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in OPENAI_ROUTES:
+            for k, v in scope.get("headers", ()):
+                if k == _HEADER:
+                    sid = v.decode("latin-1")
+                    if SESSION_ID.fullmatch(sid) and not self.store.knows(sid):
+                        await self.wb.ensure(sid)
+                    break
+        await self.app(scope, receive, send)
+
+
 @hookimpl
 def register_routes(app: FastAPI, router: Router) -> None:
     store = _store(router)
     if store is None:
         return
 
-    def live(sid: str) -> Session:
+    wb = store.write_behind
+    if wb is not None:
+        app.add_middleware(_LoadFirst, store=store, wb=wb)
+
+    async def load(sid: str) -> None:
+        """Read a session this replica does not hold from the session store (write-behind), once."""
+        if wb is not None and not store.knows(sid):
+            if await wb.ensure(sid) == "failed":
+                raise HTTPError(503, f"Session {sid!r} is not held by this replica and the session store could not "
+                                     f"be read; retry.", code="session_store_unavailable")
+
+    async def live(sid: str) -> Session:
         check_session_id(sid)
+        await load(sid)
         try:
             s = store.get(sid)
         except SessionGone as e:
@@ -358,10 +508,15 @@ def register_routes(app: FastAPI, router: Router) -> None:
         200 when it was already open (its metadata merged)."""
         body = body or OpenSession(session_id=None)
         sid = check_session_id(body.session_id) if body.session_id else uuid.uuid4().hex
+        if body.session_id:
+            await load(sid)
         try:
             s, opened = store.open(sid, body.metadata)
         except SessionGone as e:
             raise _gone(e) from None
+        if wb is not None:
+            _opened(wb, s, opened, sid, None)
+            wb.submit(s, [])
         if not opened:
             response.status_code = 200
         return SessionOpened(session_id=sid, opened=opened, base_url=f"/sessions/{sid}", metadata=s.metadata)
@@ -379,13 +534,15 @@ def register_routes(app: FastAPI, router: Router) -> None:
         """Every trajectory of the session: exact tokens, loss mask, logprobs and weight versions from token 0,
         one per continuous chain (branches and rewrites separate, each saying why), its metadata and gaps.
         ``tokens=false``: the structure without the token lists."""
-        return Response(_session_json(live(sid), tokens), media_type="application/json")
+        return Response(_session_json(await live(sid), tokens), media_type="application/json")
 
     @app.patch("/sessions/{sid}")
     async def patch_session(sid: str, body: SessionMetadata) -> dict[str, Any]:
         """Merge metadata into a session (e.g. its reward once the episode is scored)."""
-        s = live(sid)
+        s = await live(sid)
         s.metadata.update(body.metadata)
+        if wb is not None:
+            wb.submit(s, [])
         return {"session_id": sid, "metadata": s.metadata}
 
     @app.delete("/sessions/{sid}", response_class=Response, responses={200: {"model": SessionData}, 404: {},
@@ -394,12 +551,15 @@ def register_routes(app: FastAPI, router: Router) -> None:
         """Finish a session: its trajectories are returned one last time and freed; later requests with this id
         get 409."""
         check_session_id(sid)
+        await load(sid)
         try:
             s = store.finish(sid)
         except SessionGone as e:
             raise _gone(e) from None
         except KeyError:
             raise HTTPError(404, NOT_FOUND.format(sid=sid), code="session_not_found") from None
+        if wb is not None:
+            wb.submit(s, [], finish=True)
         return Response(_session_json(s, tokens), media_type="application/json")
 
     @app.post("/retrieve_batch", response_class=StreamingResponse,
@@ -413,6 +573,9 @@ def register_routes(app: FastAPI, router: Router) -> None:
         if len(given) != 1:
             raise HTTPError(400, "Give exactly one of 'sessions', 'texts' or 'messages' (a list).",
                             param="sessions")
+        if wb is not None and body.sessions:  # sessions this replica does not hold: read from the store first
+            await asyncio.gather(*[wb.ensure(sid) for sid in dict.fromkeys(body.sessions)
+                                   if SESSION_ID.fullmatch(sid) and not store.knows(sid)])
         if body.format == "columnar":
             if given[0] != "sessions":
                 raise HTTPError(400, "\"format\": \"columnar\" is for 'sessions'; texts and message lists are "
@@ -434,6 +597,8 @@ def _sessions(store: SessionStore, body: BatchRequest) -> list[Session | dict[st
             s = store.finish(sid) if body.finish else store.get(sid)
             if s is None:
                 raise KeyError(sid)
+            if body.finish and store.write_behind is not None:
+                store.write_behind.submit(s, [], finish=True)
         except (HTTPError, SessionGone) as e:
             out.append(_error("session_id", sid, e.status, e.message, e.code))
         except KeyError:

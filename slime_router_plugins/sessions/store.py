@@ -131,6 +131,9 @@ class Session:
         self.segments: list[Segment] = []
         self.gaps: list[dict[str, Any]] = []  # turns that could not be stored exactly, each with why
         self.requests = 0
+        self.wb: Any = None  # the write-behind's state (--session-store-url), else None
+        # the last add_turn's prompt as (segment index or -1, k, ids after k): prompt[:k] == that segment's ids[:k]
+        self.last_ref: tuple[int, int] = (-1, 0)
 
     def add_turn(self, prompt_ids: list[int], out_ids: list[int], out_logp: list[float | None],
                  out_versions: list[str], prompt_version: str, request_id: str, finish_reason: Any,
@@ -144,12 +147,15 @@ class Session:
             k = len(s.ids)
             if k <= n and k > best and (k == 0 or (s.ids[k - 1] == prompt[k - 1] and s.ids == prompt[:k])):
                 seg, best = s, k
-        if seg is None:
+        if seg is not None:
+            self.last_ref = (seg.index, best)
+        else:
             parent, shared = None, 0
             for s in self.segments:
                 c = common_prefix(s.ids, prompt)
                 if c > shared:
                     parent, shared = s, c
+            self.last_ref = (parent.index, shared) if parent is not None else (-1, 0)
             if parent is not None and shared < n:
                 first_generated = parent.mask.find(1)
                 if first_generated < 0 or shared < first_generated:
@@ -215,6 +221,7 @@ class SessionStore:
         self.gone: dict[str, tuple[str, float]] = {}  # id -> ("finished" | "expired", when), oldest first
         self.lock = threading.Lock()
         self.counters = {"created": 0, "finished": 0, "expired": 0, "turns": 0, "gaps": 0, "refused_gone": 0}
+        self.write_behind: Any = None  # write_behind.WriteBehind with --session-store-url
 
     def _check_gone(self, sid: str) -> None:
         g = self.gone.get(sid)
@@ -256,8 +263,31 @@ class SessionStore:
             self.counters["created"] += 1
             return s, True
 
-    def _bury(self, sid: str, what: str) -> None:
-        self.gone[sid] = (what, time.time())
+    def knows(self, sid: str) -> bool:
+        """Is ``sid`` live here, or finished / expired here?"""
+        return sid in self.sessions or sid in self.gone
+
+    def adopt(self, session: Session) -> Session:
+        """Put a session rebuilt elsewhere (the write-behind's load) among the live ones; the live one if ``sid``
+        got opened meanwhile."""
+        with self.lock:
+            s = self.sessions.get(session.id)
+            if s is not None:
+                return s
+            self._check_gone(session.id)
+            session.last_used = time.monotonic()
+            self.sessions[session.id] = session
+            self.counters["created"] += 1
+            return session
+
+    def bury(self, sid: str, what: str, when: float) -> None:
+        """Remember ``sid`` as finished/expired at ``when`` (read from the write-behind's store)."""
+        with self.lock:
+            if sid not in self.sessions:
+                self._bury(sid, what, when)
+
+    def _bury(self, sid: str, what: str, when: float | None = None) -> None:
+        self.gone[sid] = (what, time.time() if when is None else when)
         while len(self.gone) > self.TOMBSTONES:
             del self.gone[next(iter(self.gone))]
 
@@ -305,4 +335,4 @@ class SessionStore:
             live = list(self.sessions.values())
         return {"sessions": len(live), "tokens": sum(len(g) for s in live for g in s.segments),
                 "bytes": sum(s.nbytes() for s in live), "ttl_seconds": self.ttl, "max_sessions": self.max_sessions,
-                **self.counters}
+                **self.counters, **({"store": self.write_behind.stats()} if self.write_behind is not None else {})}
