@@ -177,7 +177,9 @@ def _build_fast_encoder(tokenizer: Any) -> Callable[[str], list[int]] | None:
         if encode(text) != hf_encode(text, add_special_tokens=False).ids:
             log.warning("radix_tree: tiktoken differs from the HF tokenizer on %r; using the HF tokenizer", text)
             return None
-    encode.encoding = enc  # type: ignore[attr-defined]
+    if isinstance(getattr(enc, "_mergeable_ranks", None), dict):
+        # tiktoken keeps the Python dict of the ranks only to pickle the Encoding, which is never done here: 18 MB
+        enc._mergeable_ranks = {}
     return encode
 
 
