@@ -13,8 +13,9 @@ key                 protocol                     provided by (first-party) / use
                                                  openai_compat, metrics
 ``BALANCER``        ``Balancer``                 balancing / metrics
 ``METRICS``         ``MetricsSink``              metrics / its hooks and routes
-``OPENAI_COMPAT``   ``OpenAICompat``             openai_compat / metrics, sessions (batch retrieval)
-``SESSIONS``        ``Sessions``                 sessions / its routes (and a trajectory viewer)
+``OPENAI_COMPAT``   ``OpenAICompat``             openai_compat / metrics, sessions (batch retrieval, and
+                                                 ``HistoryTransfer`` for the write-behind)
+``SESSIONS``        ``Sessions``                 sessions / its routes (and a trajectory viewer), metrics
 (``router.engines``) ``Engine``                  vllm (SGLang is the router's own wire format) / the core
 ==================  ===========================  ===========================================================
 
@@ -212,7 +213,8 @@ class BalancingPolicy(Protocol):
 
 @runtime_checkable
 class StatsSource(Protocol):
-    """A component whose counters the metrics sink exports (the trajectory cache, openai_compat):
+    """A component whose counters the metrics sink exports (the trajectory cache, openai_compat, the sessions'
+    write-behind: ``stats()["store"]``):
     ``stats()`` answers a snapshot, cheaply."""
 
     def stats(self) -> dict[str, Any]: ...
@@ -227,11 +229,14 @@ class OpenAICompat(StatsSource, Protocol):
 
 @runtime_checkable
 class HistoryTransfer(Protocol):
-    """Optional, for an ``OPENAI_COMPAT`` component: the exact-history entries it keeps (the text the model really
-    generated for each answer, keyed by digests of the conversation before it and of the message as returned), so
-    that another router renders the next turn of a conversation exactly as this one would. ``add_history_listener``
-    has ``fn(item)`` called for each entry remembered (on the request's thread); ``import_history(items)`` puts
-    entries back. Items are JSON-able lists."""
+    """Optional, for an ``OPENAI_COMPAT`` component (the sessions plugin's write-behind, ``--session-store-url``):
+    the exact-history entries it keeps (the text the model really generated for each answer, keyed by digests of the
+    conversation before it and of the message as returned), so that another router renders the next turn of a
+    conversation exactly as this one would. ``add_history_listener(fn)`` has ``fn(item)`` called after each entry
+    is remembered (on the request's thread; not by ``import_history``); ``import_history(items)`` remembers entries
+    made elsewhere, in order, within the component's own bound (returns how many it took). Items are JSON-able
+    lists, stored as they are: the first-party openai_compat service (which implements it) uses ``[conversation
+    key, message key, raw text, reasoning, prompt length, prompt digest (hex), generated tokens]``."""
 
     def add_history_listener(self, listener: Callable[[list[Any]], None]) -> None: ...
 

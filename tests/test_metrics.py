@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from slime_router_plugins.metrics.collector import BoundedCounter, Histogram
 from slime_router_plugins.metrics.plugin import wants_prometheus
 from slime_router_plugins.radix_tree.trie import DEFAULT_MAX_TOKENS
 from slime_router_testing import free_port
+from slime_router_testing.redis_server import RedisServer
 
 ENGINES = ("sglang", "vllm")  # every test with mock workers runs against both (conftest.py)
 
@@ -456,3 +458,38 @@ def test_history_rewrites_reported_by_openai_compat_reach_the_metrics(router, mo
     fams = scrape(r.url)
     assert value(fams, "slime_router_openai_history_rewritten") == 1
     assert value(fams, "slime_router_openai_chat_requests") == 2
+
+
+@pytest.mark.skipif(not RedisServer.available() and not os.environ.get("CI"),
+                    reason="redis-server is not installed (apt-get install redis-server)")
+def test_session_store_counters_reach_the_metrics_only_when_configured(router, mock_worker):
+    w = mock_worker()
+    plugins = ["metrics", "radix_tree", "sessions"]
+    plain = router(plugins=plugins, settings=Settings(hf_checkpoint="builtin:qwen3", worker_urls=[w.url]))
+    assert "session_store" not in httpx.get(plain.url + "/metrics").json()
+    assert not any(n.startswith("slime_router_session_store_") for n in scrape(plain.url))
+    with RedisServer() as redis_server:
+        r = router(plugins=plugins, settings=Settings(hf_checkpoint="builtin:qwen3", worker_urls=[w.url],
+                                                      extra={"session_store_url": redis_server.url}))
+        for t in range(2):
+            assert httpx.post(r.url + "/generate", headers={"X-Session-ID": "s1"}, timeout=30, json={
+                "text": f"Hello {t}", "sampling_params": {"max_new_tokens": 4}}).status_code == 200
+        assert httpx.get(r.url + "/sessions/unknown-here").status_code == 404  # read from the store too: a miss
+        deadline = time.monotonic() + 30
+        while httpx.get(r.url + "/sessions").json()["stats"]["store"]["entries_written"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        store = httpx.get(r.url + "/sessions").json()["stats"]["store"]
+        m = httpx.get(r.url + "/metrics").json()["session_store"]
+        assert m["entries_written"] == 2 and m["bytes_written"] == store["bytes_written"] > 0
+        assert m["loads"] == m["load_misses"] == 2 and m["load_errors"] == m["entries_dropped"] == 0  # s1, unknown
+        fams = scrape(r.url)
+        assert value(fams, "slime_router_session_store_entries_written") == 2
+        assert value(fams, "slime_router_session_store_bytes_written") == store["bytes_written"]
+        assert value(fams, "slime_router_session_store_loads") == 2
+        for name in ("write_errors", "entries_dropped", "load_errors"):
+            assert value(fams, "slime_router_session_store_" + name) == 0
+        assert fams["slime_router_session_store_queued"].type == "gauge"
+        assert value(fams, "slime_router_session_store_queue_max") == store["queue_max"]
+        assert value(scrape(r.url, "/metrics", accept="application/openmetrics-text"),
+                     "slime_router_session_store_entries_written") == 2

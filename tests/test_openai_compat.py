@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from conftest import mock_worker_app, with_engine
-from slime_router_core.contracts import SESSION_KEY
+from slime_router_core.contracts import OPENAI_COMPAT, SESSION_KEY, HistoryTransfer
 from slime_router_core.tokenizers import BUILTIN_CHECKPOINT, load_tokenizer
 from slime_router_testing import ServerThread, start_router
 from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
@@ -357,3 +358,53 @@ def test_langchain_chat_openai(env, w):
     assert isinstance(final, AIMessage) and final.content == "It is sunny in Oslo."
     assert "<tool_response>\nsunny\n</tool_response>" in load_tokenizer(BUILTIN_CHECKPOINT).decode(
         records(w)[-1]["input_ids"])
+
+
+def test_history_transfer_round_trip_renders_the_next_turn_as_the_first_router(servers_to_stop):
+    """openai_compat's component implements ``contracts.HistoryTransfer``: its listener hands over each history
+    entry remembered, and another router that imports them renders the next turn of the chat exactly as the first
+    (the text the model generated: replies that begin with whitespace, which the API's message does not keep)."""
+    worker = ServerThread(create_mock_worker_app(MockWorkerConfig(
+        hf_checkpoint=BUILTIN_CHECKPOINT, realistic=True, realistic_seed=3, leading_whitespace_rate=1.0,
+        max_random_tokens=16))).start()
+    servers_to_stop.append(worker)
+
+    def router() -> Any:
+        r = start_router(plugins=["openai_compat"], hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=[worker.url],
+                         extra=[])
+        servers_to_stop.append(r)
+        return r
+
+    a, b, c = router(), router(), router()
+    svc_a, svc_b = (r.app.router.registry.get(OPENAI_COMPAT) for r in (a, b))
+    assert isinstance(svc_a, HistoryTransfer) and isinstance(svc_b, HistoryTransfer)
+    items: list[list[Any]] = []
+    svc_a.add_history_listener(items.append)
+    messages: list[dict] = [{"role": "user", "content": "Hi"}]
+    for turn in range(3):
+        r = httpx.post(a.url + "/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 16},
+                       timeout=30).json()
+        messages += [{"role": "assistant", "content": r["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": f"more, {turn}"}]
+    assert len(items) == 3  # one per answer, in the stored form: JSON-able, digest in hex
+    for ck, mk, raw, reasoning, prompt_len, digest, generated in items:
+        assert isinstance(ck, str) and isinstance(mk, str) and isinstance(raw, str) and raw[:1].isspace()
+        assert reasoning is None and prompt_len > 0 and bytes.fromhex(digest) and generated > 0
+    assert orjson.loads(orjson.dumps(items)) == items
+
+    def next_prompt(url: str) -> list[int]:
+        httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 4},
+                   timeout=30).raise_for_status()
+        return records(worker.url)[-1]["input_ids"]
+
+    on_a = next_prompt(a.url)
+    assert next_prompt(c.url) != on_a  # without the history: the API's messages render otherwise
+    assert len(items) == 4
+    assert svc_b.import_history(items[:3]) == 3
+    assert next_prompt(b.url) == on_a  # imported: rendered as A rendered it
+    # an import calls no listener, and keeps the history store's bound (least recently used out)
+    seen: list[list[Any]] = []
+    svc_b.add_history_listener(seen.append)
+    svc_b.store.max_entries = 2
+    assert svc_b.import_history([items[0], ["x", "y", " z", None, 1, "00", 1], ["bad"]]) == 2
+    assert len(svc_b.store) == 2 and seen == []

@@ -31,7 +31,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from slime_router_core.context import StashKey
-from slime_router_core.contracts import BALANCER, OPENAI_COMPAT, TRAJECTORY_CACHE, ComponentKey
+from slime_router_core.contracts import BALANCER, OPENAI_COMPAT, SESSIONS, TRAJECTORY_CACHE, ComponentKey
 
 if TYPE_CHECKING:  # pragma: no cover
     from slime_router_core.context import RequestContext
@@ -322,6 +322,13 @@ class MetricsState:
     def cache_stats(self) -> dict[str, Any] | None:
         return self._component_stats(TRAJECTORY_CACHE)
 
+    def session_store_stats(self) -> dict[str, Any] | None:
+        """The sessions plugin's write-behind counters (``GET /sessions`` → ``stats.store``), when it is loaded and
+        ``--session-store-url`` is set."""
+        stats = self._component_stats(SESSIONS)
+        store = stats.get("store") if stats is not None else None
+        return store if isinstance(store, dict) else None
+
     def audit(self) -> dict[str, dict[str, int]] | None:
         """Where the generated tokens went: recorded, served back exactly, or lost (and why), and the tokens
         retrievals had to tokenize afresh, by cause -- so drift shows in production, not in a post-mortem."""
@@ -404,6 +411,9 @@ class MetricsState:
             out["audit"] = audit
         if openai is not None:
             out["openai_compat"] = openai  # incl. history_rewritten / rewritten_turns (templates rewriting history)
+        store = self.session_store_stats()
+        if store is not None:
+            out["session_store"] = store
         out["workers"] = self.worker_details()
         out["requests"] = self.request_summary()
         out["admission"] = self.router.admission.stats()
@@ -483,6 +493,7 @@ class RouterCollector:
         yield from self.collect_cache()
         yield from self.collect_audit()
         yield from self.collect_openai()
+        yield from self.collect_session_store()
         yield GaugeMetricFamily(P + "start_time_seconds", "Unix time the router started.", value=s.started_at)
 
     def collect_admission(self) -> Iterator[Metric]:
@@ -601,3 +612,44 @@ class RouterCollector:
             v = num(key)
             if v is not None:
                 yield CounterMetricFamily(P + name, doc, value=v)
+
+    def collect_session_store(self) -> Iterator[Metric]:
+        """--session-store-url: the write-behind's queue and counters (only when it is configured)."""
+        stats = self.state.session_store_stats()
+        if stats is None:
+            return
+        P = PREFIX + "session_store_"
+        for key, v in sorted(stats.items()):  # a fixed set of names: bounded
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            doc = SESSION_STORE_DOCS.get(key, f"session store: {key.replace('_', ' ')}.")
+            if key in SESSION_STORE_GAUGES:
+                yield GaugeMetricFamily(P + key, doc, value=v)
+            else:
+                yield CounterMetricFamily(P + key, doc, value=v)
+
+
+# The write-behind's stats (slime_router_plugins/sessions/write_behind.py, ``WriteBehind.stats``): the gauges, and
+# what each number means (a counter not listed here is exported all the same, with a generic description).
+SESSION_STORE_GAUGES = frozenset({"queued", "queue_max"})
+SESSION_STORE_DOCS = {
+    "queued": "Session entries waiting to be written to the session store (queued, encoded or being written).",
+    "queue_max": "Most session entries that may wait; beyond, new ones are dropped.",
+    "entries_queued": "Session entries queued for the session store (one per finished request of a session).",
+    "entries_written": "Session entries written to the session store.",
+    "bytes_written": "Bytes of session entries written to the session store.",
+    "write_errors": "Failed writes of a batch of session entries (each retried).",
+    "write_retries": "Retries of a failed batch of session entries.",
+    "entries_dropped": "Session entries dropped because the write-behind queue was full (the store down or too "
+                       "slow): those sessions are incomplete in the store.",
+    "loads": "Reads of a session this replica did not hold from the session store.",
+    "loaded": "Sessions loaded from the session store.",
+    "load_misses": "Reads of a session the session store did not have (a new session).",
+    "load_errors": "Sessions that could not be read or rebuilt from the session store (they went on as new "
+                   "sessions with a history_unavailable gap).",
+    "load_incomplete": "Sessions loaded only in part (an entry missing: dropped).",
+    "loaded_turns": "Turns of sessions loaded from the session store.",
+    "loaded_records": "Trajectory-cache records imported with sessions loaded from the session store.",
+    "record_errors": "Trajectory-cache records or entries that could not be encoded for the session store.",
+    "history_errors": "Sessions loaded whose chat history could not be imported into the OpenAI layer.",
+}

@@ -46,7 +46,8 @@ class RequestSummary(BaseModel):
 
 class MetricsSnapshot(BaseModel):
     """``GET /metrics`` as JSON: the ``router`` and ``cache`` sections, then details. ``cache``, ``cache_stats``
-    and ``audit`` need the radix_tree plugin, ``openai_compat`` the openai_compat plugin."""
+    and ``audit`` need the radix_tree plugin, ``openai_compat`` the openai_compat plugin, ``session_store`` the
+    sessions plugin with ``--session-store-url``."""
 
     model_config = ConfigDict(extra="allow")
     router: RouterSection
@@ -54,6 +55,8 @@ class MetricsSnapshot(BaseModel):
     cache_stats: dict[str, Any] | None = Field(default=None, description="Everything the trajectory cache reports")
     audit: TokenAudit | None = None
     openai_compat: dict[str, Any] | None = Field(default=None, description="GET /openai_compat/stats")
+    session_store: dict[str, Any] | None = Field(default=None, description="The sessions' write-behind "
+                                                 "(--session-store-url only): GET /sessions -> stats.store")
     workers: dict[str, dict[str, Any]] = Field(description="Per worker URL: the balancing plugin's stats when it "
                                                            "is loaded (GET /workers/state), else the pool's")
     requests: RequestSummary

@@ -123,16 +123,26 @@ class HistoryStore:
     def __len__(self) -> int:
         return self._n
 
-    def put(self, context: list[dict[str, Any]], assistant: dict[str, Any], entry: HistoryEntry) -> None:
+    def put(self, context: list[dict[str, Any]], assistant: dict[str, Any], entry: HistoryEntry
+            ) -> tuple[str, str] | None:
+        """Remember ``entry`` for ``assistant`` answering ``context``; its keys (conversation, message), or None
+        when the store is off (``max_entries`` 0)."""
+        if self.max_entries <= 0:
+            return None
+        ck, mk = context_keys(context)[-1], message_key(assistant)
+        self.insert(ck, mk, entry)
+        return ck, mk
+
+    def insert(self, ck: str, mk: str, entry: HistoryEntry) -> None:
+        """``put`` by keys (``context_keys(context)[-1]``, ``message_key(assistant)``), e.g. for an entry remembered
+        by another router: it becomes the most recently used; the least recently used are evicted beyond the bound."""
         if self.max_entries <= 0:
             return
-        ck = context_keys(context)[-1]
         group = self._d.get(ck)
         if group is None:
             group = self._d[ck] = {}
         else:
             self._d.move_to_end(ck)
-        mk = message_key(assistant)
         if mk not in group:
             self._n += 1
         group[mk] = entry

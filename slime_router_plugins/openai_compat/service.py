@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from jinja2 import TemplateError
@@ -120,6 +120,7 @@ class OpenAIService:
         self.tool_parser = config.tool_parser != "none"
         self.default_max_tokens = config.default_max_tokens
         self.store = HistoryStore(config.history_size)
+        self._history_listeners: list[Callable[[list[Any]], None]] = []  # contracts.HistoryTransfer
         self.renderer = Renderer(self.tokenizer, self.store, self.history_mode)
         self.token_text = TokenText(self.tokenizer)
         self.counters = Counters(chat_requests=0, completion_requests=0, streams=0, client_disconnects=0,
@@ -358,9 +359,51 @@ class OpenAIService:
                  generated_tokens: int) -> None:
         if finish == "abort":
             return
-        self.store.put(opts["messages"], message, HistoryEntry(
-            raw=raw, reasoning=reasoning, prompt_len=opts["prompt_len"], prompt_digest=opts["prompt_digest"],
-            generated_tokens=generated_tokens))
+        entry = HistoryEntry(raw=raw, reasoning=reasoning, prompt_len=opts["prompt_len"],
+                             prompt_digest=opts["prompt_digest"], generated_tokens=generated_tokens)
+        keys = self.store.put(opts["messages"], message, entry)
+        if self._history_listeners and keys is not None:
+            self._history_remembered(keys, entry)
+
+    # --- contracts.HistoryTransfer: the history entries, copied to / from another router ------------------------
+    # An item: [conversation key, message key, raw, reasoning, prompt_len, prompt_digest (hex), generated_tokens]
+    # (JSON-able; the sessions plugin's write-behind stores items in this very form).
+
+    def add_history_listener(self, listener: Callable[[list[Any]], None]) -> None:
+        """Have ``listener(item)`` called after each history entry is remembered (on the request's task)."""
+        self._history_listeners.append(listener)
+
+    def _history_remembered(self, keys: tuple[str, str], e: HistoryEntry) -> None:
+        item = [keys[0], keys[1], e.raw, e.reasoning, e.prompt_len, e.prompt_digest.hex(), e.generated_tokens]
+        for fn in list(self._history_listeners):
+            try:
+                fn(item)
+            except Exception:  # a listener's bug must not fail the request
+                log.exception("openai_compat: a history listener failed")
+
+    def import_history(self, items: Sequence[list[Any]]) -> int:
+        """Remember entries made elsewhere (items as the listeners get them), in order, through the history store
+        (its bound and LRU order apply; no listener is called). Returns how many were taken; a malformed item is
+        skipped (logged)."""
+        if self.store.max_entries <= 0:
+            return 0
+        taken = bad = 0
+        for item in items:
+            try:
+                ck, mk, raw, reasoning, prompt_len, digest, generated = item
+                if not (isinstance(ck, str) and isinstance(mk, str) and isinstance(raw, str)
+                        and (reasoning is None or isinstance(reasoning, str))):
+                    raise TypeError("keys and texts must be strings")
+                entry = HistoryEntry(raw=raw, reasoning=reasoning, prompt_len=int(prompt_len),
+                                     prompt_digest=bytes.fromhex(digest), generated_tokens=int(generated))
+            except (TypeError, ValueError):
+                bad += 1
+                continue
+            self.store.insert(ck, mk, entry)
+            taken += 1
+        if bad:
+            log.warning("openai_compat: %d malformed history item(s) of %d were not imported", bad, bad + taken)
+        return taken
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int, cached: Any, prepared: Any) -> dict[str, Any]:

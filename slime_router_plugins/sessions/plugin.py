@@ -52,6 +52,7 @@ from slime_router_core.contracts import (
     TRAJECTORY_CACHE,
     CacheUnavailable,
     ChainTransfer,
+    HistoryTransfer,
     RecordedChain,
 )
 from slime_router_core.settings import PluginConfig, at_least, option
@@ -59,7 +60,7 @@ from slime_router_core.sglang import merge_stream, output_ids_and_logprobs, weig
 
 from . import columnar
 from .store import Session, SessionGone, SessionStore
-from .write_behind import OpenAIHistoryAdapter, WriteBehind, history_unavailable_gap
+from .write_behind import WriteBehind, history_unavailable_gap
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -183,12 +184,17 @@ async def startup(router: Router) -> None:
     if wb is not None:
         if wb.cache is not None:
             wb.cache.add_record_listener(_on_record)
-        wb.history = OpenAIHistoryAdapter.wrap(router.registry.find(OPENAI_COMPAT))
-        if wb.history is not None:
-            wb.history.add_history_listener(_on_history)
+        openai = router.registry.find(OPENAI_COMPAT)
+        if isinstance(openai, HistoryTransfer):
+            wb.history = openai
+            openai.add_history_listener(_on_history)
+        elif openai is not None:
+            log.warning("sessions: the OpenAI layer (%s) does not implement contracts.HistoryTransfer: chat "
+                        "sessions continued on another replica get their turns and records, not the exact text "
+                        "of earlier answers (their next prompt is rendered from the messages)", type(openai).__name__)
         wb.start()
         log.info("sessions: writing sessions behind to %s (queue of %d entries)", wb.url.split("@")[-1],
-                 wb.queue.maxsize)
+                 wb.stats()["queue_max"])
     if not store.ttl:
         return
 

@@ -11,8 +11,8 @@ key's TTL reset to ``--session-ttl``), holding what the request added:
   mask, versions, optional spans, worker), each as ``(an earlier record of the session, k tokens, L characters)`` +
   what follows, when its first k tokens and L characters are exactly that record's (checked by a digest): the
   next turn of a conversation costs its new tokens, not the whole conversation again;
-- the exact-history entries of the OpenAI layer (``contracts.HistoryTransfer``), so that chat messages sent back
-  render as they would have on the first replica.
+- the exact-history entries of the OpenAI layer (``contracts.HistoryTransfer``, implemented by openai_compat), as
+  its listener hands them over, so that chat messages sent back render as they would have on the first replica.
 
 ``DELETE /sessions/{sid}`` replaces the key by a ``finish`` entry (kept ``max(--session-ttl, 1 day)``), so another
 replica answers 409 too. Entries are numbered per session: a reader replays them in order and stops at a missing
@@ -286,7 +286,7 @@ class WriteBehind:
         self.counters = {"entries_queued": 0, "entries_written": 0, "bytes_written": 0, "write_errors": 0,
                          "write_retries": 0, "entries_dropped": 0, "loads": 0, "loaded": 0, "load_misses": 0,
                          "load_errors": 0, "load_incomplete": 0, "loaded_turns": 0, "loaded_records": 0,
-                         "record_errors": 0}
+                         "record_errors": 0, "history_errors": 0}
         self._last_log = 0.0
         self._unlogged = 0
         self.writing = 0  # entries being written now
@@ -537,7 +537,11 @@ class WriteBehind:
         if chains and self.cache is not None:
             await self.cache.import_chains(chains)
         if history and self.history is not None:
-            self.history.import_history(history)
+            try:
+                self.history.import_history(history)
+            except Exception:  # the session's turns and records are loaded all the same
+                self.counters["history_errors"] += 1
+                log.exception("sessions: the chat history of session %r could not be imported", sid)
         try:
             self.store.adopt(session)
         except SessionGone:
@@ -612,56 +616,3 @@ def history_unavailable_gap(url: str) -> dict[str, Any]:
     return {"request_id": None, "index": None, "reason": "history_unavailable",
             "message": f"This replica had not seen this session and could not read it from the session store "
                        f"({url.split('@')[-1]}): it went on as a new session, without its earlier turns."}
-
-
-class OpenAIHistoryAdapter:
-    """``contracts.HistoryTransfer`` over the first-party openai_compat service's ``HistoryStore`` (its ``store``:
-    an LRU of ``{conversation key: {message key: HistoryEntry}}``), for as long as openai_compat does not implement
-    the protocol itself. Items: ``[conversation key, message key, raw, reasoning, prompt_len, prompt_digest (hex),
-    generated_tokens]``."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.module = sys.modules[type(store).__module__]
-        self.listeners: list[Callable[[list[Any]], None]] = []
-        put = store.put
-
-        def remembering_put(context: Any, assistant: Any, entry: Any) -> None:
-            put(context, assistant, entry)
-            if self.listeners and store.max_entries > 0 and store._d:
-                item = [next(reversed(store._d)), self.module.message_key(assistant), entry.raw, entry.reasoning,
-                        entry.prompt_len, entry.prompt_digest.hex(), entry.generated_tokens]
-                for fn in list(self.listeners):
-                    fn(item)
-
-        store.put = remembering_put
-
-    @classmethod
-    def wrap(cls, svc: Any) -> HistoryTransfer | None:
-        """The component itself when it implements ``HistoryTransfer``; an adapter for openai_compat's service; else
-        None (its chat history is then not carried over)."""
-        if svc is None:
-            return None
-        if isinstance(svc, HistoryTransfer):
-            return svc
-        store = getattr(svc, "store", None)
-        module = sys.modules.get(type(store).__module__) if store is not None else None
-        if module is None or not all(hasattr(module, n) for n in ("HistoryEntry", "message_key")) \
-                or not all(hasattr(store, n) for n in ("put", "_d", "_n", "max_entries")):
-            return None
-        return cls(store)
-
-    def add_history_listener(self, listener: Callable[[list[Any]], None]) -> None:
-        self.listeners.append(listener)
-
-    def import_history(self, items: Any) -> int:
-        store, entry_cls = self.store, self.module.HistoryEntry
-        for ck, mk, raw, reasoning, prompt_len, digest, generated in items:
-            group = store._d.get(ck)
-            if group is None:
-                group = store._d[ck] = {}
-            if mk not in group:
-                store._n += 1
-            group[mk] = entry_cls(raw=raw, reasoning=reasoning, prompt_len=prompt_len,
-                                  prompt_digest=bytes.fromhex(digest), generated_tokens=generated)
-        return len(items)
