@@ -2,12 +2,14 @@
 
 Ownership (rendezvous hashing over the live replicas) agrees everywhere; proxy / redirect routing serve a session's
 turns on its owner, exactly (checked against the mock worker's records); the hop header stops loops; a dead replica
-leaves the live set and only its sessions move; admin calls reach every replica (a dead one is reported); abort by
-session; metrics summed; trajectories read from any replica. Every wait is a poll for an event.
+leaves the live set and only its sessions move; admin calls reach every replica (a dead one is reported); a replica
+that (re)joins takes the newest control-plane state of its peers without an admin call; abort by session; metrics
+summed; trajectories read from any replica. Every wait is a poll for an event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -17,6 +19,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from slime_router_core import PluginLoadError, Settings
 from slime_router_core.app import SlimeRouterApp
@@ -24,7 +29,7 @@ from slime_router_core.tokenizers import BUILTIN_CHECKPOINT
 from slime_router_plugins.replicas.membership import rendezvous_owner
 from slime_router_plugins.sessions import columnar
 from slime_router_testing import ServerThread, free_port, start_router
-from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_worker_app
+from slime_router_testing.mock_worker import MockWorkerConfig, create_mock_vllm_worker_app, create_mock_worker_app
 
 PLUGINS = ["radix_tree", "openai_compat", "sessions", "balancing", "metrics", "replicas"]
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -50,14 +55,10 @@ def replicas(worker: str, servers_to_stop: list[Any]) -> Callable[..., list[Serv
              interval: float = 0, **extra: Any) -> list[ServerThread]:
         ports = [free_port() for _ in range(n)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        keys = {k: extra.pop(k) for k in ("api_key", "admin_api_key") if k in extra}
         out = []
-        for port, url in zip(ports, urls):
-            settings = Settings(hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=list(workers or [worker]), **keys,
-                                extra={"replica_url": url, "replica_routing": routing,
-                                       "replica_check_interval": interval,
-                                       **({"replica_peers": ",".join(urls)} if peers else {}), **extra})
-            r = start_router(plugins=PLUGINS, port=port, settings=settings)
+        for port in ports:
+            r = start_replica(port, urls if peers else [], workers or [worker], routing=routing, interval=interval,
+                              **extra)
             servers_to_stop.append(r)
             out.append(r)
         if peers:  # a replica that checked a peer not started yet left it out for a moment: wait for agreement
@@ -67,6 +68,18 @@ def replicas(worker: str, servers_to_stop: list[Any]) -> Callable[..., list[Serv
         return out
 
     return make
+
+
+def start_replica(port: int, peers: list[str], workers: list[str], routing: str = "lb", interval: float = 0,
+                  plugins: list[str] = PLUGINS, **extra: Any) -> ServerThread:
+    """One replica on ``port`` (``--replica-url http://127.0.0.1:port``, ``--replica-peers`` = ``peers``, the
+    command line's ``--worker-url``s = ``workers``), started (the caller stops it)."""
+    keys = {k: extra.pop(k) for k in ("api_key", "admin_api_key") if k in extra}
+    settings = Settings(hf_checkpoint=BUILTIN_CHECKPOINT, worker_urls=list(workers), **keys,
+                        extra={"replica_url": f"http://127.0.0.1:{port}", "replica_routing": routing,
+                               "replica_check_interval": interval,
+                               **({"replica_peers": ",".join(peers)} if peers else {}), **extra})
+    return start_router(plugins=plugins, port=port, settings=settings)
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
@@ -336,6 +349,184 @@ def test_admin_fan_out_passes_the_callers_key(replicas):
     assert refused.status_code == 401 and "replicas" not in refused.json()
     got = httpx.post(rs[0].url + "/resume", headers={"Authorization": "Bearer admin-key-1"})
     assert got.status_code == 200 and got.json()["success"] and len(got.json()["replicas"]) == 2
+
+
+# --- state reconciliation on (re)join ------------------------------------------------------------------------
+
+
+def settled(rs: list[ServerThread]) -> None:
+    """Wait for each replica's state sync to have read every peer (a start-up sync that found a peer not started
+    yet is repeated), so that what follows starts the syncs a test is about."""
+    for r in rs:
+        wait_until(lambda r=r: (httpx.get(r.url + "/replicas").json()["last_sync"] or {}).get("failed") == {},
+                   f"{r.url}'s start-up sync")
+
+
+def port_of(r: ServerThread) -> int:
+    return int(r.url.rsplit(":", 1)[1])
+
+
+def worker_urls(r: ServerThread) -> list[str]:
+    return sorted(httpx.get(r.url + "/list_workers").json()["urls"])
+
+
+def test_a_new_replica_takes_the_peers_state_without_an_admin_call(replicas, mock_worker, worker, servers_to_stop):
+    key = {"Authorization": "Bearer admin-key-2"}
+    a, b = replicas(2, admin_api_key="admin-key-2")
+    w2 = mock_worker()
+    assert httpx.get(a.url + "/replicas/state").status_code == 401  # an admin route
+    assert httpx.post(a.url + "/add_worker", params={"url": w2.url}, headers=key).status_code == 200
+    assert httpx.post(b.url + "/pause", json={"wait": False, "mode": "reject"}, headers=key).status_code == 200
+    assert httpx.post(a.url + "/update_weight_version", json={"new_version": "9"}, headers=key).status_code == 200
+    sa, sb = (httpx.get(r.url + "/replicas/state", headers=key).json() for r in (a, b))
+    assert sa["generation"] == sb["generation"] > 0  # one stamp for every replica that applied the call
+    assert sa["paused"] and sa["drain_mode"] == "reject" and sa["weight_version"] == "9"
+    assert sorted(w["url"] for w in sa["workers"]) == sorted([worker, w2.url])
+    # a new replica with the same peers and only the original --worker-url: no admin call is sent to it
+    port = free_port()
+    c = start_replica(port, [a.url, b.url, f"http://127.0.0.1:{port}"], [worker], admin_api_key="admin-key-2")
+    servers_to_stop.append(c)
+    wait_until(lambda: w2.url in worker_urls(c), "the new replica to add the worker added at run time")
+    view = httpx.get(c.url + "/replicas").json()
+    sync = view["last_sync"]
+    assert sync["outcome"] == "applied" and sync["reason"] == "start-up" and sync["peer"] in (a.url, b.url)
+    assert sync["changes"]["added_workers"] == [w2.url] and sync["changes"]["paused"] == "reject"
+    assert sync["changes"]["weight_version"] == "9" and view["generation"] == sa["generation"]
+    sc = httpx.get(c.url + "/replicas/state", headers=key).json()
+    assert sc["paused"] and sc["drain_mode"] == "reject" and sc["weight_version"] == "9"
+    assert sorted(w["url"] for w in sc["workers"]) == sorted([worker, w2.url])
+    body = {"text": TEMPLATE.format("paused?"), "sampling_params": {"max_new_tokens": 4}}
+    assert httpx.post(c.url + "/generate", json=body).status_code == 503  # paused in reject mode, as its peers
+    got = httpx.post(c.url + "/resume", headers=key)  # one call: every replica resumed
+    assert got.status_code == 200 and set(got.json()["replicas"]) == {a.url, b.url, c.url}
+    assert not any(httpx.get(r.url + "/workers/state").json()["paused"] for r in (a, b, c))
+    assert httpx.post(c.url + "/generate", json=body).status_code == 200
+    # a replica started with no peer keeps its own state; the peers a launcher then sets are read at once
+    port = free_port()
+    d = start_replica(port, [], [worker], admin_api_key="admin-key-2")
+    servers_to_stop.append(d)
+    assert wait_until(lambda: httpx.get(d.url + "/replicas").json()["last_sync"], "d's start-up sync")[
+        "outcome"] == "no live peer"
+    assert worker_urls(d) == [worker]
+    got = httpx.put(d.url + "/replicas/peers", json={"peers": [a.url, b.url, c.url]}, headers=key)
+    assert got.status_code == 200
+    wait_until(lambda: worker_urls(d) == sorted([worker, w2.url]), "d to take its new peers' state")
+    sd = httpx.get(d.url + "/replicas/state", headers=key).json()
+    assert not sd["paused"] and sd["weight_version"] == "9"
+    assert sd["generation"] == httpx.get(a.url + "/replicas/state", headers=key).json()["generation"]  # /resume's
+    assert "peer" in httpx.get(d.url + "/replicas").json()["last_sync"]["reason"]
+
+
+def test_a_restarted_replica_catches_up_with_the_calls_it_missed(replicas, mock_worker, worker, servers_to_stop):
+    a, b = replicas(2, interval=0.05)
+    settled([a, b])
+    w2 = mock_worker()
+    b.stop()
+    wait_until(lambda: httpx.get(a.url + "/replicas").json()["live"] == [a.url], "a to drop b")
+    got = httpx.post(a.url + "/add_worker", params={"url": w2.url})
+    assert got.status_code == 502 and got.json()["failed"] == [b.url]  # b missed it
+    back = start_replica(port_of(b), [a.url, b.url], [worker], interval=0.05)  # same URL, same command line
+    servers_to_stop.append(back)
+    wait_until(lambda: worker_urls(back) == sorted([worker, w2.url]), "the restarted replica to catch up")
+    sync = httpx.get(back.url + "/replicas").json()["last_sync"]
+    assert sync["outcome"] == "applied" and sync["peer"] == a.url and sync["changes"] == {"added_workers": [w2.url]}
+    # a saw b come back and read its state too: not newer than its own, so a kept it
+    def a_synced() -> bool:
+        sync = httpx.get(a.url + "/replicas").json()["last_sync"] or {}
+        return f"peer {b.url} live" in (sync.get("reason") or "") and sync["outcome"] == "up to date"
+
+    wait_until(a_synced, "a to sync when b returned")
+    assert worker_urls(a) == sorted([worker, w2.url])
+    # the peers' list wins, command-line workers included: removed while b was down, removed on b's return
+    back.stop()
+    wait_until(lambda: httpx.get(a.url + "/replicas").json()["live"] == [a.url], "a to drop b again")
+    assert httpx.post(a.url + "/remove_worker", json={"url": worker}).status_code == 502
+    again = start_replica(port_of(b), [a.url, b.url], [worker], interval=0.05)
+    servers_to_stop.append(again)
+    wait_until(lambda: worker_urls(again) == [w2.url], "the restarted replica to drop the removed worker")
+
+
+def test_a_live_replica_that_missed_a_call_catches_up_when_a_peer_returns(replicas, mock_worker, worker,
+                                                                           servers_to_stop):
+    a, b, c = replicas(3, interval=0.05)
+    settled([a, b, c])
+    w2 = mock_worker()
+    for r in (a, c):  # applied on a and c only: as if b had been cut off while the call was fanned out
+        got = httpx.post(r.url + "/add_worker", params={"url": w2.url}, headers={HOP: "test"})
+        assert got.status_code == 200 and "replicas" not in got.json()
+    assert worker_urls(b) == [worker]
+    c.stop()
+    wait_until(lambda: c.url not in httpx.get(b.url + "/replicas").json()["live"], "b to drop c")
+    back = start_replica(port_of(c), [a.url, b.url, c.url], [worker], interval=0.05)
+    servers_to_stop.append(back)
+    wait_until(lambda: worker_urls(b) == sorted([worker, w2.url]), "b to catch up when c returned")
+    sync = httpx.get(b.url + "/replicas").json()["last_sync"]
+    assert f"peer {c.url} live" in sync["reason"] and sync["outcome"] == "applied"
+    assert sync["changes"] == {"added_workers": [w2.url]}
+    assert worker_urls(back) == sorted([worker, w2.url])
+
+
+def test_a_new_replica_takes_the_weight_version_its_peers_track_for_a_vllm_worker(servers_to_stop):
+    w = ServerThread(create_mock_vllm_worker_app(MockWorkerConfig(hf_checkpoint=BUILTIN_CHECKPOINT))).start()
+    servers_to_stop.append(w)
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    plugins = [*PLUGINS, "vllm"]
+    for port in ports[:2]:
+        servers_to_stop.append(start_replica(port, urls[:2], [w.url + "#engine=vllm"], plugins=plugins))
+    assert httpx.post(urls[0] + "/update_weight_version", json={"new_version": "5"}).json()["success"]
+    state = httpx.get(urls[1] + "/replicas/state").json()
+    assert state["weight_version"] == "5" and state["workers"] == [{"url": w.url, "engine": "vllm",
+                                                                      "weight_version": "5"}]
+    # the worker reports another version when the new replica reads it: the version the peers stamp on their
+    # replies is the one it takes (no call to the worker)
+    assert httpx.post(w.url + "/mock/configure", json={"weight_version": "default"}).status_code == 200
+    c = start_replica(ports[2], urls, [w.url + "#engine=vllm"], plugins=plugins)
+    servers_to_stop.append(c)
+    sync = wait_until(lambda: httpx.get(c.url + "/replicas").json()["last_sync"], "the new replica's sync")
+    assert sync["changes"] == {"weight_version": "5", "worker_versions": {w.url: "5"}}
+    assert httpx.get(c.url + "/replicas/state").json()["workers"][0]["weight_version"] == "5"
+    body = {"text": TEMPLATE.format("version?"), "sampling_params": {"max_new_tokens": 4}}
+    assert httpx.post(c.url + "/generate", json=body).json()["meta_info"]["weight_version"] == "5"
+
+
+def test_a_control_call_that_arrives_during_a_sync_is_applied_after_it(worker, servers_to_stop):
+    release = threading.Event()
+    asked = threading.Event()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # a peer whose state is newer (its clock ahead) and answered only when the test says so
+    state = {"replica": "", "generation": time.time_ns() + 3600 * 10**9, "workers": [{"url": worker}],
+             "paused": True, "drain_mode": "wait", "weight_version": None}
+
+    async def replica_state(request: Any) -> JSONResponse:
+        asked.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return JSONResponse(state)
+
+    async def health(request: Any) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    peer = ServerThread(Starlette(routes=[Route("/replicas/state", replica_state),
+                                          Route("/health", health)])).start()
+    servers_to_stop.append(peer)
+    state["replica"] = peer.url
+    r = start_replica(port, [url, peer.url], [worker])
+    servers_to_stop.append(r)
+    wait_until(asked.is_set, "the start-up sync to ask the peer")
+    answers: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answers.append(
+        httpx.post(url + "/resume", headers={HOP: peer.url}, timeout=30)))  # the peer's fan-out reaching r
+    call.start()
+    wait_until(lambda: httpx.get(url + "/replicas").json()["calls_waiting_for_sync"] == 1, "the call to wait")
+    release.set()
+    call.join(30)
+    assert answers[0].status_code == 200
+    sync = httpx.get(url + "/replicas").json()["last_sync"]
+    assert sync["outcome"] == "applied" and sync["changes"] == {"paused": "wait"}
+    assert not httpx.get(url + "/workers/state").json()["paused"]  # the call came after: not undone
+    assert httpx.get(url + "/replicas").json()["generation"] > state["generation"]
 
 
 def test_abort_by_session_reaches_the_replica_running_it(replicas, mock_worker):

@@ -7,7 +7,9 @@ never a generation's body -- and then:
   live replica: ``proxy`` mode forwards the request once to the owner (body as bytes, the answer -- a stream too --
   passed through as it arrives), ``redirect`` mode answers 307 with ``Location`` at the owner; ``lb`` mode (and a
   request without a session) is served here, untouched;
-- the admin calls of ``FANOUT``: applied here and on every other replica concurrently, one merged answer;
+- the admin calls of ``FANOUT``: applied here and on every other replica concurrently, one merged answer; those of
+  ``CONTROL`` (and the hop-marked ones a peer fans out) are stamped with a generation and wait for a running state
+  sync (``sync.py``);
 - ``GET``/``PATCH``/``DELETE /sessions/{sid}`` and ``POST /retrieve_batch`` with ``sessions``, for sessions this
   replica does not hold: answered by the replica that holds them.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +43,8 @@ log = logging.getLogger("slime_router.replicas")
 
 HOP = b"x-slime-replica-hop"
 HOP_HEADER = "X-Slime-Replica-Hop"
+STAMP = b"x-slime-replica-generation"  # the stamp of a fanned-out control-plane call (sync.py)
+GENERATION_HEADER = "X-Slime-Replica-Generation"
 GENERATION = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
 # Admin calls applied on every replica (method by path). Not here, on purpose: the calls that go to the workers
 # (/update_weights_from_disk, /flush_cache, /pause_generation, /continue_generation, /get_load, the forwarded
@@ -47,9 +52,11 @@ GENERATION = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
 # each replica's membership itself.
 FANOUT = {"/add_worker": "POST", "/remove_worker": "POST", "/pause": "POST", "/resume": "POST",
           "/update_weight_version": "POST", "/abort_request": "POST", "/abort_session": "POST"}
+# The fanned-out calls that change the state a replica shares (GET /replicas/state): stamped with a generation.
+CONTROL = frozenset({"/add_worker", "/remove_worker", "/pause", "/resume", "/update_weight_version"})
 # Not passed between client, replica and peer (hop-by-hop, or set by whoever sends).
 REQUEST_SKIP = frozenset({b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"te",
-                          b"trailer", b"upgrade", b"proxy-connection", b"expect", HOP})
+                          b"trailer", b"upgrade", b"proxy-connection", b"expect", HOP, STAMP})
 RESPONSE_SKIP = frozenset({"transfer-encoding", "connection", "keep-alive", "date", "server"})
 JSON = [(b"content-type", b"application/json")]
 COLUMNAR_MAGIC = b"SLRCOL1\n"
@@ -112,7 +119,10 @@ class ReplicaFront:
         sid: bytes | None = None
         for k, v in scope["headers"]:
             if k == HOP:  # sent by a replica: served here, whatever it is
-                await self.app(scope, receive, send)
+                if path in CONTROL and FANOUT[path] == method:
+                    await self.control(scope, receive, send)
+                else:
+                    await self.app(scope, receive, send)
                 return
             if k == SESSION_HEADER:
                 sid = v
@@ -244,7 +254,13 @@ class ReplicaFront:
         targets = membership.others()
         headers = _forward_headers(original, membership.self_url)
         target = _target(original)
-        replies = await asyncio.gather(self.local(scope, body),
+        if scope["path"] in CONTROL:  # one stamp for every replica that applies it
+            stamp = time.time_ns()
+            headers[GENERATION_HEADER] = str(stamp)
+            here = self.local_control(scope, body, stamp)
+        else:
+            here = self.local(scope, body)
+        replies = await asyncio.gather(here,
                                        *(replicas.peer(url, original["method"], target, headers, body)
                                          for url in targets))
         out: dict[str, Any] = {}
@@ -259,6 +275,41 @@ class ReplicaFront:
     async def local(self, scope: dict[str, Any], body: bytes) -> Reply:
         """The request served by this replica's app with ``body``, answer captured (no network)."""
         return await call_app(self.app, _with_length(scope, len(body)), body)
+
+    async def local_control(self, scope: dict[str, Any], body: bytes, stamp: int | None) -> Reply:
+        """A control-plane call (``CONTROL``) applied here: after a running state sync, stamped with its
+        generation (``stamp``: the one of the replica that fanned it out; None: now)."""
+        sync = self.replicas.sync
+        if not sync.idle.is_set():
+            sync.waiting += 1
+            try:
+                await sync.idle.wait()
+            finally:
+                sync.waiting -= 1
+        sync.stamp(stamp)
+        reply = await self.local(scope, body)
+        sync.applied(scope["path"], body, reply[0])
+        return reply
+
+    async def control(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A hop-marked control-plane call (a peer's fan-out): applied here, with the peer's stamp."""
+        if not self._allowed(scope):  # refused before it counts as a change
+            await deny(send, self.access.check(scope))  # type: ignore[union-attr]
+            return
+        try:
+            body = await read_body(scope, receive, self.replicas.router.settings.max_body_size)
+        except HTTPError as e:
+            await answer(send, e.status, orjson.dumps(e.to_dict()))
+            return
+        stamp = None
+        for k, v in scope["headers"]:
+            if k == STAMP:
+                try:
+                    stamp = int(v)
+                except ValueError:
+                    stamp = None
+        status, headers, data = await self.local_control(scope, body, stamp)
+        await answer(send, status, data, headers)
 
     # --- sessions held by another replica --------------------------------------------------------------
 

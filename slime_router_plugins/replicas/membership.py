@@ -8,7 +8,8 @@ Python's salted ``hash()``).
 
 Liveness: every ``--replica-check-interval`` seconds each peer's ``GET /health`` is polled; ``FAILURES_TO_LEAVE``
 failed checks in a row take a peer out of the live set, one good check brings it back. A replica always counts
-itself live. Peers start live (so that replicas started together agree at once).
+itself live. Peers start live (so that replicas started together agree at once). ``on_live(url)`` is called when a
+peer turns from dead to live and for each peer newly set (the replica then syncs its state: ``sync.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -78,6 +79,7 @@ class Membership:
         self.changes = 0  # live-set changes (the owner of some sessions moved)
         self.rounds = 0
         self._task: asyncio.Task[None] | None = None
+        self.on_live: Callable[[str], None] | None = None  # a peer back from dead, or newly set
         self.set_peers(peers)
 
     # --- membership ------------------------------------------------------------------------------------
@@ -91,6 +93,10 @@ class Membership:
         self.live = frozenset(u for u in self.peers if u == self.self_url or u not in before or u in old)
         if self.live != old:
             self.changes += 1
+        if self.on_live is not None:
+            for url in self.peers:
+                if url not in before and url != self.self_url:
+                    self.on_live(url)
 
     def others(self) -> list[str]:
         """Every member but self (live or not)."""
@@ -122,6 +128,8 @@ class Membership:
                 self.live = self.live | {url}
                 self.changes += 1
                 log.warning("replica %s is back: live set %s", url, sorted(self.live))
+                if self.on_live is not None:
+                    self.on_live(url)
             return
         self.failures[url] += 1
         if url in self.live and self.failures[url] >= FAILURES_TO_LEAVE:

@@ -8,12 +8,14 @@ hook, route or ASGI wrapper of it exists (the app is the one served without the 
 - ownership: rendezvous hashing of the session id over the live replicas; ``--replica-routing`` says what a replica
   does with a generation of a session it does not own (``lb``: serve it, a load balancer routes sessions;
   ``proxy``: forward it once to the owner; ``redirect``: 307 to the owner) -- the ASGI front (``front.py``);
-- the control plane on every replica: the admin calls of ``front.FANOUT``, one merged answer;
+- the control plane on every replica: the admin calls of ``front.FANOUT``, one merged answer; a replica that
+  (re)joins takes the newest control-plane state of its live peers (``sync.py``, ``GET /replicas/state``);
   ``POST /abort_session`` aborts a session's in-flight requests wherever they run; ``GET /replicas/metrics`` sums
   the replicas' ``/metrics``; a session's trajectories can be read from any replica.
 
 Hooks when active: ``pre_request`` / ``request_finished`` track the in-flight requests that carry a session id
-(a ``rid`` is added to a body without one, so that it can be aborted), ``startup`` / ``shutdown`` run the checks.
+(a ``rid`` is added to a body without one, so that it can be aborted), ``startup`` / ``shutdown`` run the checks
+and the state syncs.
 docs/replicas.md is the guide.
 """
 
@@ -40,6 +42,7 @@ from slime_router_core.settings import PluginConfig, at_least, option
 
 from .front import GENERATION, HOP_HEADER, RESPONSE_SKIP, ReplicaFront, Reply, call_app, parsed
 from .membership import Membership, parse_urls, replica_url
+from .sync import Reconciler, ReplicaState, SyncReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -111,6 +114,13 @@ class Replicas:
         self.tracked = 0
         self.proxied = 0
         self.proxy_failures = 0
+        self.sync = Reconciler(self)
+        self.membership.on_live = self.peer_live
+
+    def peer_live(self, url: str) -> None:
+        """A peer back from dead (or newly set): this replica may have missed control-plane calls; sync."""
+        if self.sync.started:
+            self.sync.request(f"peer {url} live")
 
     def session(self) -> aiohttp.ClientSession:
         assert self.router.session is not None, "router not started"
@@ -266,12 +276,14 @@ def startup(router: Router) -> None:
     replicas = _replicas(router)
     if replicas is not None:
         replicas.membership.start(replicas.session())
+        replicas.sync.start()  # in the background, after the app's own start-up
 
 
 @hookimpl
 async def shutdown(router: Router) -> None:
     replicas = _replicas(router)
     if replicas is not None:
+        await replicas.sync.stop()
         await replicas.membership.stop()
 
 
@@ -339,6 +351,9 @@ class ReplicasView(BaseModel):
     proxied: int = Field(description="Generations forwarded to their owner")
     proxy_failures: int = Field(description="Forwards that found the owner unreachable (served here)")
     in_flight_sessions: int = Field(description="Sessions with requests running here")
+    generation: int = Field(description="This replica's control-plane generation (GET /replicas/state)")
+    last_sync: SyncReport | None = Field(None, description="The last reconciliation with the peers' state")
+    calls_waiting_for_sync: int = Field(description="Control-plane calls here waiting for a running sync to end")
     session: str | None = Field(None, description="With ?session=SID: the session asked about")
     owner: str | None = Field(None, description="With ?session=SID: the live replica owning it")
 
@@ -371,12 +386,14 @@ def register_routes(app: FastAPI, router: Router) -> None:
     replicas = _replicas(router)
     if replicas is None:
         return
-    declare_admin_paths("/replicas/peers", "/abort_session")
+    declare_admin_paths("/replicas/peers", "/abort_session", "/replicas/state")
     m = replicas.membership
 
     def view() -> dict[str, Any]:
         return {**m.view(), "routing": replicas.config.routing, "proxied": replicas.proxied,
-                "proxy_failures": replicas.proxy_failures, "in_flight_sessions": len(replicas.inflight)}
+                "proxy_failures": replicas.proxy_failures, "in_flight_sessions": len(replicas.inflight),
+                "generation": replicas.sync.generation, "last_sync": replicas.sync.last_sync,
+                "calls_waiting_for_sync": replicas.sync.waiting}
 
     @app.get("/replicas", response_model=ReplicasView)
     async def get_replicas(session: Annotated[str | None, Query(description="A session id: its owner")] = None
@@ -400,6 +417,14 @@ def register_routes(app: FastAPI, router: Router) -> None:
         m.set_peers(peers)
         log.warning("replicas: membership set to %s", list(m.peers))
         return _json(view())
+
+    @app.get("/replicas/state", response_model=ReplicaState)
+    async def replica_state() -> Response:
+        """This replica's shareable control-plane state: its workers, paused and drain mode, the last weight
+        version set through ``/update_weight_version``, and its ``generation`` (the stamp of the last control-plane
+        call applied here). Local (never fanned out): a (re)joining replica reads it from each live peer and takes
+        the newest. An admin route."""
+        return _json(replicas.sync.state())
 
     @app.post("/replicas/holds")
     async def holds(body: SessionList) -> Held:
