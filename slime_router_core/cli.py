@@ -136,6 +136,13 @@ def serve(
              "literally, CIDRs match IP addresses; nothing is resolved. Unset: any worker."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar=ENV + "VERBOSE",
                                  help="Log every request with its timing breakdown."),
+    replicas: int = typer.Option(
+        1, "--replicas", envvar=ENV + "REPLICAS", min=1,
+        help="Run N router processes sharing --port (Linux, SO_REUSEPORT), each owning the sessions hashed to it "
+             "(the replicas plugin, --replica-routing proxy); a replica that dies is restarted. Every other flag "
+             "goes to each replica. docs/scale-out.md."),
+    reuse_port_listen: str | None = typer.Option(None, "--reuse-port-listen", hidden=True,
+                                                 help="(set by --replicas) also listen on HOST:PORT, SO_REUSEPORT."),
 ) -> None:
     """Run the router (no workers and no --hf-checkpoint: the embedded demo). Plugin flags have their own panels."""
     raise NotImplementedError  # pragma: no cover - only its signature is used, see _serve_command
@@ -168,7 +175,18 @@ PASSED_TO_SETTINGS = ("max_concurrent_requests", "max_queued_requests", "queue_t
 
 def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: int, worker_url: list[str],
                hf_checkpoint: str | None, verbose: bool, max_body_size: int, max_attempts: int,
-               demo_workers: int, shutdown_grace_seconds: float, demo_engine: str = "sglang", **_: Any) -> None:
+               demo_workers: int, shutdown_grace_seconds: float, demo_engine: str = "sglang", replicas: int = 1,
+               reuse_port_listen: str | None = None, **_: Any) -> None:
+    if replicas > 1:  # the parent of N router processes (slime_router_plugins/replicas/launch.py)
+        from slime_router_plugins.replicas.launch import serve_replicas
+
+        try:
+            code = serve_replicas(replicas, _SERVE_ARGV, host=host, port=port, plugin_names=plugins.names(),
+                                  worker_urls=_split(worker_url), hf_checkpoint=hf_checkpoint,
+                                  demo_workers=demo_workers, demo_engine=demo_engine, out=typer.echo)
+        except ValueError as e:
+            _fail(str(e))
+        raise typer.Exit(code)
     import uvicorn
 
     from .app import build_app
@@ -208,6 +226,15 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
                   f"tokenizer.json / tokenizer_config.json)")
     sock = _listen_socket(host, port)  # first: a busy port is reported at once, not after the start-up work
     port = sock.getsockname()[1]  # --port 0: the port the system chose
+    sockets = [sock]
+    if reuse_port_listen:  # a child of --replicas: the shared public port too
+        from slime_router_plugins.replicas.launch import reuse_port_socket, split_address
+
+        try:
+            sockets.append(reuse_port_socket(*split_address(reuse_port_listen)))
+        except (OSError, ValueError) as e:
+            sock.close()
+            _fail(f"--reuse-port-listen {reuse_port_listen}: {e}", code=1)
     settings = Settings(host=host, port=port, worker_urls=urls, hf_checkpoint=hf_checkpoint, verbose=verbose,
                         max_body_size=max_body_size, max_attempts=max_attempts, extra=dict(plugin_opts),
                         **{k: v for k, v in _.items() if k in PASSED_TO_SETTINGS}, **access)
@@ -262,13 +289,14 @@ def _run_serve(plugins: Any, plugin_opts: dict[str, Any], *, host: str, port: in
                             proxy_headers=False, server_header=False)
     server = _announcing_server(config, banner, shutdown_grace_seconds)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     except OSError as e:  # listen() failed: another process took the port after we bound it
         if server.started:
             raise
         _fail(_bind_error(host, port, e), code=1)
     finally:
-        sock.close()
+        for s in sockets:
+            s.close()
         for p in procs:
             p.stop()
     if not server.started:  # start-up failed (uvicorn logged why); never reported as serving
@@ -480,8 +508,12 @@ def build_cli(argv: list[str]) -> Any:
     return typer.main.get_command(app)
 
 
+_SERVE_ARGV: list[str] = []  # the arguments after "serve", as given: what --replicas passes on to each replica
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    _SERVE_ARGV[:] = args[args.index("serve") + 1:] if "serve" in args else []
     build_cli(args).main(args=args, prog_name="slime-router")
 
 

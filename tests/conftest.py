@@ -193,6 +193,10 @@ SLOW_TESTS = {
     "test_core_plugins.py::test_cli_serve_help_lists_plugin_flags_and_selection_hides_others",
     "test_core_plugins.py::test_cli_hf_checkpoint_validation_messages",
     "test_admin_plugin.py::test_cli_refuses_no_plugin_core",
+    "test_scaleout.py::test_serve_replicas_shares_one_port_keeps_sessions_on_their_owner_and_restarts_a_killed_child",
+    "test_scaleout.py::test_serve_replicas_refuses_lb_routing_and_a_missing_plugin",
+    # a local Ray cluster started and stopped
+    "test_scaleout.py::test_ray_launcher_names_actors_sets_membership_and_reannounces_a_restarted_replica",
     "test_mock_worker.py::test_cli_crash_after_n",
     "test_mock_worker_realistic.py::test_cli_flags_enable_realistic_in_a_worker_process",
     # a mock worker process SIGKILLed while requests run on it; the cache in its own process
