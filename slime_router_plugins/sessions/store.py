@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,11 +136,12 @@ class Session:
         # the last add_turn's prompt as (segment index or -1, k, ids after k): prompt[:k] == that segment's ids[:k]
         self.last_ref: tuple[int, int] = (-1, 0)
 
-    def add_turn(self, prompt_ids: list[int], out_ids: list[int], out_logp: list[float | None],
+    def add_turn(self, prompt_ids: Sequence[int], out_ids: list[int], out_logp: list[float | None],
                  out_versions: list[str], prompt_version: str, request_id: str, finish_reason: Any,
                  group: str | None) -> Segment:
-        """Fold one generation into the session's segments; returns the segment it went to."""
-        prompt = array("i", prompt_ids)
+        """Fold one generation into the session's segments; returns the segment it went to. ``prompt_ids``: a list,
+        or an int32 array (taken as is, not changed)."""
+        prompt = prompt_ids if isinstance(prompt_ids, array) and prompt_ids.typecode == "i" else array("i", prompt_ids)
         n = len(prompt)
         seg = None
         best = -1
