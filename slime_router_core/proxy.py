@@ -288,7 +288,7 @@ class GenerateHandler:
         if admission.queued >= admission.max_queued:
             await admission.wait()  # the queue is full: refused at once, no need to watch the client
         t = time.perf_counter()
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, asyncio.current_task()))
+        watcher = asyncio.create_task(cancel_on_disconnect(receive, asyncio.current_task()))
         try:
             await admission.wait()
         finally:
@@ -319,7 +319,7 @@ class GenerateHandler:
         resp, worker = await router.open_stream(ctx, payload)
         # A client that goes away cancels this task; closing the upstream connection then makes
         # the worker abort the generation.
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, asyncio.current_task()))
+        watcher = asyncio.create_task(cancel_on_disconnect(receive, asyncio.current_task()))
         completed = False
         chunks: list[dict] = []
         try:
@@ -391,7 +391,8 @@ class GenerateHandler:
         return done
 
 
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task | None) -> None:
+async def cancel_on_disconnect(receive: Receive, task: asyncio.Task | None) -> None:
+    """Cancel ``task`` when the client goes away (run beside a handler that does not read the request any more)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

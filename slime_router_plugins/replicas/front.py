@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -32,9 +31,10 @@ from multidict import CIMultiDict
 
 from slime_router_core.access import deny
 from slime_router_core.errors import HTTPError
-from slime_router_core.proxy import read_body
+from slime_router_core.proxy import cancel_on_disconnect, read_body
 from slime_router_core.scoped import HEADER as SESSION_HEADER
 from slime_router_core.scoped import PREFIX, unscope
+from slime_router_plugins.sessions import columnar
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plugin import Replicas
@@ -59,8 +59,6 @@ REQUEST_SKIP = frozenset({b"host", b"content-length", b"connection", b"keep-aliv
                           b"trailer", b"upgrade", b"proxy-connection", b"expect", HOP, STAMP})
 RESPONSE_SKIP = frozenset({"transfer-encoding", "connection", "keep-alive", "date", "server"})
 JSON = [(b"content-type", b"application/json")]
-COLUMNAR_MAGIC = b"SLRCOL1\n"
-_U32 = struct.Struct("<I")
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
@@ -190,7 +188,7 @@ class ReplicaFront:
         task = asyncio.current_task()
         # a client that goes away cancels this task: leaving the request's block closes the owner's connection,
         # which aborts the generation there
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        watcher = asyncio.create_task(cancel_on_disconnect(receive, task))
         try:
             try:
                 async with session.request(original["method"], owner + _target(original), data=body,
@@ -426,33 +424,15 @@ async def call_app(app: Any, scope: dict[str, Any], body: bytes) -> Reply:
     return status, headers, b"".join(chunks)
 
 
-async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any] | None) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if task is not None:
-                task.cancel()
-            return
-
-
 def _jsonl_items(data: bytes) -> list[tuple[dict[str, Any], None]]:
     return [(orjson.loads(line), None) for line in data.splitlines() if line.strip()]
 
 
-def _columnar_items(data: bytes) -> list[tuple[dict[str, Any], tuple[bytes, bytes, bytes]]]:
+def _columnar_items(data: bytes) -> list[tuple[dict[str, Any], tuple[bytes | memoryview, ...]]]:
     """The items of a columnar payload (``slime_router_plugins/sessions/columnar.py``'s layout), each with its
     own slices of the three arrays (offsets made relative to the item)."""
-    if data[:len(COLUMNAR_MAGIC)] != COLUMNAR_MAGIC:
-        raise ValueError("not a columnar payload")
-    (hlen,) = _U32.unpack_from(data, len(COLUMNAR_MAGIC))
-    start = len(COLUMNAR_MAGIC) + 4
-    header = orjson.loads(data[start:start + hlen])
-    n = header["total_tokens"]
-    base = start + hlen
-    if len(data) != base + 9 * n:
-        raise ValueError("truncated columnar payload")
-    ids, lps, mask = data[base:base + 4 * n], data[base + 4 * n:base + 8 * n], data[base + 8 * n:]
-    out = []
+    header, ids, lps, mask = columnar.split(data)
+    out: list[tuple[dict[str, Any], tuple[bytes | memoryview, ...]]] = []
     for item in header["items"]:
         trajs = item.get("trajectories") or []
         if not trajs:
@@ -480,5 +460,5 @@ def _columnar(items: list[tuple[dict[str, Any], Any]]) -> bytes:
             lps.append(arrays[1])
             mask.append(arrays[2])
             offset += len(arrays[2])
-    header = orjson.dumps({"total_tokens": offset, "items": header_items})
-    return COLUMNAR_MAGIC + _U32.pack(len(header)) + header + b"".join(ids) + b"".join(lps) + b"".join(mask)
+    return columnar.join({"total_tokens": offset, "items": header_items}, b"".join(ids), b"".join(lps),
+                         b"".join(mask))

@@ -73,9 +73,8 @@ def _pieces(items: list[Session | dict[str, Any]]) -> Iterator[bytes]:
         yield bytes(seg.mask)
 
 
-def decode(payload: bytes, numpy: bool = False) -> list[dict[str, Any]]:
-    """The items of a columnar payload, each trajectory with ``tokens``, ``rollout_logp``, ``loss_mask`` and
-    per-token ``weight_versions`` (lists; numpy arrays, views of ``payload``, with ``numpy=True``)."""
+def split(payload: bytes) -> tuple[dict[str, Any], memoryview, memoryview, memoryview]:
+    """A columnar payload's header and its three arrays' bytes (ids, logprobs, mask: views of ``payload``)."""
     if payload[:len(MAGIC)] != MAGIC:
         raise ValueError("not a slime-router columnar payload (wrong magic bytes)")
     (hlen,) = _U32.unpack_from(payload, len(MAGIC))
@@ -86,7 +85,19 @@ def decode(payload: bytes, numpy: bool = False) -> list[dict[str, Any]]:
     if len(payload) != base + 9 * n:
         raise ValueError(f"truncated columnar payload: {len(payload) - base} bytes of arrays, {9 * n} expected")
     view = memoryview(payload)
-    ids_b, lp_b, mask_b = view[base:base + 4 * n], view[base + 4 * n:base + 8 * n], view[base + 8 * n:]
+    return header, view[base:base + 4 * n], view[base + 4 * n:base + 8 * n], view[base + 8 * n:]
+
+
+def join(header: dict[str, Any], ids: bytes, logprobs: bytes, mask: bytes) -> bytes:
+    """A columnar payload from its header (``total_tokens``, ``items``) and its three arrays' bytes."""
+    head = orjson.dumps(header)
+    return MAGIC + _U32.pack(len(head)) + head + ids + logprobs + mask
+
+
+def decode(payload: bytes, numpy: bool = False) -> list[dict[str, Any]]:
+    """The items of a columnar payload, each trajectory with ``tokens``, ``rollout_logp``, ``loss_mask`` and
+    per-token ``weight_versions`` (lists; numpy arrays, views of ``payload``, with ``numpy=True``)."""
+    header, ids_b, lp_b, mask_b = split(payload)
     if numpy:
         import numpy as np
 
