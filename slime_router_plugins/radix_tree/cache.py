@@ -30,7 +30,7 @@ from slime_router_core.contracts import RecordedChain, RecordListener
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .persist import Persistence, tokenizer_fingerprint
-from .trie import DEFAULT_MAX_TOKENS, Match, RateLimit, StringRadixTrie, bound_mb, max_record_tokens
+from .trie import DEFAULT_MAX_TOKENS, Anchor, Match, RateLimit, StringRadixTrie, bound_mb, max_record_tokens
 
 log = logging.getLogger("slime_router.radix_tree")
 
@@ -681,23 +681,20 @@ class TrajectoryCache:
             return True
         nf = len(fresh)
         runs = [(nf, version, 0), *out_runs]
-        anchor = prepared.match.anchor if prepared.match is not None and prepared._ends is None else None
-        done = False
-        if anchor is not None and (fresh or out_ids):
-            # continue the matched chain after its anchor: cost ~ the new tokens, not the whole trajectory
-            assert prepared.match is not None  # the anchor is the match's
-            t_ids, t_widths, t_lps, t_mv = prepared.match.tail_raw(anchor.carry)
-            t_ids += fresh
-            t_ids += out_ids
-            t_widths += new_widths
-            t_lps += [NAN] * nf
-            t_lps += out_lps
-            markers = [x for x in prepared.markers if x[0] >= anchor.pos] + new_markers
-            done = self.tree.insert_raw(anchor, text, t_ids, t_widths, t_lps, t_mv, runs, markers, worker_url)
-            if done:
+        m = prepared.match if prepared._ends is None else None
+        if m is not None and m.vtable is self.tree.vtable:
+            # From the match's stored arrays, without per-token lists of versions and masks: continue the chain
+            # after its anchor (cost ~ the new tokens), or, without a usable anchor (the prompt ends inside a
+            # recorded node, e.g. the next sample of a prompt), the whole chain.
+            anchor = m.anchor if fresh or out_ids else None
+            if anchor is not None and self._insert_from(m, anchor, text, fresh, out_ids, new_widths, out_lps, runs,
+                                                        prepared.markers, new_markers, worker_url):
                 with self._lock:
                     self.records_incremental += 1
-        if not done:  # the whole chain (no anchor, or the tree changed under it since prepare)
+            else:  # no anchor, or the tree changed under it since prepare
+                self._insert_from(m, None, text, fresh, out_ids, new_widths, out_lps, runs, prepared.markers,
+                                  new_markers, worker_url)
+        else:  # a prompt given as ids (its prefix's metadata as lists), or a tree restored since the match
             ids = prepared.input_ids[:prepared.cached_tokens] + list(fresh) + list(out_ids)
             ends = list(prepared.ends) + list(itertools.accumulate(new_widths, initial=len(base)))[1:]
             lps: list[float | None] = list(prepared.logprobs) + [None] * nf + list(out_lps)
@@ -721,6 +718,21 @@ class TrajectoryCache:
                 except Exception:  # a listener's bug must not fail the record
                     log.exception("radix_tree: a record listener failed")
         return True
+
+    def _insert_from(self, m: Match, anchor: Anchor | None, text: str, fresh: list[int], out_ids: list[int],
+                     new_widths: list[int], out_lps: list[float], runs: list[tuple[int, str, int]],
+                     markers: list[tuple[int, str]], new_markers: list[tuple[int, str]], worker: str | None) -> bool:
+        """Insert the chain of ``m`` + the new tokens through ``insert_raw``: the part after ``anchor`` (None: the
+        whole chain) from the match's stored arrays, no per-token lists of masks and versions."""
+        k, floor = (anchor.carry, anchor.pos) if anchor is not None else (0, 0)
+        t_ids, t_widths, t_lps, t_mv = m.tail_raw(k)
+        t_ids += fresh
+        t_ids += out_ids
+        t_widths += new_widths
+        t_lps += [NAN] * len(fresh)
+        t_lps += out_lps
+        kept = [x for x in markers if x[0] >= floor] if floor else list(markers)
+        return self.tree.insert_raw(anchor, text, t_ids, t_widths, t_lps, t_mv, runs, kept + new_markers, worker)
 
     # --- copying records to another router (contracts.ChainTransfer) ------------------------------------
 

@@ -567,12 +567,13 @@ class StringRadixTrie:
         if len(lps) != n or len(mask) != n:
             raise ValueError("logprobs / loss_mask must have one entry per token")
         if versions is None or isinstance(versions, (str, int)):
-            runs: list[tuple[int, Any, int]] = [(1, versions, m) for m in mask]
+            vs: list[Any] = [versions] * n
         else:
             vs = list(versions)
             if len(vs) != n:
                 raise ValueError("versions must have one entry per token")
-            runs = [(1, v, m) for v, m in zip(vs, mask)]
+        # runs of equal (version, mask): insert_raw loops over runs, not tokens (a reply is one or two runs)
+        runs = [(len(list(g)), v, m) for (v, m), g in itertools.groupby(zip(vs, mask))]
         ends = list(ends)
         if len(ends) != n or ends[-1] != len(text):
             raise ValueError("ends must be non-decreasing char offsets ending at len(text)")
