@@ -96,6 +96,12 @@ def check_installation() -> Path:
     check(any(f.endswith("/LICENSE") and ".dist-info/" in f for f in files), f"no LICENSE in the wheel: {files}")
     check(any(f.endswith("slime_router_plugins/metrics/grafana_dashboard.json") for f in files),
           "the metrics plugin's grafana_dashboard.json is missing from the wheel")
+    # the C module (slime_router_core/_speedups.c) is compiled into the wheel and imported from it
+    check(any("slime_router_core/_speedups" in f and f.endswith((".so", ".pyd")) for f in files),
+          "the wheel holds no compiled slime_router_core._speedups")
+    fast = importlib.util.find_spec("slime_router_core._speedups")
+    check(fast is not None and fast.origin and not _inside(Path(fast.origin), REPO),
+          f"slime_router_core._speedups does not import from the installed wheel ({fast and fast.origin})")
     exe = Path(sys.executable).parent / "slime-router"
     check(exe.is_file(), f"the slime-router console script is missing next to {sys.executable}")
     step(f"slime-router {dist.version} installed from a wheel in {sys.prefix}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .speedups import ids_problem
+
 
 def output_ids_and_logprobs(obj: dict[str, Any]) -> tuple[list[int], list[float | None]]:
     """The generated ids and their logprobs of one reply object.
@@ -147,25 +149,16 @@ def _sequence_problem(one: Any, where: str, vocab_size: int | None, stream: bool
     if meta is not None and not isinstance(meta, dict):
         return f"{where}: meta_info is not an object"
     ids = one.get("output_ids")
-    if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
-        return f"{where}: output_ids is not a list of integers"
     triples = (meta or {}).get("output_token_logprobs")
-    lp_ids: list[int] = []
-    if triples is not None:
-        if not isinstance(triples, list) or not all(isinstance(t, list) and len(t) >= 2 and type(t[1]) is int
-                                                    for t in triples):
-            return f"{where}: output_token_logprobs is not a list of [logprob, token id, ...] entries"
-        lp_ids = [t[1] for t in triples]
-        if ids is not None and not (_ends_with(ids, lp_ids) or (stream and _ends_with(lp_ids, ids))):
-            return (f"{where}: output_ids ({len(ids)} tokens) and output_token_logprobs ({len(lp_ids)} "
-                    f"entries) disagree")
-    if vocab_size is not None:
-        for seq in (ids, lp_ids):
-            if seq and (min(seq) < 0 or max(seq) >= vocab_size):  # min/max: C loops, on every reply
-                bad = next(t for t in seq if not 0 <= t < vocab_size)
-                return f"{where}: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})"
-    return None
-
-
-def _ends_with(seq: list[int], tail: list[int]) -> bool:
-    return len(tail) <= len(seq) and (not tail or seq[len(seq) - len(tail):] == tail)
+    found = ids_problem(ids, triples, vocab_size, stream)  # one pass over the tokens (speedups.py)
+    if found is None:
+        return None
+    code, bad = found
+    if code == 1:
+        return f"{where}: output_ids is not a list of integers"
+    if code == 2:
+        return f"{where}: output_token_logprobs is not a list of [logprob, token id, ...] entries"
+    if code == 3:
+        return (f"{where}: output_ids ({len(ids or ())} tokens) and output_token_logprobs ({len(triples or ())} "
+                f"entries) disagree")
+    return f"{where}: token id {bad} is outside the vocabulary (0 to {vocab_size - 1 if vocab_size else -1})"

@@ -27,6 +27,7 @@ from typing import Any
 
 from slime_router_core import HTTPError
 from slime_router_core.contracts import RecordedChain, RecordListener
+from slime_router_core.speedups import split_logprobs
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .persist import Persistence, tokenizer_fingerprint
@@ -351,7 +352,6 @@ class Detokenizer:
 
 
 NAN = float("nan")
-_NUM = frozenset((int, float))
 
 
 def _output_ids_and_logprobs(obj: dict, meta: dict) -> tuple[list[int], list[float]]:
@@ -359,13 +359,9 @@ def _output_ids_and_logprobs(obj: dict, meta: dict) -> tuple[list[int], list[flo
     without per-token Python work in the usual case; unknown logprobs are NaN."""
     triples = meta.get("output_token_logprobs")
     if triples:
-        cols = list(zip(*triples)) if type(triples) is list and set(map(type, triples)) <= {list, tuple} else []
-        if len(cols) >= 2:
-            lp, ids = cols[0], cols[1]
-            ids_l = list(ids) if set(map(type, ids)) == {int} else [int(x) for x in ids]
-            if set(map(type, lp)) <= _NUM:
-                return ids_l, list(lp)
-            return ids_l, [NAN if x is None else float(x) for x in lp]
+        split = split_logprobs(triples)  # one pass (slime_router_core/speedups.py)
+        if split is not None:
+            return split
         from slime_router_core.sglang import output_ids_and_logprobs
 
         ids_l, lps = output_ids_and_logprobs(obj)  # odd shapes: the reference (raises like it)

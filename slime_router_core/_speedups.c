@@ -1,0 +1,188 @@
+/* slime_router_core._speedups: one C pass over a reply's tokens where Python needs several.
+ *
+ * Every function here has a pure-Python reference in slime_router_core/speedups.py with the same results
+ * (tests/test_speedups.py checks both on generated inputs); speedups.py uses this module when it was built.
+ * The per-token work of a /generate reply (checking the ids and the [logprob, id, ...] entries, splitting them
+ * into ids and logprobs) was ~10 passes at C speed, each with Python's per-object overhead; here it is one.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+/* ids_problem(ids, triples, vocab_size, stream) -> None | (code, detail)
+ *
+ * ids: the reply's output_ids or None; triples: its output_token_logprobs or None; vocab_size: int or None.
+ * code 1: output_ids is not a list of exact ints; 2: output_token_logprobs is not a list of lists of >= 2 items
+ * whose second item is an exact int; 3: the ids disagree (output_ids must end with the logprob ids, or, for a
+ * stream chunk, either may end with the other); 4: an id outside [0, vocab_size) -- detail is that id (the
+ * first in output_ids, else in the logprob ids). */
+
+static int
+id_in_range(PyObject *v, long long vocab)
+{
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow)
+        return 0;
+    return x >= 0 && x < vocab;
+}
+
+/* does seq (n items, got via get(i)) end with the m items of tail? */
+static int
+ends_with_ids(PyObject *seq, int seq_is_triples, PyObject *tail, int tail_is_triples)
+{
+    Py_ssize_t n = PyList_GET_SIZE(seq), m = PyList_GET_SIZE(tail);
+    if (m > n)
+        return 0;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        PyObject *a = PyList_GET_ITEM(seq, n - m + i);
+        PyObject *b = PyList_GET_ITEM(tail, i);
+        if (seq_is_triples)
+            a = PyList_GET_ITEM(a, 1);
+        if (tail_is_triples)
+            b = PyList_GET_ITEM(b, 1);
+        int eq = PyObject_RichCompareBool(a, b, Py_EQ);
+        if (eq < 0)
+            return -1;
+        if (!eq)
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+problem(int code, PyObject *detail)
+{
+    return Py_BuildValue("(iO)", code, detail);
+}
+
+static PyObject *
+ids_problem(PyObject *self, PyObject *args)
+{
+    PyObject *ids, *triples, *vocab_obj;
+    int stream;
+    if (!PyArg_ParseTuple(args, "OOOp", &ids, &triples, &vocab_obj, &stream))
+        return NULL;
+    long long vocab = -1;
+    if (vocab_obj != Py_None) {
+        vocab = PyLong_AsLongLong(vocab_obj);
+        if (vocab == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (ids != Py_None) {
+        if (!PyList_Check(ids))
+            return problem(1, Py_None);
+        Py_ssize_t n = PyList_GET_SIZE(ids);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!PyLong_CheckExact(PyList_GET_ITEM(ids, i)))
+                return problem(1, Py_None);
+    }
+    if (triples != Py_None) {
+        if (!PyList_Check(triples))
+            return problem(2, Py_None);
+        Py_ssize_t n = PyList_GET_SIZE(triples);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *t = PyList_GET_ITEM(triples, i);
+            if (!PyList_Check(t) || PyList_GET_SIZE(t) < 2 || !PyLong_CheckExact(PyList_GET_ITEM(t, 1)))
+                return problem(2, Py_None);
+        }
+        if (ids != Py_None) {
+            int ok = ends_with_ids(ids, 0, triples, 1);
+            if (ok < 0)
+                return NULL;
+            if (!ok && stream) {
+                ok = ends_with_ids(triples, 1, ids, 0);
+                if (ok < 0)
+                    return NULL;
+            }
+            if (!ok)
+                return problem(3, Py_None);
+        }
+    }
+    if (vocab_obj != Py_None) {
+        if (ids != Py_None) {
+            Py_ssize_t n = PyList_GET_SIZE(ids);
+            for (Py_ssize_t i = 0; i < n; i++) {
+                PyObject *v = PyList_GET_ITEM(ids, i);
+                if (!id_in_range(v, vocab))
+                    return problem(4, v);
+            }
+        }
+        if (triples != Py_None) {
+            Py_ssize_t n = PyList_GET_SIZE(triples);
+            for (Py_ssize_t i = 0; i < n; i++) {
+                PyObject *v = PyList_GET_ITEM(PyList_GET_ITEM(triples, i), 1);
+                if (!id_in_range(v, vocab))
+                    return problem(4, v);
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* split_logprobs(triples) -> (ids, logprobs) | None
+ *
+ * [[logprob, id, ...], ...] -> ([id, ...], [logprob, ...]) with None logprobs as NaN; None (the caller's
+ * general path decides) unless every entry is a list of >= 2 items with an exact int id and a logprob that is
+ * an exact float, an exact int or None. */
+static PyObject *
+split_logprobs(PyObject *self, PyObject *triples)
+{
+    if (!PyList_Check(triples))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(triples);
+    PyObject *ids = PyList_New(n);
+    PyObject *lps = PyList_New(n);
+    PyObject *nan = NULL;
+    if (ids == NULL || lps == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(triples, i);
+        if (!PyList_Check(t) || PyList_GET_SIZE(t) < 2)
+            goto odd;
+        PyObject *lp = PyList_GET_ITEM(t, 0), *id = PyList_GET_ITEM(t, 1);
+        if (!PyLong_CheckExact(id))
+            goto odd;
+        if (lp == Py_None) {
+            if (nan == NULL && (nan = PyFloat_FromDouble(Py_NAN)) == NULL)
+                goto fail;
+            lp = nan;
+        }
+        else if (!PyFloat_CheckExact(lp) && !PyLong_CheckExact(lp))
+            goto odd;
+        Py_INCREF(id);
+        PyList_SET_ITEM(ids, i, id);
+        Py_INCREF(lp);
+        PyList_SET_ITEM(lps, i, lp);
+    }
+    Py_XDECREF(nan);
+    return Py_BuildValue("(NN)", ids, lps);
+odd:
+    Py_XDECREF(nan);
+    Py_DECREF(ids);
+    Py_DECREF(lps);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(nan);
+    Py_XDECREF(ids);
+    Py_XDECREF(lps);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"ids_problem", ids_problem, METH_VARARGS,
+     "ids_problem(ids, triples, vocab_size, stream) -> None | (code, detail): see speedups.py"},
+    {"split_logprobs", split_logprobs, METH_O,
+     "split_logprobs(triples) -> (ids, logprobs) | None: see speedups.py"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_speedups", "C versions of slime_router_core.speedups (same results).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,70 @@
+"""Per-token work on a /generate reply in one pass: the C module ``_speedups`` when it was built, else the
+pure-Python references below (the same results; ``tests/test_speedups.py`` checks both on generated inputs).
+
+``pip install`` compiles ``_speedups.c`` with the machine's C compiler (setuptools; nothing is downloaded); where
+that fails the install still succeeds and these references are used (``COMPILED`` says which, and
+``slime-router plugins`` prints it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAN = float("nan")
+
+
+def ids_problem_py(ids: Any, triples: Any, vocab_size: int | None, stream: bool) -> tuple[int, Any] | None:
+    """None, or (code, detail) for what is wrong with a reply's ``output_ids`` / ``output_token_logprobs``:
+    1 ids not a list of ints, 2 logprob entries not ``[logprob, id, ...]`` lists, 3 the ids disagree (``ids``
+    must end with the logprob ids; in a stream chunk either may end with the other), 4 an id outside
+    ``[0, vocab_size)`` (detail: that id, the first in ``ids``, else in the logprob ids)."""
+    if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+        return 1, None
+    lp_ids: list[int] = []
+    if triples is not None:
+        if not isinstance(triples, list) or not all(isinstance(t, list) and len(t) >= 2 and type(t[1]) is int
+                                                    for t in triples):
+            return 2, None
+        lp_ids = [t[1] for t in triples]
+        if ids is not None and not (_ends_with(ids, lp_ids) or (stream and _ends_with(lp_ids, ids))):
+            return 3, None
+    if vocab_size is not None:
+        for seq in (ids, lp_ids):
+            if seq and (min(seq) < 0 or max(seq) >= vocab_size):  # min/max: C loops
+                return 4, next(t for t in seq if not 0 <= t < vocab_size)
+    return None
+
+
+def _ends_with(seq: list[int], tail: list[int]) -> bool:
+    return len(tail) <= len(seq) and (not tail or seq[len(seq) - len(tail):] == tail)
+
+
+def split_logprobs_py(triples: Any) -> tuple[list[int], list[Any]] | None:
+    """``[[logprob, id, ...], ...]`` -> (ids, logprobs), None logprobs as NaN; None unless every entry is a list of
+    at least 2 items with an int id and a logprob that is a float, an int or None (the caller's general path
+    handles the rest)."""
+    if type(triples) is not list and not isinstance(triples, list):
+        return None
+    ids: list[int] = []
+    lps: list[Any] = []
+    for t in triples:
+        if not isinstance(t, list) or len(t) < 2 or type(t[1]) is not int:
+            return None
+        lp = t[0]
+        if lp is None:
+            lp = NAN
+        elif type(lp) is not float and type(lp) is not int:
+            return None
+        ids.append(t[1])
+        lps.append(lp)
+    return ids, lps
+
+
+try:
+    from ._speedups import ids_problem, split_logprobs
+
+    COMPILED = True
+except ImportError:  # not built (no C compiler at install time): the references
+    ids_problem = ids_problem_py
+    split_logprobs = split_logprobs_py
+    COMPILED = False
