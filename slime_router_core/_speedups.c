@@ -3,7 +3,8 @@
  * Every function here has a pure-Python reference in slime_router_core/speedups.py with the same results
  * (tests/test_speedups.py checks both on generated inputs); speedups.py uses this module when it was built.
  * The per-token work of a /generate reply (checking the ids and the [logprob, id, ...] entries, splitting them
- * into ids and logprobs) was ~10 passes at C speed, each with Python's per-object overhead; here it is one.
+ * into ids and logprobs, the text of each token) was ~15 passes at C speed, each with Python's per-object
+ * overhead, and a Python loop per token after a partial character; here it is one pass each.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -169,11 +170,139 @@ fail:
     return NULL;
 }
 
+/* token_pieces(ids, piece_of, whole_piece, token_bytes) -> (pieces, text, widths)
+ *
+ * The text of each token of a byte-level tokenizer, such that the pieces concatenate to the exact decoding:
+ * piece_of maps an id to its text when its bytes are whole UTF-8 characters, or to False (filled on a miss by
+ * whole_piece(id), which returns that value). A token after which bytes of a character are still pending gets ""
+ * and its text goes to the token that completes the character (UTF-8 decoded with "replace", as Python's
+ * incremental decoder does: this calls the same decoder). text = "".join(pieces), widths = their lengths. */
+static PyObject *
+token_pieces(PyObject *self, PyObject *args)
+{
+    PyObject *ids, *piece_of, *whole_piece, *token_bytes;
+    if (!PyArg_ParseTuple(args, "O!O!OO", &PyList_Type, &ids, &PyDict_Type, &piece_of, &whole_piece, &token_bytes))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(ids);
+    PyObject *pieces = PyList_New(n), *widths = PyList_New(n), *empty = PyUnicode_New(0, 0);
+    PyObject *pending = NULL;  /* bytes of an unfinished character */
+    PyObject *carry = NULL;    /* text decoded since the last character boundary */
+    PyObject *text = NULL;
+    if (pieces == NULL || widths == NULL || empty == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *tid = PyList_GET_ITEM(ids, i);
+        PyObject *piece = NULL;
+        if (pending == NULL) {
+            PyObject *p = PyDict_GetItemWithError(piece_of, tid);  /* borrowed */
+            if (p == NULL) {
+                if (PyErr_Occurred())
+                    goto fail;
+                PyObject *filled = PyObject_CallOneArg(whole_piece, tid);
+                if (filled == NULL)
+                    goto fail;
+                Py_DECREF(filled);  /* piece_of holds it now */
+                p = PyDict_GetItemWithError(piece_of, tid);
+                if (p == NULL) {
+                    if (!PyErr_Occurred())
+                        PyErr_SetString(PyExc_RuntimeError, "whole_piece did not fill piece_of");
+                    goto fail;
+                }
+            }
+            if (PyUnicode_CheckExact(p)) {
+                Py_INCREF(p);
+                piece = p;
+            }
+        }
+        if (piece == NULL) {  /* a partial character: decode the pending bytes + this token's */
+            PyObject *b = PyObject_CallOneArg(token_bytes, tid);
+            if (b == NULL)
+                goto fail;
+            if (!PyBytes_Check(b)) {
+                Py_DECREF(b);
+                PyErr_SetString(PyExc_TypeError, "token_bytes must return bytes");
+                goto fail;
+            }
+            if (pending != NULL) {
+                PyBytes_Concat(&pending, b);
+                Py_DECREF(b);
+                if (pending == NULL)
+                    goto fail;
+            }
+            else
+                pending = b;
+            Py_ssize_t consumed = 0, len = PyBytes_GET_SIZE(pending);
+            PyObject *dec = PyUnicode_DecodeUTF8Stateful(PyBytes_AS_STRING(pending), len, "replace", &consumed);
+            if (dec == NULL)
+                goto fail;
+            if (carry == NULL)
+                carry = dec;
+            else {
+                PyObject *joined = PyUnicode_Concat(carry, dec);
+                Py_DECREF(dec);
+                Py_SETREF(carry, joined);
+                if (carry == NULL)
+                    goto fail;
+            }
+            if (consumed < len) {  /* still inside a character: this token gets "" */
+                PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(pending) + consumed, len - consumed);
+                Py_SETREF(pending, rest);
+                if (pending == NULL)
+                    goto fail;
+                Py_INCREF(empty);
+                piece = empty;
+            }
+            else {
+                Py_CLEAR(pending);
+                piece = carry;
+                carry = NULL;
+            }
+        }
+        PyList_SET_ITEM(pieces, i, piece);
+        PyObject *w = PyLong_FromSsize_t(PyUnicode_GET_LENGTH(piece));
+        if (w == NULL)
+            goto fail;
+        PyList_SET_ITEM(widths, i, w);
+    }
+    if (pending != NULL) {  /* the ids end inside a character: the last token gets the rest, replaced */
+        PyObject *dec = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending), "replace");
+        if (dec == NULL)
+            goto fail;
+        PyObject *last = carry != NULL ? PyUnicode_Concat(carry, dec) : (Py_INCREF(dec), dec);
+        Py_DECREF(dec);
+        if (last == NULL)
+            goto fail;
+        PyObject *w = PyLong_FromSsize_t(PyUnicode_GET_LENGTH(last));
+        if (w == NULL) {
+            Py_DECREF(last);
+            goto fail;
+        }
+        PyList_SetItem(pieces, n - 1, last);
+        PyList_SetItem(widths, n - 1, w);
+        Py_CLEAR(pending);
+        Py_CLEAR(carry);
+    }
+    text = PyUnicode_Join(empty, pieces);
+    if (text == NULL)
+        goto fail;
+    Py_DECREF(empty);
+    return Py_BuildValue("(NNN)", pieces, text, widths);
+fail:
+    Py_XDECREF(pieces);
+    Py_XDECREF(widths);
+    Py_XDECREF(empty);
+    Py_XDECREF(pending);
+    Py_XDECREF(carry);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"ids_problem", ids_problem, METH_VARARGS,
      "ids_problem(ids, triples, vocab_size, stream) -> None | (code, detail): see speedups.py"},
     {"split_logprobs", split_logprobs, METH_O,
      "split_logprobs(triples) -> (ids, logprobs) | None: see speedups.py"},
+    {"token_pieces", token_pieces, METH_VARARGS,
+     "token_pieces(ids, piece_of, whole_piece, token_bytes) -> (pieces, text, widths): see speedups.py"},
     {NULL, NULL, 0, NULL},
 };
 

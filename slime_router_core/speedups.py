@@ -8,6 +8,8 @@ that fails the install still succeeds and these references are used (``COMPILED`
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Callable
 from typing import Any
 
 NAN = float("nan")
@@ -60,11 +62,44 @@ def split_logprobs_py(triples: Any) -> tuple[list[int], list[Any]] | None:
     return ids, lps
 
 
+def token_pieces_py(ids: list[Any], piece_of: dict[Any, Any], whole_piece: Callable[[Any], Any],
+                    token_bytes: Callable[[Any], bytes]) -> tuple[list[str], str, list[int]]:
+    """(pieces, their concatenation, their lengths): the text of each token of a byte-level tokenizer, such that
+    the pieces concatenate to the exact decoding. ``piece_of`` maps an id to its text when its bytes are whole
+    UTF-8 characters, else to False (a miss is filled by ``whole_piece(id)``). From a token that is not whole,
+    the bytes are decoded incrementally (UTF-8, "replace") until no character is pending: a token after which
+    bytes of a character are still pending is no place to cut the text (b" \\xf0\\x9f" holds a whole " " but
+    also half an emoji), so it gets "" and its text goes to the token that completes the character; every token
+    end with a width is then a character boundary of the byte stream too."""
+    out: list[Any] = [piece_of[t] if t in piece_of else whole_piece(t) for t in ids]
+    n, i = len(out), 0
+    while i < n:
+        try:
+            i = out.index(False, i)  # the next token that is not whole characters alone
+        except ValueError:
+            break
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        carry = ""
+        while i < n:
+            carry += dec.decode(token_bytes(ids[i]))
+            if dec.getstate()[0]:
+                out[i] = ""
+                i += 1
+                continue
+            out[i], carry = carry, ""
+            i += 1
+            break
+        else:
+            out[-1] = carry + dec.decode(b"", final=True)
+    return out, "".join(out), list(map(len, out))
+
+
 try:
-    from ._speedups import ids_problem, split_logprobs
+    from ._speedups import ids_problem, split_logprobs, token_pieces
 
     COMPILED = True
 except ImportError:  # not built (no C compiler at install time): the references
     ids_problem = ids_problem_py
     split_logprobs = split_logprobs_py
+    token_pieces = token_pieces_py
     COMPILED = False

@@ -83,3 +83,45 @@ def test_the_usual_reply() -> None:
         assert check([7, 9], triples, None, True) == (3, None)
         assert check([7, True], None, None, False) == (1, None)
         assert check(None, [[0.0, 1.0]], None, False) == (2, None)
+
+
+# a byte-level vocabulary with the hard cases: whole characters, halves of 2-, 3- and 4-byte characters, bytes that
+# are never valid UTF-8, a token holding the end of one character and the start of the next, the empty token
+VOCAB = [b"a", b" the", b"\n", "你".encode(), "好".encode()[:2], "好".encode()[2:], "🤖".encode()[:1],
+         "🤖".encode()[1:3], "🤖".encode()[3:], b" \xf0\x9f", b"\xa4\x96!", b"\x80", b"\xff", b"\xc3", b"\xa9",
+         b"", "é".encode(), b"<|im_end|>"]
+
+
+def _pieces_both(ids: list[int]):
+    results = []
+    for fn in ([speedups.token_pieces_py] + ([C.token_pieces] if C is not None else [])):
+        piece_of: dict[int, object] = {}
+
+        def whole(t: int, piece_of=piece_of) -> object:
+            try:
+                p: object = VOCAB[t].decode("utf-8")
+            except UnicodeDecodeError:
+                p = False
+            piece_of[t] = p
+            return p
+
+        results.append(fn(list(ids), piece_of, whole, VOCAB.__getitem__))
+    return results
+
+
+@settings(max_examples=1500, deadline=None)
+@given(ids=st.lists(st.integers(0, len(VOCAB) - 1), max_size=12))
+def test_token_pieces_matches_the_reference(ids) -> None:
+    want, *others = _pieces_both(ids)
+    pieces, text, widths = want
+    assert text == b"".join(VOCAB[t] for t in ids).decode("utf-8", "replace")  # the exact decoding
+    assert widths == [len(p) for p in pieces] and "".join(pieces) == text
+    for got in others:
+        assert got == want
+
+
+def test_token_pieces_defers_a_split_character() -> None:
+    pieces, text, _ = _pieces_both([1, 9, 10, 0])[-1]  # " the", b" \xf0\x9f", b"\xa4\x96!", "a"
+    assert pieces == [" the", "", " 🤖!", "a"] and text == " the 🤖!a"
+    pieces, _, _ = _pieces_both([0, 6])[-1]  # ends inside a character: the last token gets it, replaced
+    assert pieces == ["a", "\ufffd"]

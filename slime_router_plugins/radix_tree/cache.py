@@ -13,7 +13,6 @@ of the recorded prefix; generated tokens are never re-tokenized.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import itertools
 import json
 import logging
@@ -21,13 +20,12 @@ import threading
 import unicodedata
 import weakref
 from array import array
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from slime_router_core import HTTPError
 from slime_router_core.contracts import RecordedChain, RecordListener
-from slime_router_core.speedups import split_logprobs
+from slime_router_core.speedups import split_logprobs, token_pieces
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .persist import Persistence, tokenizer_fingerprint
@@ -231,72 +229,55 @@ class Detokenizer:
             self._bytes[tid] = b
         return b
 
-    def pieces(self, ids: list[int]) -> list[str]:
-        """Text of each token; a token holding only part of a character gets "" (the next one gets the char)."""
+    def _whole_piece(self, tid: int) -> str | bool:
+        """The text of token ``tid`` when its bytes are whole UTF-8 characters, else False (kept in ``_piece``)."""
+        try:
+            p: str | bool = self.token_bytes(tid).decode("utf-8")
+        except UnicodeDecodeError:
+            p = False
+        self._piece[tid] = p
+        return p
+
+    def pieces_text(self, ids: list[int]) -> tuple[list[str], str, list[int]]:
+        """(text of each token, their concatenation = the exact decoding with special tokens written out, their
+        lengths); a token holding only part of a character gets "" (the one that completes it gets the
+        character). ([], "", []) when a non-byte-level tokenizer's per-token decodings do not add up."""
         if not ids:
-            return []
-        if self.byte_level:
-            out = list(map(self._piece.get, ids))
-            if None in out:
-                for i, t in enumerate(ids):
-                    if out[i] is None:
-                        try:
-                            out[i] = self._piece[t] = self.token_bytes(t).decode("utf-8")
-                        except UnicodeDecodeError:
-                            out[i] = self._piece[t] = False
-            if False not in out:  # every token holds whole characters: its own decoding is its piece
-                return out  # type: ignore[return-value]
-            # Decode incrementally from a partial-character token until the decoder is empty again. A token
-            # after which bytes of a character are still pending is no place to cut the text (b" \xf0\x9f" holds
-            # a whole " " but also half an emoji): it gets "" and its text goes to the token that completes the
-            # character, so every token end with a width is a character boundary of the byte stream too.
-            tb = self.token_bytes
-            n, i = len(ids), 0
-            while i < n:
-                if out[i] is not False and out[i] is not None:
-                    i += 1
-                    continue
-                dec = codecs.getincrementaldecoder("utf-8")("replace")
-                carry = ""
-                while i < n:
-                    carry += dec.decode(tb(ids[i]))
-                    if dec.getstate()[0]:
-                        out[i] = ""
-                        i += 1
-                        continue
-                    out[i], carry = carry, ""
-                    i += 1
-                    break
-                else:
-                    out[-1] = carry + dec.decode(b"", final=True)
-            return out  # type: ignore[return-value]
+            return [], "", []
+        if self.byte_level:  # one C pass (slime_router_core/speedups.py)
+            return token_pieces(ids, self._piece, self._whole_piece, self.token_bytes)
         # generic tokenizers: per-token decoding, trusted only if it concatenates to the full decoding
         texts = [self.decode([t]) for t in ids]
-        if "".join(texts) != self.decode(list(ids)):
-            return []
-        return texts
+        text = "".join(texts)
+        if text != self.decode(list(ids)):
+            return [], "", []
+        return texts, text, list(map(len, texts))
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Text of each token; a token holding only part of a character gets "" (the next one gets the char)."""
+        return self.pieces_text(ids)[0]
 
     def widths_for(self, ids: list[int], text: str) -> list[int]:
         """Characters of ``text`` each token of ``ids`` covers; a single span when they cannot be lined up."""
-        pcs = self.pieces(ids)
-        if pcs and "".join(pcs) == text:
-            return list(map(len, pcs))
+        pcs, joined, widths = self.pieces_text(ids)
+        if pcs and joined == text:
+            return widths
         return [0] * (len(ids) - 1) + [len(text)]  # one opaque span: only usable as a whole
 
-    def _align_fast(self, text: str, ids: list[int], pcs: list[str]
+    def _align_fast(self, text: str, ids: list[int], pcs: list[str], canonical: str, widths: list[int]
                     ) -> tuple[str, list[int], list[tuple[int, str]]] | None:
         """``align_output``'s result in the common cases (the reply text is all the pieces, or all but a run
         of special / added tokens at the end, e.g. the EOS), without the per-token walk; None otherwise."""
-        canonical = "".join(pcs)
-        widths = list(map(len, pcs))
         if canonical == text:
             return canonical, widths, []
         n = len(text)
         if not canonical.startswith(text):
             return None
-        ends = list(itertools.accumulate(widths))
-        k = bisect_left(ends, n) + 1 if n else 0  # the first k tokens cover exactly ``text``
-        if k and (k > len(ends) or ends[k - 1] != n):
+        k, rest = len(widths), len(canonical) - n  # from the end: the tokens that cover what ``text`` omits
+        while rest > 0 and k:
+            k -= 1
+            rest -= widths[k]
+        if rest:  # ``text`` ends inside a token
             return None
         special, added = self.special_ids, self.added
         for t, pc in zip(ids[k:], pcs[k:]):
@@ -311,10 +292,10 @@ class Detokenizer:
         ``text`` wherever the ids allow; tokens whose text the reply omits (EOS, a stop string the
         worker trimmed, skipped special tokens) are written out and marked optional.
         """
-        pcs = self.pieces(ids)
+        pcs, canonical, widths = self.pieces_text(ids)
         if not pcs:
             return text, [0] * (len(ids) - 1) + [len(text)], []
-        fast = self._align_fast(text, ids, pcs)
+        fast = self._align_fast(text, ids, pcs, canonical, widths)
         if fast is not None:
             return fast
         markers: list[tuple[int, str]] = []
@@ -341,14 +322,13 @@ class Detokenizer:
             tail = rest[len(text) - r:]
             if tail:
                 markers.append((v, tail))
-        canonical = "".join(pcs)  # the reply text with the omitted spans written out
-        merged: list[tuple[int, str]] = []
+        merged: list[tuple[int, str]] = []  # canonical: the reply text with the omitted spans written out
         for p, o in markers:
             if merged and merged[-1][0] + len(merged[-1][1]) == p:
                 merged[-1] = (merged[-1][0], merged[-1][1] + o)
             else:
                 merged.append((p, o))
-        return canonical, list(map(len, pcs)), merged
+        return canonical, widths, merged
 
 
 NAN = float("nan")
@@ -599,10 +579,8 @@ class TrajectoryCache:
         Metadata of a recorded prefix with the very same ids (loss mask, logprobs, versions) is kept.
         """
         ids = [int(x) for x in ids]
-        pcs = self.detok.pieces(ids)
-        if pcs:
-            text = "".join(pcs)
-        else:
+        pcs, text, pcs_widths = self.detok.pieces_text(ids)
+        if not pcs:
             text = self.detok.decode(ids)
         m = self.tree.match(text) if text else None
         k = 0
@@ -628,7 +606,7 @@ class TrajectoryCache:
             p = PreparedPrompt(text=text, input_ids=ids, cached_tokens=0, fresh_tokens=len(ids), fresh_text=text,
                                fresh_ids=ids)
         if pcs:
-            p.fresh_widths = list(map(len, pcs[p.cached_tokens:]))
+            p.fresh_widths = pcs_widths[p.cached_tokens:]
         self._count(p)
         return p
 
