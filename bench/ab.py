@@ -5,8 +5,9 @@
 
 Exports the baseline commit (``git archive``) to a temporary directory, starts the router from both source trees
 side by side in front of one fake worker (nginx when installed) in each mode -- pass-through (no plugins; one
-fixed /generate body), the default plugins and the cache-on router in process and with ``--radix-tree-process``
-(the multi-turn load of ``loadgen.run_multiturn``) -- 32 connections, each target in turn, the
+fixed /generate body), the default plugins (multi-turn; "default plugins fixed": the fixed body) and the cache-on
+router in process and with ``--radix-tree-process`` (the multi-turn load of ``loadgen.run_multiturn``) -- 32
+connections, each target in turn, the
 order reversed every other round, so a slow minute of a shared machine hits both sides of a ratio. Prints, per
 mode, this checkout's req/s and CPU per request relative to the baseline's in each round, and the medians. Both
 trees run with the same cache bound (``--radix-tree-max-size``, default: this checkout's default), so a change of
@@ -31,7 +32,8 @@ CACHE = ["--hf-checkpoint", "builtin:qwen3"]
 # mode -> (flags, load): "fixed" = one /generate body over and over, "multiturn" = growing conversations
 MODES = {"pass-through": (NO_PLUGINS, "fixed"), "default plugins": (CACHE, "multiturn"),
          "in-process": (["--plugin", "radix_tree", *CACHE], "multiturn"),
-         "own process": (["--plugin", "radix_tree", *CACHE, "--radix-tree-process"], "multiturn")}
+         "own process": (["--plugin", "radix_tree", *CACHE, "--radix-tree-process"], "multiturn"),
+         "default plugins fixed": (CACHE, "fixed")}
 
 ROOT = Path(__file__).resolve().parent.parent
 

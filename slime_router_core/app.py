@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import speedups
 from .access import AccessControl, deny
 from .admin import REQUEST_ERROR, ErrorResponse
 from .contracts import TOKENIZER
@@ -129,6 +130,10 @@ def wrap_app(app: SlimeRouterApp, router: Router) -> SlimeRouterApp:
 def build_app(settings: Settings, plugins: PluginManager) -> SlimeRouterApp:
     """Create the router, let plugins register components and routes, check requirements."""
     settings.with_defaults(collect_options(plugins))
+    if not speedups.COMPILED:
+        log.warning("the C module slime_router_core._speedups was not built when slime-router was installed (no C "
+                    "compiler?): replies are checked and split by the pure-Python references, slower. Reinstall with "
+                    "gcc (or cc) and the Python headers present to build it.")
     access = AccessControl.from_settings(settings)  # a bad key: ValueError naming the flag (never the key)
     allowlist = WorkerAllowlist.parse(settings.worker_allowlist)  # a bad entry: ValueError naming it
     for url in settings.worker_urls:

@@ -2,8 +2,8 @@
 pure-Python references below (the same results; ``tests/test_speedups.py`` checks both on generated inputs).
 
 ``pip install`` compiles ``_speedups.c`` with the machine's C compiler (setuptools; nothing is downloaded); where
-that fails the install still succeeds and these references are used (``COMPILED`` says which, and
-``slime-router plugins`` prints it).
+that fails the install still succeeds and these references are used (``COMPILED`` says which; ``serve`` warns
+when the C module is missing).
 """
 
 from __future__ import annotations
