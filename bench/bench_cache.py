@@ -10,6 +10,9 @@
 4. Per-request cache cost (in-process): prepare() and record() microseconds per turn on 10-turn chat
    trajectories (~40-token user messages, ~100-250-token replies), in a cache shared by many
    trajectories (as on a router), plus the encoder used (tiktoken fast path or HF).
+5. ``--breakdown`` (alone): where prepare and record spend their CPU time, on the overhead benchmark's own
+   multi-turn bodies (``bench.loadgen.multiturn_bodies``, the fake worker's reply), each part timed around its
+   call.
 """
 
 from __future__ import annotations
@@ -212,8 +215,12 @@ def main() -> None:
     ap.add_argument("--only-per-request", action="store_true", help="run only section 4")
     ap.add_argument("--only-memory", action="store_true", help="run only section 2 (and 2b)")
     ap.add_argument("--journal", action="store_true", help="section 4 once more with --cache-snapshot's journal on")
+    ap.add_argument("--breakdown", action="store_true", help="run only section 5")
     args = ap.parse_args()
     rng = random.Random(0)
+    if args.breakdown:
+        breakdown(load_tokenizer(BUILTIN_CHECKPOINT), 2 if args.quick else 4)
+        return
     if args.only_memory:
         bench_memory(rng, 100_000 if args.quick else 1_000_000)
         bench_memory_branches(rng, 100_000 if args.quick else 1_000_000)
@@ -237,6 +244,61 @@ def per_request(tok, trajectories: int, rng: random.Random, journal: bool) -> No
 
         with tempfile.TemporaryDirectory() as d:
             bench_per_request(tok, trajectories, random.Random(seed), snapshot=f"{d}/cache.snap")
+
+
+def breakdown(tok, epochs: int) -> None:
+    """Section 5: CPU time per turn of each part of prepare and record (``time.thread_time_ns`` around the call)."""
+    import functools
+    import json
+
+    from bench import fake_worker, loadgen
+    from slime_router_plugins.radix_tree import cache as cache_mod
+    from slime_router_plugins.radix_tree import trie as trie_mod
+
+    spent: dict[str, int] = {}
+
+    def timed(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0 = time.thread_time_ns()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0) + time.thread_time_ns() - t0
+
+        setattr(owner, name, wrapper)
+
+    for owner, name, label in (
+            (cache_mod.TrajectoryCache, "prepare_sync", "prepare"),
+            (trie_mod.StringRadixTrie, "match", "  the trie walk (match)"),
+            (cache_mod.Detokenizer, "encode", "  tokenizing the new text"),
+            (cache_mod.TrajectoryCache, "_prepared", "  the ids list and the prepared prompt"),
+            (cache_mod.TrajectoryCache, "record_sync", "record"),
+            (cache_mod, "_output_ids_and_logprobs", "  splitting the reply's logprob entries"),
+            (cache_mod.Detokenizer, "align_output", "  lining the reply up with its text"),
+            (cache_mod.Detokenizer, "widths_for", "  widths of the new prompt tokens"),
+            (trie_mod.StringRadixTrie, "insert_raw", "  the tree insert")):
+        timed(owner, name, label)
+    spec = loadgen.MultiTurnSpec(reply_text=fake_worker.REPLY_TEXT, tag="breakdown")
+    body = loadgen.multiturn_bodies(spec)
+    per_epoch = spec.conversations * spec.turns
+    texts = [json.loads(body(i))["text"] for i in range(per_epoch * epochs)]
+    reply = json.dumps(fake_worker.generate_reply())
+    cache = cache_mod.TrajectoryCache(tok)
+    for i, text in enumerate(texts):
+        if i == per_epoch:  # the first epoch warms up (imports, tokenizer tables); count the others
+            spent.clear()
+        cache.record_sync(cache.prepare_sync(text), json.loads(reply), "http://worker")
+    turns = len(texts) - per_epoch
+    print(f"5) where a turn's cache time goes: {spec.conversations} conversations x {spec.turns} turns "
+          f"(the overhead benchmark's multi-turn bodies), {turns:,} turns timed, CPU time per turn")
+    for label in ("prepare", "  the trie walk (match)", "  tokenizing the new text",
+                  "  the ids list and the prepared prompt", "record", "  the tree insert",
+                  "  widths of the new prompt tokens", "  lining the reply up with its text",
+                  "  splitting the reply's logprob entries"):
+        print(f"   {spent.get(label, 0) / turns / 1000:7.1f} us  {label}")
 
 
 if __name__ == "__main__":

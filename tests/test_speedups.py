@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -125,3 +126,31 @@ def test_token_pieces_defers_a_split_character() -> None:
     assert pieces == [" the", "", " 🤖!", "a"] and text == " the 🤖!a"
     pieces, _, _ = _pieces_both([0, 6])[-1]  # ends inside a character: the last token gets it, replaced
     assert pieces == ["a", "\ufffd"]
+
+
+# every typecode's limits and one past them
+BOUNDS = [0, -1, 255, 256, 65_535, 65_536, 2**31 - 1, 2**31, -2**31, -2**31 - 1, 2**32 - 1, 2**32, 2**63,
+          3.4e38, 3.5e38]
+
+
+def _pack_outcome(fn, values, typecode):
+    try:
+        return fn(values, typecode)
+    except (TypeError, OverflowError) as e:
+        return type(e)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(values=st.lists(st.one_of(st.sampled_from(BOUNDS), st.integers(-3, 300), st.integers(-300, 70_000),
+                                 st.integers(-2**40, 2**40), st.integers(-2**70, 2**70),
+                                 st.floats(), st.booleans(), st.none(), st.text(max_size=1)), max_size=6),
+       typecode=st.sampled_from(["i", "f", "B", "H", "I"]), as_tuple=st.booleans())
+def test_pack_matches_array(values, typecode, as_tuple) -> None:
+    """array(typecode, pack(values, typecode)) is array(typecode, values), with array's errors."""
+    seq = tuple(values) if as_tuple else values
+    want = _pack_outcome(speedups.pack_py, seq, typecode)
+    for fn in [speedups.pack] + ([C.pack] if C is not None else []):
+        got = _pack_outcome(fn, seq, typecode)
+        assert got == want, (fn, got, want)
+    if isinstance(want, bytes):
+        assert speedups.typed_array(typecode, seq).tobytes() == array(typecode, values).tobytes()

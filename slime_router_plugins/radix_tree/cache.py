@@ -25,7 +25,7 @@ from typing import Any
 
 from slime_router_core import HTTPError
 from slime_router_core.contracts import RecordedChain, RecordListener
-from slime_router_core.speedups import split_logprobs, token_pieces
+from slime_router_core.speedups import split_logprobs, token_pieces, typed_array
 from slime_router_core.tokenizers import bytes_to_unicode
 
 from .persist import Persistence, tokenizer_fingerprint
@@ -468,7 +468,7 @@ def _chain_builder(prepared: PreparedPrompt, text: str, fresh: list[int], new_wi
 
     def build() -> RecordedChain:
         k = prepared.cached_tokens
-        ids = array("i", prepared.input_ids[:k])
+        ids = typed_array("i", prepared.input_ids[:k])
         ids.extend(fresh)
         ids.extend(out_ids)
         prefix_ends = prepared.ends

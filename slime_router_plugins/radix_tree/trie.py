@@ -69,6 +69,8 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import sub as _sub
 from typing import Any
 
+from slime_router_core.speedups import typed_array
+
 NAN = float("nan")
 
 log = logging.getLogger("slime_router.radix_tree")
@@ -131,7 +133,7 @@ def _uarr(values: Iterable[int], small: str = "B") -> array:
     vals = values if isinstance(values, (list, array)) else list(values)
     for tc in ("B", "H", "I", "Q")[("B", "H", "I", "Q").index(small):]:
         try:
-            return array(tc, vals)
+            return typed_array(tc, vals) if tc != "Q" else array(tc, vals)
         except OverflowError:
             continue
     raise OverflowError("value too large")
@@ -685,9 +687,9 @@ class StringRadixTrie:
             if leaf.stops is None:
                 leaf.stops = set()
             leaf.stops.add(len(leaf.text))
-        leaf.ids = leaf.ids + array("i", ids)
+        leaf.ids = leaf.ids + typed_array("i", ids)
         leaf.widths = _ucat(leaf.widths, _uarr(widths))
-        leaf.logp = leaf.logp + array("f", lps)
+        leaf.logp = leaf.logp + typed_array("f", lps)
         leaf.mv = _ucat(leaf.mv, _uarr(mv))
         leaf.text += more
         leaf.last = len(leaf.text)
@@ -767,7 +769,7 @@ class StringRadixTrie:
         same logprob (as stored, float32; NaN equals NaN): siblings that sampled the same first tokens keep their
         own values. A prompt token (mask 0) on either side agrees; see ``_merge_meta`` for which values stay."""
         nm, nl = node.mv, node.logp
-        new_l = array("f", lps[a:a + j])  # rounded as they would be stored
+        new_l = typed_array("f", lps[a:a + j])  # rounded as they would be stored
         if nm[:j].tolist() == mv[a:a + j] and nl[:j].tobytes() == new_l.tobytes():
             return j  # identical (the usual case: a prefix carried over from a match)
         for i in range(j):
@@ -813,7 +815,7 @@ class StringRadixTrie:
                 a_l.extend(lps[rem])
                 node.set_tokens(a_ids, _ucat(a_w, _uarr(widths[rem])), node.first, a_l, _ucat(a_mv, _uarr(mv[rem])))
             else:
-                node.set_tokens(array("i", ids[rem]), _uarr(widths[rem]), first, array("f", lps[rem]),
+                node.set_tokens(typed_array("i", ids[rem]), _uarr(widths[rem]), first, typed_array("f", lps[rem]),
                                 _uarr(mv[rem]))
             self.size += n - a
         elif keep < old_n:

@@ -57,6 +57,7 @@ from slime_router_core.contracts import (
 )
 from slime_router_core.settings import PluginConfig, at_least, option
 from slime_router_core.sglang import merge_stream, output_ids_and_logprobs, weight_version_spans
+from slime_router_core.speedups import typed_array
 
 from . import columnar
 from .store import Session, SessionGone, SessionStore
@@ -294,7 +295,7 @@ def _int_array(ids: Any) -> array | None:
     if not isinstance(ids, list) or not ids:
         return None
     try:
-        return array("i", ids)
+        return typed_array("i", ids)
     except (TypeError, OverflowError):
         return None
 

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from slime_router_core.speedups import typed_array
+
 
 @dataclass
 class Turn:
@@ -141,7 +143,8 @@ class Session:
                  group: str | None) -> Segment:
         """Fold one generation into the session's segments; returns the segment it went to. ``prompt_ids``: a list,
         or an int32 array (taken as is, not changed)."""
-        prompt = prompt_ids if isinstance(prompt_ids, array) and prompt_ids.typecode == "i" else array("i", prompt_ids)
+        prompt = (prompt_ids if isinstance(prompt_ids, array) and prompt_ids.typecode == "i"
+                  else typed_array("i", prompt_ids))
         n = len(prompt)
         seg = None
         best = -1
@@ -176,7 +179,7 @@ class Session:
         seg.logp.extend(array("f", bytes(4 * fresh)))
         seg.mask.extend(bytes(fresh))
         seg._add_versions(fresh, prompt_version)
-        seg.ids.extend(array("i", out_ids))
+        seg.ids.extend(typed_array("i", out_ids))
         seg.logp.extend(array("f", [0.0 if x is None else x for x in out_logp]))
         seg.mask.extend(b"\x01" * len(out_ids))
         for v in out_versions:  # runs: consecutive equal versions merge
