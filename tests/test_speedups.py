@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from array import array
 
 import pytest
@@ -153,4 +154,7 @@ def test_pack_matches_array(values, typecode, as_tuple) -> None:
         got = _pack_outcome(fn, seq, typecode)
         assert got == want, (fn, got, want)
     if isinstance(want, bytes):
-        assert speedups.typed_array(typecode, seq).tobytes() == array(typecode, values).tobytes()
+        got_array, want_array = speedups.typed_array(typecode, seq), array(typecode, values)
+        assert got_array.tobytes() == want_array.tobytes()
+        # the same allocation: the trie keeps these arrays for its lifetime (bytes per cached token)
+        assert sys.getsizeof(got_array) == sys.getsizeof(want_array)
