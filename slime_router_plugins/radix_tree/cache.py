@@ -244,8 +244,9 @@ class Detokenizer:
         character). ([], "", []) when a non-byte-level tokenizer's per-token decodings do not add up."""
         if not ids:
             return [], "", []
-        if self.byte_level:  # one C pass (slime_router_core/speedups.py)
-            return token_pieces(ids, self._piece, self._whole_piece, self.token_bytes)
+        if self.byte_level:  # one C pass (slime_router_core/speedups.py; it takes a list)
+            return token_pieces(ids if type(ids) is list else list(ids), self._piece, self._whole_piece,
+                                self.token_bytes)
         # generic tokenizers: per-token decoding, trusted only if it concatenates to the full decoding
         texts = [self.decode([t]) for t in ids]
         text = "".join(texts)
